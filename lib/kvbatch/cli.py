@@ -1,0 +1,224 @@
+"""The `kvbatch` command. The library raises; only this module prints, one sentence per mistake."""
+
+from __future__ import annotations
+
+import argparse
+import signal
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+from kvbatch.errors import KvbatchError, UserInputError
+
+
+def _add_server_flags(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("embedded server")
+    group.add_argument("--model-path", help="GGUF file (default: Gemma 3 270M Q4_K_M from the model package)")
+    group.add_argument("--ctx", type=int, default=None, help="total context tokens (split across --parallel slots)")
+    group.add_argument("--parallel", type=int, default=None, help="parallel slots")
+    group.add_argument("--cache-type-k", default="f16")
+    group.add_argument("--cache-type-v", default="f16")
+    group.add_argument("--swa-full", action="store_true", help="full-size cache for sliding-window layers")
+    group.add_argument("--flash-attn", default="auto", choices=("on", "off", "auto"))
+    group.add_argument("--memory-cap", default=None, help="hard address-space cap on the server, e.g. 1.5GiB")
+    group.add_argument("--threads", type=int, default=None)
+
+
+def server_config_from_args(args: argparse.Namespace, *, context_tokens: int = 4096, parallel_slots: int = 1):
+    from kvbatch.server import ServerConfig
+    from kvbatch.units import parse_bytes
+
+    return ServerConfig(
+        model_path=Path(args.model_path) if args.model_path else None,
+        context_tokens=args.ctx or context_tokens,
+        parallel_slots=args.parallel or parallel_slots,
+        cache_type_k=args.cache_type_k,
+        cache_type_v=args.cache_type_v,
+        swa_full=args.swa_full,
+        flash_attention=args.flash_attn,
+        memory_cap_bytes=parse_bytes(args.memory_cap, what="--memory-cap") if args.memory_cap else None,
+        threads=args.threads,
+        port=getattr(args, "port", None),
+    )
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    """Run the embedded llama-server in the foreground until Ctrl-C."""
+    from kvbatch.server import EmbeddedServer
+
+    server = EmbeddedServer(server_config_from_args(args))
+    with server:
+        log = server.log()
+        print(f"llama-server ready at {server.url} (pid {server.pid}, started in {server.start_time_s:.1f} s)")
+        print(f"  OpenAI-compatible: {server.url}/v1/chat/completions   health: {server.url}/health")
+        print(f"  KV cache: {log.kv_total_bytes / 2**20:.1f} MiB; slot context: {log.slot_context_tokens or '?'}")
+        print(f"  log: {server.log_path}   Ctrl-C stops it", flush=True)
+        stop = {"now": False}
+        signal.signal(signal.SIGTERM, lambda *_: stop.update(now=True))
+        try:
+            while not stop["now"] and server.is_running():
+                time.sleep(0.5)
+        except KeyboardInterrupt:
+            pass
+        if not server.is_running():
+            print(f"llama-server exited on its own; see {server.log_path}", file=sys.stderr)
+            return 1
+    print("llama-server stopped")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="kvbatch", description=__doc__)
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    serve = commands.add_parser("serve", help="run the embedded llama-server and print its URL")
+    _add_server_flags(serve)
+    serve.add_argument("--port", type=int, default=None)
+    serve.set_defaults(handler=cmd_serve)
+
+    run = commands.add_parser("run", help="run a batch (the same command again resumes it)")
+    _add_batch_flags(run)
+    run.add_argument("--no-report", action="store_true", help="skip rendering the HTML run report")
+    run.set_defaults(handler=cmd_run)
+
+    plan = commands.add_parser("plan", help="validate the input and print the plan, without running it")
+    _add_batch_flags(plan)
+    plan.set_defaults(handler=cmd_plan)
+
+    sample = commands.add_parser("sample", help="write a synthetic candidate-screening batch of any size")
+    sample.add_argument("--n", type=int, default=20)
+    sample.add_argument("--out", default="data/sample/requests.jsonl")
+    sample.add_argument("--max-tokens", type=int, default=300)
+    sample.add_argument("--seed", type=int, default=1)
+    sample.set_defaults(handler=cmd_sample)
+
+    report = commands.add_parser("report", help="render (again) the HTML report of a run")
+    report.add_argument("--run", default=None, help="run folder or name under data/runs (default: the newest)")
+    report.set_defaults(handler=cmd_report)
+    return parser
+
+
+def _add_batch_flags(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("input", help="OpenAI Batch JSONL, or a CSV/JSONL table with --system-prompt and --template")
+    parser.add_argument("--run", default=None, help="run folder or name under data/runs (default: from the input name)")
+    parser.add_argument("--system-prompt", default=None, help="system prompt file (table input)")
+    parser.add_argument("--template", default=None, help="user message template with {column} fields (table input)")
+    parser.add_argument("--id-column", default=None, help="table column to use as custom_id (default: row-N)")
+    parser.add_argument("--mode", default="independent", choices=("independent", "conversation"))
+    parser.add_argument("--concurrency", default="auto", help="requests in flight, or auto (measure and keep the fastest)")
+    parser.add_argument("--slot-ctx", type=int, default=None, help="per-slot context (default: planned)")
+    parser.add_argument("--url", default=None, help="use a running server instead of the embedded one")
+    parser.add_argument("--backend", default="openai", help="openai (any /v1 server) or ollama (native API)")
+    parser.add_argument("--model", default=None, help="model name on the external server")
+    parser.add_argument("--memory-budget", default=None, help="memory the server may use, e.g. 8GiB (default: free RAM)")
+    parser.add_argument("--safety-margin", type=float, default=0.8)
+    parser.add_argument("--measurements", default=None, help="measurement file (default: data/measurements/ for the model)")
+    parser.add_argument("--max-tokens", type=int, default=None, help="override max_tokens of every request")
+    parser.add_argument("--temperature", type=float, default=None, help="override temperature of every request")
+    parser.add_argument("--max-attempts", type=int, default=4)
+    parser.add_argument("--no-progress", action="store_true")
+    _add_server_flags(parser)
+
+
+def _run_dir(args: argparse.Namespace) -> Path:
+    from kvbatch.runner import RUNS_DIR
+
+    if args.run is None:
+        return RUNS_DIR / Path(args.input).stem
+    candidate = Path(args.run)
+    return candidate if candidate.is_absolute() or len(candidate.parts) > 1 else RUNS_DIR / candidate
+
+
+def settings_from_args(args: argparse.Namespace):
+    from kvbatch.runner import BatchSettings
+    from kvbatch.units import parse_bytes
+
+    concurrency: int | str = args.concurrency
+    if concurrency != "auto":
+        try:
+            concurrency = int(concurrency)
+        except ValueError as exc:
+            raise UserInputError(f"--concurrency: {args.concurrency!r} is neither a number nor auto") from exc
+    generation = {key: value for key, value in (("max_tokens", args.max_tokens), ("temperature", args.temperature))
+                  if value is not None}
+    return BatchSettings(
+        input_path=Path(args.input),
+        run_dir=_run_dir(args),
+        system_prompt_path=Path(args.system_prompt) if args.system_prompt else None,
+        template=args.template,
+        id_column=args.id_column,
+        mode=args.mode,
+        concurrency=concurrency,
+        max_slots=args.parallel or (concurrency if isinstance(concurrency, int) else None),
+        slot_context_tokens=args.slot_ctx,
+        url=args.url,
+        backend=args.backend,
+        model=args.model,
+        server=server_config_from_args(args),
+        memory_budget_bytes=parse_bytes(args.memory_budget, what="--memory-budget") if args.memory_budget else None,
+        safety_margin=args.safety_margin,
+        measurement_path=Path(args.measurements) if args.measurements else None,
+        generation=generation,
+        max_attempts=args.max_attempts,
+        progress=not args.no_progress,
+    )
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from kvbatch.runner import run_batch
+
+    settings = settings_from_args(args)
+    outcome = run_batch(settings)
+    print(outcome.message)
+    if outcome.plan is None and not outcome.summary:
+        return 0
+    if not args.no_report:
+        from kvbatch.report import render_run_report
+
+        html = render_run_report(outcome.run_dir)
+        print(f"report: {html}")
+    return 0
+
+
+def cmd_plan(args: argparse.Namespace) -> int:
+    from kvbatch.runner import plan_only
+
+    print(plan_only(settings_from_args(args)))
+    return 0
+
+
+def cmd_sample(args: argparse.Namespace) -> int:
+    from kvbatch.sample import write_sample
+
+    path = write_sample(Path(args.out), args.n, seed=args.seed, max_tokens=args.max_tokens)
+    print(f"wrote {args.n} requests to {path}")
+    return 0
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    from kvbatch.report import newest_run, render_run_report
+
+    run_dir = Path(args.run) if args.run and Path(args.run).exists() else (
+        Path("data/runs") / args.run if args.run else newest_run())
+    if not (run_dir / "run.json").exists():
+        raise UserInputError(f"{run_dir} is not a run folder (no run.json); run `make batch` first")
+    print(f"report: {render_run_report(run_dir)}")
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return int(args.handler(args) or 0)
+    except KeyboardInterrupt:
+        print("stopped (Ctrl-C)", file=sys.stderr)
+        return 130
+    except KvbatchError as exc:
+        print(f"kvbatch {args.command}: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

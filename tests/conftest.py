@@ -1,0 +1,51 @@
+"""Shared fixtures: the real embedded llama-server (tests use it wherever it can run) and the Ollama test double."""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).parent))
+
+from kvbatch.server import EmbeddedServer, ServerConfig  # noqa: E402
+from ollama_double import OllamaDouble, RunningDouble  # noqa: E402
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="session")
+def embedded_server():
+    """One real llama-server on Gemma 3 270M for the tests that only talk to it."""
+    with EmbeddedServer(ServerConfig(context_tokens=8192, parallel_slots=2)) as server:
+        yield server
+
+
+@pytest.fixture
+def ollama_double():
+    double = OllamaDouble()
+    with RunningDouble(double) as running:
+        yield running
+
+
+@pytest.fixture
+def in_tmp_repo(tmp_path, monkeypatch):
+    """Run with the repository's notebooks but write data/ and reports/ under a temporary folder."""
+    (tmp_path / "notebooks").symlink_to(REPO / "notebooks")
+    monkeypatch.chdir(tmp_path)
+    return tmp_path
+
+
+def kvbatch_command() -> list[str]:
+    return [sys.executable, "-m", "kvbatch.cli"]
+
+
+def pytest_collection_modifyitems(config, items):
+    if os.environ.get("KVBATCH_GPU_TESTS") == "1":
+        return
+    skip_gpu = pytest.mark.skip(reason="needs an NVIDIA GPU; opt in with KVBATCH_GPU_TESTS=1")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip_gpu)

@@ -1,0 +1,134 @@
+"""The embedded llama-server: start, serve, cached prefix, stop without orphans, real out-of-memory under a cap."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import urllib.request
+
+import psutil
+import pytest
+from kvbatch.backends import get_backend
+from kvbatch.errors import ContextOverflowError, ServerGoneError, ServerStartError
+from kvbatch.sample import system_prompt
+from kvbatch.server import EmbeddedServer, ServerConfig, parse_server_log
+
+SYSTEM = system_prompt(400)
+
+
+def _chat(url: str, user: str, **extra) -> list:
+    async def go():
+        backend = get_backend("openai", url)
+        try:
+            return [await backend.chat({"messages": [{"role": "system", "content": SYSTEM},
+                                                     {"role": "user", "content": user}],
+                                        "max_tokens": 8, "temperature": 0, **extra})]
+        finally:
+            await backend.aclose()
+
+    return asyncio.run(go())
+
+
+def test_chat_completion_and_cached_prefix(embedded_server):
+    first = _chat(embedded_server.url, "Candidate: Ada. Score this candidate.", id_slot=0)[0]
+    second = _chat(embedded_server.url, "Candidate: Grace. Score this candidate.", id_slot=0)[0]
+    assert first.completion_tokens and first.completion_tokens > 0
+    assert first.finish_reason in ("length", "stop")
+    assert second.prompt_tokens and second.prompt_tokens > 400
+    # the shared system prompt came from the slot's prefix cache, reported through the normalized result
+    assert second.cached_prompt_tokens is not None and second.cached_prompt_tokens > 400
+    assert second.cached_prompt_tokens < second.prompt_tokens
+    assert second.response_body["object"] == "chat.completion"
+
+
+def test_server_log_reports_kv_buffers_and_slots(embedded_server):
+    log = embedded_server.log()
+    # Gemma 3 270M at 8192 cells: 3 global layers x 1 KiB x 8192 = 24 MiB; SWA: 15 layers x 1 KiB x 2 x 1024 = 30 MiB
+    assert log.kv_buffer_bytes == {"full_CPU": 24 * 2**20, "swa_CPU": 30 * 2**20}
+    assert log.slot_context_tokens == [4096, 4096]
+
+
+def test_too_long_prompt_is_a_context_overflow_error(embedded_server):
+    with pytest.raises(ContextOverflowError, match="exceeds the available context size"):
+        _chat(embedded_server.url, "word " * 6000)
+
+
+def test_start_under_a_too_small_memory_cap_quotes_the_allocation_failure():
+    config = ServerConfig(context_tokens=65536, swa_full=True, memory_cap_bytes=1200 * 2**20)
+    server = EmbeddedServer(config)
+    with pytest.raises(ServerStartError) as caught:
+        server.start()
+    assert caught.value.out_of_memory
+    assert "insufficient memory" in str(caught.value) or "failed to allocate" in str(caught.value)
+    assert "--ctx-size 65536" in str(caught.value)
+    assert not server.is_running()
+
+
+def test_stop_leaves_no_process_and_a_dead_server_is_server_gone():
+    server = EmbeddedServer(ServerConfig(context_tokens=1024)).start()
+    pid = server.pid
+    url = server.url
+    assert psutil.pid_exists(pid)
+    server.stop()
+    assert not psutil.pid_exists(pid) or psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
+    with pytest.raises(ServerGoneError, match="cannot reach"):
+        _chat(url, "hello")
+
+
+def test_server_dies_with_its_parent_even_on_kill_9(tmp_path):
+    script = (
+        "import time\nfrom kvbatch.server import EmbeddedServer, ServerConfig\n"
+        "s = EmbeddedServer(ServerConfig(context_tokens=1024)).start()\nprint(s.pid, flush=True)\ntime.sleep(600)\n"
+    )
+    parent = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True)
+    child_pid = int(parent.stdout.readline())
+    assert psutil.pid_exists(child_pid)
+    os.kill(parent.pid, signal.SIGKILL)
+    parent.wait()
+    deadline = time.time() + 10
+    while time.time() < deadline and psutil.pid_exists(child_pid):
+        try:
+            if psutil.Process(child_pid).status() == psutil.STATUS_ZOMBIE:
+                break
+        except psutil.NoSuchProcess:
+            break
+        time.sleep(0.1)
+    alive = psutil.pid_exists(child_pid) and psutil.Process(child_pid).status() != psutil.STATUS_ZOMBIE
+    assert not alive, "llama-server outlived its parent"
+
+
+def test_kvbatch_serve_prints_a_url_that_answers(tmp_path):
+    process = subprocess.Popen([sys.executable, "-m", "kvbatch.cli", "serve", "--ctx", "2048"],
+                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        first = process.stdout.readline()
+        assert first.startswith("llama-server ready at http://127.0.0.1:"), first
+        url = first.split()[3]
+        with urllib.request.urlopen(url + "/health", timeout=10) as reply:
+            assert reply.status == 200
+        body = json.dumps({"messages": [{"role": "user", "content": "Hi"}], "max_tokens": 4}).encode()
+        request = urllib.request.Request(url + "/v1/chat/completions", body, {"Content-Type": "application/json"})
+        with urllib.request.urlopen(request, timeout=60) as reply:
+            assert json.loads(reply.read())["choices"][0]["message"]["content"] is not None
+    finally:
+        process.send_signal(signal.SIGINT)
+        out, _ = process.communicate(timeout=30)
+    assert "llama-server stopped" in out
+    assert process.returncode == 0
+
+
+def test_parse_server_log_picks_the_allocation_failure_line():
+    text = (
+        "0.00.939.418 I llama_kv_cache_iswa: creating non-SWA KV cache, size = 65536 cells\n"
+        "0.00.939.418 E ggml_aligned_malloc: insufficient memory (attempted to allocate 960.00 MB)\n"
+        "0.00.939.500 E alloc_tensor_range: failed to allocate CPU buffer of size 1006632960\n"
+        "0.01.363.720 E srv  llama_server: exiting due to model loading error\n"
+    )
+    log = parse_server_log(text)
+    assert log.out_of_memory
+    assert log.failure_line == "ggml_aligned_malloc: insufficient memory (attempted to allocate 960.00 MB)"

@@ -140,7 +140,7 @@ def scan_openai_batch(path: Path, *, max_problems: int = 1000) -> InputReport:
             if not raw.strip():
                 continue
             try:
-                text = raw.decode("utf-8")
+                text = raw.decode("utf-8").rstrip("\r\n")
             except UnicodeDecodeError as exc:
                 problems.append(InputProblem(str(path), line_no, "(line)", f"not UTF-8: byte 0x{raw[exc.start]:02x} "
                                              f"at column {exc.start + 1}"))

@@ -155,19 +155,61 @@ def architecture_from_metadata(metadata: dict[str, Any], source: str = "metadata
     )
 
 
-def read_gguf_metadata(path: Path) -> dict[str, Any]:
-    """Scalar and small array metadata of a GGUF file (token lists are skipped: they are large and not needed)."""
-    from gguf import GGUFReader
+def read_gguf_metadata(path: Path, *, max_array: int = 4096) -> dict[str, Any]:
+    """The metadata key/values of a GGUF file's header, without its tensors or large arrays (token lists).
 
-    try:
-        reader = GGUFReader(str(path), "r")
-    except (OSError, ValueError) as exc:
-        raise UserInputError(f"{path}: cannot read as GGUF ({exc})") from exc
+    gguf's GGUFReader parses the whole file first, which takes 16.5 s on the 253 MB Gemma 3 270M file here
+    (262,144 token strings); this reads only the header, in well under a second. Arrays longer than
+    `max_array` are skipped.
+    """
+    import struct
+
+    from gguf.constants import GGUFValueType as T
+
+    formats = {T.UINT8: "<B", T.INT8: "<b", T.UINT16: "<H", T.INT16: "<h", T.UINT32: "<I", T.INT32: "<i",
+               T.FLOAT32: "<f", T.BOOL: "<?", T.UINT64: "<Q", T.INT64: "<q", T.FLOAT64: "<d"}
+
+    def read(handle, fmt: str):
+        size = struct.calcsize(fmt)
+        data = handle.read(size)
+        if len(data) != size:
+            raise ValueError("file ends inside the header")
+        return struct.unpack(fmt, data)[0]
+
+    def read_string(handle) -> str:
+        return handle.read(read(handle, "<Q")).decode("utf-8", "replace")
+
+    def read_value(handle, kind: int):
+        if kind == T.STRING:
+            return read_string(handle)
+        if kind == T.ARRAY:
+            item_kind, count = read(handle, "<I"), read(handle, "<Q")
+            if count > max_array:
+                if item_kind == T.STRING:
+                    for _ in range(count):
+                        handle.seek(read(handle, "<Q"), 1)
+                else:
+                    handle.seek(struct.calcsize(formats[item_kind]) * count, 1)
+                return None
+            return [read_value(handle, item_kind) for _ in range(count)]
+        return read(handle, formats[kind])
+
     metadata: dict[str, Any] = {}
-    for name, field in reader.fields.items():
-        if name.startswith("tokenizer.ggml.") or len(field.data) > 4096:
-            continue
-        metadata[name] = field.contents()
+    try:
+        with open(path, "rb") as handle:
+            if handle.read(4) != b"GGUF":
+                raise ValueError("not a GGUF file (bad magic)")
+            version = read(handle, "<I")
+            if version < 2:
+                raise ValueError(f"GGUF version {version} is too old")
+            read(handle, "<Q")  # tensor count
+            for _ in range(read(handle, "<Q")):
+                key = read_string(handle)
+                value = read_value(handle, read(handle, "<I"))
+                if value is not None:
+                    metadata[key] = value
+    except (OSError, ValueError, KeyError, struct.error) as exc:
+        raise UserInputError(f"{path}: cannot read as GGUF ({exc})") from exc
     return metadata
 
 

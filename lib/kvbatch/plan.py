@@ -161,8 +161,6 @@ def make_plan(
     per_message = CHAT_TEMPLATE_TOKENS_PER_MESSAGE
     need = sizes.system_prompt_tokens + per_message + sizes.user_tokens_p99 + sizes.max_tokens_p99
     slot_ceiling = min(limits.safe_context_tokens, limits.trained_context_tokens or limits.safe_context_tokens)
-    if requested_context:
-        slot_ceiling = requested_context  # the user's word wins; out-of-memory recovery backs off if it was too much
     if sizes.longest_request_tokens > slot_ceiling:
         raise PlanError(
             f"the largest request, {sizes.longest_request_id!r}, needs about {sizes.longest_request_tokens} tokens "
@@ -170,9 +168,17 @@ def make_plan(
             f"[{limits.source}]; shorten it, lower its max_tokens, or measure a larger safe context"
         )
     notes: list[str] = []
+    if requested_context:
+        # The user's word wins, even above the safe context: out-of-memory recovery backs off if it was too much.
+        slot_ceiling = requested_context
+        if sizes.longest_request_tokens > requested_context:
+            notes.append(f"the largest request, {sizes.longest_request_id!r}, needs about "
+                         f"{sizes.longest_request_tokens} tokens, more than the {requested_context} asked for: "
+                         "requests that do not fit fail alone, into errors.jsonl")
     if mode == "independent":
-        slot_context = min(_align(max(need, sizes.longest_request_tokens) * 1.05), _align(slot_ceiling))
-        slot_context = min(slot_context, slot_ceiling)
+        wanted = _align(max(need, sizes.longest_request_tokens) * 1.05)
+        slot_context = requested_context or min(wanted, slot_ceiling - slot_ceiling % CONTEXT_ALIGN_TOKENS
+                                                or slot_ceiling)
         fitting = max(limits.safe_context_tokens // slot_context, 1)
         slots = requested_slots or max(1, min(fitting, max_slots, sizes.request_count))
         if requested_slots and requested_slots > fitting:

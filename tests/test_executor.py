@@ -1,0 +1,115 @@
+"""The batch executor on the real embedded server: exactly-once resume after kill -9, recovery from a killed
+server and from a context too large for a memory cap, per-request errors, and refused resumes."""
+
+from __future__ import annotations
+
+import collections
+import json
+import os
+import random
+import signal
+import time
+
+import psutil
+from batch_helpers import input_ids, kvbatch, result_lines, small_batch, start_kvbatch
+
+COMMON = ("--no-report", "--no-progress", "--concurrency", "1")
+
+
+def _wait_for_results(run_dir, at_least: int, process, timeout_s: float = 240) -> int:
+    deadline = time.time() + timeout_s
+    while time.time() < deadline:
+        count = len(result_lines(run_dir))
+        if count >= at_least or process.poll() is not None:
+            return count
+        time.sleep(0.05)
+    raise AssertionError(f"fewer than {at_least} results after {timeout_s} s")
+
+
+def test_kill_9_at_random_points_then_resume_gives_each_result_exactly_once(tmp_path):
+    batch = small_batch(tmp_path / "in.jsonl", 40)
+    run_dir = tmp_path / "data" / "runs" / "kill"
+    rng = random.Random(20261129)
+    kills = 0
+    while kills < 6:
+        done_before = len(result_lines(run_dir))
+        process = start_kvbatch("run", str(batch), "--run", str(run_dir), *COMMON, cwd=tmp_path)
+        _wait_for_results(run_dir, done_before + rng.randint(1, 4), process)
+        time.sleep(rng.uniform(0, 0.4))  # land anywhere: mid-request, mid-write, between requests
+        if process.poll() is not None:
+            break
+        process.send_signal(signal.SIGKILL)
+        process.wait()
+        kills += 1
+    assert kills >= 5
+    finished = kvbatch("run", str(batch), "--run", str(run_dir), *COMMON, cwd=tmp_path)
+    assert finished.returncode == 0, finished.stdout + finished.stderr
+    ids = [line["custom_id"] for line in result_lines(run_dir)]
+    duplicates = [cid for cid, n in collections.Counter(ids).items() if n > 1]
+    assert not duplicates
+    assert sorted(ids) == sorted(input_ids(batch))
+    assert not (run_dir / "errors.jsonl").exists() or not result_lines(run_dir, "errors.jsonl")
+    again = kvbatch("run", str(batch), "--run", str(run_dir), *COMMON, cwd=tmp_path)
+    assert "all 40 requests are already done" in again.stdout
+
+
+def test_killed_server_mid_batch_is_restarted_and_the_run_completes(tmp_path):
+    batch = small_batch(tmp_path / "in.jsonl", 16)
+    run_dir = tmp_path / "data" / "runs" / "crash"
+    process = start_kvbatch("run", str(batch), "--run", str(run_dir), *COMMON, cwd=tmp_path)
+    _wait_for_results(run_dir, 4, process)
+    servers = [p for p in psutil.Process(process.pid).children(recursive=True) if "llama-server" in p.name()]
+    assert len(servers) == 1
+    os.kill(servers[0].pid, signal.SIGKILL)
+    out, _ = process.communicate(timeout=300)
+    assert process.returncode == 0, out
+    assert sorted(r["custom_id"] for r in result_lines(run_dir)) == sorted(input_ids(batch))
+    events = [json.loads(line) for line in (run_dir / "events.jsonl").read_text().splitlines()]
+    recoveries = [e for e in events if e["event"] == "recovery"]
+    assert recoveries and recoveries[0]["action"] == "restarted the embedded server"
+
+
+def test_context_too_large_for_the_memory_cap_backs_off_and_completes(tmp_path):
+    batch = small_batch(tmp_path / "in.jsonl", 4)
+    run_dir = tmp_path / "data" / "runs" / "cap"
+    result = kvbatch("run", str(batch), "--run", str(run_dir), *COMMON, "--slot-ctx", "65536", "--swa-full",
+                     "--memory-cap", "1200MiB", cwd=tmp_path)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert len(result_lines(run_dir)) == 4
+    events = [json.loads(line) for line in (run_dir / "events.jsonl").read_text().splitlines()]
+    backoffs = [e for e in events if e["event"] == "start_backoff"]
+    assert backoffs and backoffs[0]["out_of_memory"]
+    assert "insufficient memory" in backoffs[0]["cause"] or "allocate" in backoffs[0]["cause"]
+    assert "1 slot of 32768 tokens" in backoffs[0]["action"]
+
+
+def test_over_long_request_fails_alone_into_errors_jsonl(tmp_path):
+    batch = small_batch(tmp_path / "in.jsonl", 5)
+    lines = batch.read_text().splitlines()
+    long_request = json.loads(lines[2])
+    long_request["body"]["messages"][-1]["content"] = "word " * 3000
+    lines[2] = json.dumps(long_request)
+    batch.write_text("\n".join(lines) + "\n")
+    run_dir = tmp_path / "data" / "runs" / "long"
+    result = kvbatch("run", str(batch), "--run", str(run_dir), *COMMON, "--slot-ctx", "1024", cwd=tmp_path)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "more than the 1024 asked for" in result.stdout
+    errors = result_lines(run_dir, "errors.jsonl")
+    assert [e["custom_id"] for e in errors] == [long_request["custom_id"]]
+    assert errors[0]["error"]["code"] == "ContextOverflowError"
+    assert "exceeds the available context size" in errors[0]["error"]["message"]
+    assert errors[0]["attempts"] == 1
+    assert len(result_lines(run_dir)) == 4
+
+
+def test_resume_with_a_changed_fingerprint_is_refused(tmp_path):
+    batch = small_batch(tmp_path / "in.jsonl", 2)
+    run_dir = tmp_path / "data" / "runs" / "fp"
+    first = kvbatch("run", str(batch), "--run", str(run_dir), *COMMON, "--max-tokens", "4", cwd=tmp_path)
+    assert first.returncode == 0, first.stderr
+    second = kvbatch("run", str(batch), "--run", str(run_dir), *COMMON, "--max-tokens", "8", cwd=tmp_path)
+    assert second.returncode == 2
+    assert "different fingerprint" in second.stderr
+    assert "generation: was {'overrides': {'max_tokens': 4}" in second.stderr
+    assert "Traceback" not in second.stderr
+    assert len(result_lines(run_dir)) == 2

@@ -93,6 +93,21 @@ def build_parser() -> argparse.ArgumentParser:
     sample.add_argument("--seed", type=int, default=1)
     sample.set_defaults(handler=cmd_sample)
 
+    measure = commands.add_parser("measure", help="run the measurement notebooks headless; reports in reports/")
+    measure.add_argument("--backend", default="embedded", choices=("embedded", "ollama"))
+    measure.add_argument("--url", default=None, help="Ollama URL (with --backend ollama)")
+    measure.add_argument("--model", default=None, help="Ollama model name (with --backend ollama)")
+    measure.add_argument("--model-path", default=None, help="GGUF for the embedded server")
+    measure.add_argument("--contexts", default="2048,8192,16384,32768", help="sweep A context sizes, comma-separated")
+    measure.add_argument("--repeats", type=int, default=2)
+    measure.add_argument("--budget", default="+24MiB",
+                         help="memory budget for the safe-context search: 8GiB, or +24MiB above the model's own need")
+    measure.add_argument("--margin", type=float, default=0.8, help="safety margin applied to the largest context")
+    measure.add_argument("--duration", type=float, default=60, help="sustained-load seconds")
+    measure.add_argument("--only", default="kv_growth,safe_context,sustained_load",
+                         help="which notebooks to run, comma-separated")
+    measure.set_defaults(handler=cmd_measure)
+
     report = commands.add_parser("report", help="render (again) the HTML report of a run")
     report.add_argument("--run", default=None, help="run folder or name under data/runs (default: the newest)")
     report.set_defaults(handler=cmd_report)
@@ -194,6 +209,72 @@ def cmd_sample(args: argparse.Namespace) -> int:
     path = write_sample(Path(args.out), args.n, seed=args.seed, max_tokens=args.max_tokens)
     print(f"wrote {args.n} requests to {path}")
     return 0
+
+
+def cmd_measure(args: argparse.Namespace) -> int:
+    """Execute the measurement notebooks with papermill, one after another, and render their HTML reports."""
+    import json
+    import time
+
+    from kvbatch.measurements import model_name, result_path
+    from kvbatch.report import NOTEBOOKS_DIR, render_notebook
+    from kvbatch.server import ServerConfig
+    from kvbatch.units import parse_bytes
+
+    if args.backend == "ollama" and not (args.url and args.model):
+        raise UserInputError("--backend ollama needs --url and --model")
+    try:
+        contexts = [int(c) for c in args.contexts.split(",") if c.strip()]
+    except ValueError as exc:
+        raise UserInputError(f"--contexts: {args.contexts!r} is not a comma-separated list of numbers") from exc
+    parse_bytes(args.budget.lstrip("+"), what="--budget")
+    common = {"backend": args.backend, "url": args.url, "model": args.model, "model_path": args.model_path}
+    name = model_name(args.backend, args.model, args.model_path)
+    steps = {
+        "kv_growth": {**common, "contexts": contexts, "repeats": args.repeats},
+        "safe_context": {**common, "budget": args.budget, "safety_margin": args.margin},
+        "sustained_load": {**common, "backend": "ollama" if args.backend == "ollama" else "embedded",
+                           "duration_s": args.duration},
+    }
+    chosen = [step.strip() for step in args.only.split(",") if step.strip()]
+    unknown = [step for step in chosen if step not in steps]
+    if unknown:
+        raise UserInputError(f"--only: unknown notebook(s) {', '.join(unknown)}; known: {', '.join(steps)}")
+    out = result_path(name, ServerConfig())
+    for step in chosen:
+        started = time.perf_counter()
+        print(f"running notebooks/{step}.ipynb ...", flush=True)
+        html = render_notebook(NOTEBOOKS_DIR / f"{step}.ipynb", steps[step], f"{step}-{Path(name).stem}",
+                               title=f"{step.replace('_', ' ')}: {name}",
+                               headline=lambda step=step: _headline(step, out))
+        print(f"  {html} ({time.perf_counter() - started:.0f} s)", flush=True)
+    result = json.loads(out.read_text()) if out.exists() else {}
+    fit = result.get("fit", {})
+    if fit:
+        print(f"slope {fit['slope_bytes_per_token'] / 1024:.2f} KiB/token (predicted "
+              f"{fit['predicted_slope_bytes_per_token'] / 1024:.2f}); safe context {result.get('safe_context_tokens')}"
+              f" tokens; results: {out}")
+    print("reports: reports/index.html")
+    return 0
+
+
+def _headline(step: str, out: Path) -> dict[str, object]:
+    import json
+
+    if not out.exists():
+        return {}
+    data = json.loads(out.read_text())
+    if step == "kv_growth" and "fit" in data:
+        fit = data["fit"]
+        return {"KiB/token": round(fit["slope_bytes_per_token"] / 1024, 3),
+                "predicted": round(fit["predicted_slope_bytes_per_token"] / 1024, 3)}
+    if step == "safe_context" and "safe_context" in data:
+        safe = data["safe_context"]
+        return {"safe context": safe["safe_context_tokens"], "largest": safe["max_context_tokens"],
+                "loads": safe["loads"]}
+    if step == "sustained_load" and "sustained" in data:
+        return {"passed": data["sustained"]["passed"], "requests": data["sustained"]["requests"]}
+    return {}
 
 
 def cmd_report(args: argparse.Namespace) -> int:

@@ -61,6 +61,8 @@ _OOM_MARKERS = (
     "requires more system memory",
     "unable to allocate",
     "cannot allocate memory",
+    "bad_alloc",
+    "thread creation failed",
     "oom",
 )
 _CRASH_MARKERS = ("runner process has terminated", "unexpectedly stopped", "process has terminated")

@@ -98,8 +98,12 @@ class _EmbeddedLoaded(LoadedModel):
                                                 "cache_prompt": False})
         except OSError as exc:
             text = exc.read().decode() if hasattr(exc, "read") else str(exc)
-            raise KvbatchError(f"a request of {tokens} tokens failed at context {self.server.config.context_tokens}: "
-                               f"{text[:300]}") from exc
+            context = self.server.config.context_tokens
+            time.sleep(0.2)
+            if not self.server.is_running():
+                line = self.server.log().failure_line or text
+                raise KvbatchError(f"the server crashed serving {tokens} tokens at context {context}: {line}") from exc
+            raise KvbatchError(f"a request of {tokens} tokens failed at context {context}: {text[:300]}") from exc
         return int((answer.get("timings") or {}).get("prompt_n") or answer.get("tokens_evaluated") or 0)
 
 
@@ -225,7 +229,11 @@ def sweep_in_use(loader: Loader, context_tokens: int, fractions: list[float], *,
     """Sweep B: one load; serve requests that fill more and more of the context, reading memory after each."""
     points: list[LoadPoint] = []
     with loader.load(context_tokens) as loaded:
-        point = replace(loaded.memory(), tokens_in_use=0)
+        # The first request of at least one micro-batch (512) touches the compute buffers once (about 25 MiB
+        # here); that is a one-time cost, not a per-token one, so the baseline is read after it.
+        warm_tokens = min(600, context_tokens // 2)
+        loaded.fill(warm_tokens, max_tokens=1)
+        point = replace(loaded.memory(), tokens_in_use=warm_tokens)
         points.append(point)
         for fraction in fractions:
             wanted = max(int(context_tokens * fraction) - 16, 1)
@@ -292,9 +300,9 @@ def search_safe_context(loader: Loader, budget_bytes: int, *, floor_tokens: int,
                         on_probe: Callable[[Probe], None] | None = None) -> SafeContextResult:
     """Bisection between `floor_tokens` and `ceiling_tokens` (the trained context) on a `step_tokens` grid.
 
-    The fitted line picks the first two probes: its predicted boundary and one step above. When the line
-    is right that settles it in two loads; otherwise they narrow the interval and bisection goes on,
-    so at most about log2(range/step) + 2 loads.
+    The fitted line picks the first probe (its predicted boundary); the search gallops from there until the
+    answer flips, then bisects. An accurate line settles it in 2-4 loads; without one it is plain bisection,
+    about log2(range/step) + 2 loads.
     """
     result = SafeContextResult(None, None, budget_bytes, safety_margin, step_tokens)
     cache: dict[int, bool] = {}
@@ -314,18 +322,28 @@ def search_safe_context(loader: Loader, budget_bytes: int, *, floor_tokens: int,
 
     low, high = floor_tokens, ceiling_tokens + step_tokens  # invariant: low fits (once checked), high does not
     if fit is not None and fit.slope_bytes_per_token > 0:
+        # Start at the line's boundary and gallop away from it (1, 2, 4... steps) until the answer flips:
+        # an accurate line settles the search in 2-4 loads, a poor one costs a few more.
         guess = grid((budget_bytes - fit.base_bytes) / fit.slope_bytes_per_token)
+        jump = step_tokens
         if fits(guess):
             low = guess
-            above = guess + step_tokens
-            if above > ceiling_tokens:
-                high = above
-            elif fits(above):
-                low = above
-            else:
-                high = above
+            while low < ceiling_tokens:
+                candidate = min(low + jump, ceiling_tokens)
+                if not fits(candidate):
+                    high = candidate
+                    break
+                low, jump = candidate, jump * 2
         else:
             high = guess
+            while high > floor_tokens:
+                candidate = max(high - jump, floor_tokens)
+                if fits(candidate):
+                    low = candidate
+                    break
+                high, jump = candidate, jump * 2
+            else:
+                return result  # not even the floor fits this budget
     if low not in cache and not fits(low):
         return result  # not even the floor fits this budget
     while high - low > step_tokens:

@@ -37,17 +37,20 @@ class Limits:
     source: str
 
     @classmethod
-    def from_measurement_file(cls, path: Path) -> Limits:
+    def from_measurement_file(cls, path: Path) -> Limits | None:
+        """The limits `make measure` wrote, or None when the file lacks a fit or a safe context."""
         data = json.loads(Path(path).read_text("utf-8"))
-        fit = data.get("fit", {})
-        safe = data.get("safe_context", {})
+        fit = data.get("fit") or {}
+        safe = data.get("safe_context") or {}
+        if not fit.get("slope_bytes_per_token") or not safe.get("safe_context_tokens"):
+            return None
         return cls(
-            safe_context_tokens=int(safe.get("safe_context_tokens") or data["safe_context_tokens"]),
-            kv_bytes_per_token=float(fit.get("slope_bytes_per_token") or data.get("kv_bytes_per_token")),
+            safe_context_tokens=int(safe["safe_context_tokens"]),
+            kv_bytes_per_token=float(fit["slope_bytes_per_token"]),
             base_bytes=float(fit.get("base_bytes") or 0.0),
             budget_bytes=safe.get("budget_bytes"),
             trained_context_tokens=data.get("trained_context_tokens"),
-            source=f"measured ({path})",
+            source=f"measured, {path}",
         )
 
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 import datetime as dt
 import html
 import json
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -17,7 +18,8 @@ INDEX_FILE = "index.json"
 
 
 def render_notebook(notebook: Path, parameters: dict[str, Any], out_stem: str, *,
-                    headline: dict[str, Any] | None = None, title: str | None = None) -> Path:
+                    headline: dict[str, Any] | Callable[[], dict[str, Any]] | None = None,
+                    title: str | None = None) -> Path:
     """Execute `notebook` with `parameters` into reports/<out_stem>.ipynb and .html; return the HTML path."""
     import nbformat
     import papermill
@@ -35,7 +37,7 @@ def render_notebook(notebook: Path, parameters: dict[str, Any], out_stem: str, *
     body, _ = exporter.from_notebook_node(nbformat.read(executed, as_version=4))
     out = REPORTS_DIR / f"{out_stem}.html"
     out.write_text(body, "utf-8")
-    _update_index(out, title or out_stem, headline or {})
+    _update_index(out, title or out_stem, (headline() if callable(headline) else headline) or {})
     return out
 
 

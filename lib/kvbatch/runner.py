@@ -14,6 +14,7 @@ from typing import Any
 
 import psutil
 
+from kvbatch.aio import run_sync
 from kvbatch.backends import get_backend
 from kvbatch.batchio import InputReport, TableInput, iter_openai_batch, scan_openai_batch
 from kvbatch.errors import UserInputError
@@ -176,7 +177,7 @@ async def _prepare(settings: BatchSettings, report: InputReport, requests_fn, ru
     system_tokens = max(prefix_tokens.values(), default=0)
     sizes = size_profile(report, system_tokens, chars_per_token, token_source, settings.default_max_tokens)
     measured = settings.measurement_path or measurement_path(model_id(settings), settings.server)
-    limits = Limits.from_measurement_file(measured) if measured.exists() else \
+    limits = (Limits.from_measurement_file(measured) if measured.exists() else None) or \
         _fallback_limits(settings, model_path, base_bytes)
     seconds_per_prompt, seconds_per_answer = _speeds(measured)
     plan = make_plan(sizes, limits, mode=settings.mode, max_slots=settings.max_slots or 16,
@@ -205,7 +206,7 @@ async def plan_only_async(settings: BatchSettings, *, say=print) -> Plan:
 
 def plan_only(settings: BatchSettings) -> str:
     """Validate the input and make the plan (printed as it is made); run nothing."""
-    plan = asyncio.run(plan_only_async(settings))
+    plan = run_sync(plan_only_async(settings))
     return f"plan written for {plan.request_count} requests; nothing was run"
 
 
@@ -322,4 +323,4 @@ def _summary(report: InputReport, plan: Plan, stats: RunStats, executor: Executo
 
 
 def run_batch(settings: BatchSettings, *, say=print) -> RunOutcome:
-    return asyncio.run(run_batch_async(settings, say=say))
+    return run_sync(run_batch_async(settings, say=say))

@@ -1,0 +1,210 @@
+"""Executor benchmarks, printed side by side in one run (ratios, not absolute times: these machines are noisy).
+
+  1. kvbatch vs a bare client loop at the same concurrency, on the embedded server   (goal >= 0.95)
+  2. independent vs conversation mode on the same requests                           (original: conversation 1.39x slower)
+  3. share of system-prompt tokens served from the prefix cache                       (goal >= 98.8 %)
+  4. executor vs a bare aiohttp loop against an instant local server, same in-flight  (goal >= 0.5)
+  5. executor peak RSS on a 170,000-request input (goal < 200 MB); resuming its journal (goal < 5 s)
+
+Usage: .venv/bin/python bench/bench_executor.py [--parts 1,2,3,4,5] [--big-n 170000]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import aiohttp
+from kvbatch.backends import get_backend
+from kvbatch.batchio import iter_openai_batch, scan_openai_batch
+from kvbatch.executor import Executor, RunOptions
+from kvbatch.journal import Fingerprint, Journal
+from kvbatch.sample import write_sample
+from kvbatch.server import EmbeddedServer, ServerConfig, free_port
+from kvbatch.supervisor import ExternalSupervisor
+
+ROOT = Path(__file__).resolve().parents[1]
+rows: list[tuple[str, str, str, str]] = []
+
+
+def row(what: str, kvbatch: str, baseline: str, ratio: str) -> None:
+    rows.append((what, kvbatch, baseline, ratio))
+    print(f"  {what}: {kvbatch} | {baseline} | {ratio}", flush=True)
+
+
+def make_batch(path: Path, n: int, *, system_tokens: int, user_tokens: int, max_tokens: int) -> Path:
+    return write_sample(path, n, max_tokens=max_tokens, system_tokens=system_tokens, user_tokens=user_tokens)
+
+
+async def bare_loop(url: str, bodies: list[dict], in_flight: int) -> float:
+    """The simplest client a user would write: a semaphore, one aiohttp session, post and read."""
+    limit = asyncio.Semaphore(in_flight)
+    connector = aiohttp.TCPConnector(limit=in_flight)
+    async with aiohttp.ClientSession(connector=connector) as session:
+        async def one(body: dict) -> None:
+            async with limit, session.post(url + "/v1/chat/completions", json=body) as reply:
+                await reply.json()
+
+        started = time.perf_counter()
+        await asyncio.gather(*(one(b) for b in bodies))
+        return time.perf_counter() - started
+
+
+async def kvbatch_run(url: str, batch: Path, in_flight: int, *, mode: str = "independent", chunk_size: int = 1,
+                      slot_context: int = 8192, pinning: bool = True) -> tuple[float, Executor]:
+    """kvbatch's executor on an already-running server (server start and planning excluded, as for the bare loop)."""
+    report = scan_openai_batch(batch)
+    run_dir = Path(tempfile.mkdtemp(prefix="kvbatch-bench-"))
+    journal = Journal.open(run_dir, Fingerprint(report.input_hash, "bench", "", {}, mode))
+    backend = get_backend("openai", url)
+    supervisor = ExternalSupervisor(backend, slots=in_flight, slot_pinning=pinning)
+    tokens = await backend.tokenize(next(iter(report.prefix_texts.values())))
+    prefix_tokens = {key: len(tokens) if tokens else 0 for key in report.prefix_texts}
+    options = RunOptions(mode=mode, concurrency=in_flight, chunk_size=chunk_size, slot_context_tokens=slot_context,
+                         progress=False)
+    executor = Executor(journal, supervisor, options, run_dir=run_dir, prefix_tokens=prefix_tokens,
+                        total=report.request_count)
+    started = time.perf_counter()
+    await executor.run(iter_openai_batch(report))
+    seconds = time.perf_counter() - started
+    journal.close()
+    await backend.aclose()
+    return seconds, executor
+
+
+def bodies_of(batch: Path) -> list[dict]:
+    return [json.loads(line)["body"] for line in batch.read_text().splitlines()]
+
+
+def part_1_2_3(work: Path, n: int) -> None:
+    batch = make_batch(work / "real.jsonl", n, system_tokens=2400, user_tokens=150, max_tokens=16)
+    config = ServerConfig(context_tokens=8192, parallel_slots=1)
+    with EmbeddedServer(config) as server:
+        # warm the slot once so that neither arm pays the cold system prompt first
+        asyncio.run(bare_loop(server.url, bodies_of(batch)[:1], 1))
+        bare_s = asyncio.run(bare_loop(server.url, bodies_of(batch), 1))
+        kv_s, executor = asyncio.run(kvbatch_run(server.url, batch, 1))
+        bare_again_s = asyncio.run(bare_loop(server.url, bodies_of(batch), 1))
+    bare_best = min(bare_s, bare_again_s)
+    row(f"1. throughput on the embedded server, {n} requests, 1 in flight (req/s)", f"{n / kv_s:.3f}",
+        f"bare loop {n / bare_best:.3f}", f"{bare_best / kv_s:.3f} (goal >= 0.95)")
+
+    with EmbeddedServer(config) as server:
+        asyncio.run(bare_loop(server.url, bodies_of(batch)[:1], 1))
+        independent_s, _ = asyncio.run(kvbatch_run(server.url, batch, 1))
+    turn = 150 + 16 + 16
+    chunk = max(1, (8192 - 2400) // turn)
+    with EmbeddedServer(config) as server:
+        conversation_s, _ = asyncio.run(kvbatch_run(server.url, batch, 1, mode="conversation", chunk_size=chunk,
+                                                     slot_context=8192))
+    row(f"2. independent vs conversation (chunk {chunk}), same {n} requests (s)", f"independent {independent_s:.1f}",
+        f"conversation {conversation_s:.1f}", f"conversation {conversation_s / independent_s:.2f}x slower "
+        "(original method: 1.39x at chunk 86)")
+
+    small = make_batch(work / "share.jsonl", 100, system_tokens=2400, user_tokens=20, max_tokens=1)
+    with EmbeddedServer(config) as server:
+        _, executor = asyncio.run(kvbatch_run(server.url, small, 1))
+    served = executor.stats.cached_tokens
+    system = sum(executor.prefix_tokens.get(k, 0) * v.requests for k, v in executor.stats.per_prefix.items())
+    row("3. system-prompt tokens served from the prefix cache, 100 requests", f"{min(served / system, 1):.2%}",
+        f"{served:,} of {system:,} system tokens", "goal >= 98.8 %")
+
+
+def start_instant_server() -> tuple[subprocess.Popen, str]:
+    port = free_port()
+    process = subprocess.Popen([sys.executable, str(ROOT / "bench" / "instant_server.py"), str(port)])
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.time() + 20
+    while time.time() < deadline:
+        try:
+            import urllib.request
+
+            urllib.request.urlopen(url + "/health", timeout=1).close()
+            return process, url
+        except OSError:
+            time.sleep(0.1)
+    raise RuntimeError("instant server did not start")
+
+
+def part_4(work: Path, n: int, in_flight: int = 16) -> None:
+    batch = make_batch(work / "instant.jsonl", n, system_tokens=2400, user_tokens=150, max_tokens=16)
+    process, url = start_instant_server()
+    try:
+        bare_s = asyncio.run(bare_loop(url, bodies_of(batch), in_flight))
+        kv_s, _ = asyncio.run(kvbatch_run(url, batch, in_flight, pinning=False))
+        bare_again_s = asyncio.run(bare_loop(url, bodies_of(batch), in_flight))
+    finally:
+        process.terminate()
+    bare_best = min(bare_s, bare_again_s)
+    row(f"4. executor vs bare aiohttp loop, instant server, {n} requests, {in_flight} in flight (req/s)",
+        f"{n / kv_s:,.0f}", f"bare loop {n / bare_best:,.0f}", f"{bare_best / kv_s:.2f} (goal >= 0.5)")
+
+
+def part_5(work: Path, n: int) -> None:
+    batch = work / "big.jsonl"
+    started = time.perf_counter()
+    write_sample(batch, n, max_tokens=300)
+    print(f"  (wrote {n:,} requests, {batch.stat().st_size / 2**30:.2f} GiB, in {time.perf_counter() - started:.0f} s)",
+          flush=True)
+    process, url = start_instant_server()
+    run_dir = work / "big-run"
+    command = [sys.executable, "-m", "kvbatch.cli", "run", str(batch), "--run", str(run_dir), "--url", url,
+               "--concurrency", "16", "--no-report", "--no-progress"]
+    try:
+        started = time.perf_counter()
+        child = subprocess.Popen(command, cwd=work, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        _, status, usage = os.wait4(child.pid, 0)
+        run_s = time.perf_counter() - started
+        output = child.stdout.read()
+        if os.waitstatus_to_exitcode(status) != 0:
+            raise RuntimeError(output[-2000:])
+        peak_mib = usage.ru_maxrss / 1024
+        started = time.perf_counter()
+        resumed = subprocess.run(command, cwd=work, capture_output=True, text=True)
+        resume_cli_s = time.perf_counter() - started
+    finally:
+        process.terminate()
+    assert "already done" in resumed.stdout, resumed.stdout + resumed.stderr
+    report = scan_openai_batch(batch)
+    started = time.perf_counter()
+    journal = Journal.open(run_dir, Fingerprint(report.input_hash, f"{url}", "", {}, "independent"))
+    journal_s = time.perf_counter() - started
+    done = len(journal.done)
+    row(f"5a. executor peak RSS, {n:,}-request input ({batch.stat().st_size / 2**30:.1f} GiB), whole run",
+        f"{peak_mib:.0f} MiB", f"run took {run_s:.0f} s", "goal < 200 MB")
+    row(f"5b. resume a {done:,}-request journal (read every completed id)", f"{journal_s:.2f} s",
+        f"whole `kvbatch run` resume incl. re-validating the input: {resume_cli_s:.1f} s", "goal < 5 s")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--parts", default="1,2,3,4,5")
+    parser.add_argument("--n", type=int, default=24, help="requests for parts 1-2 (real server)")
+    parser.add_argument("--instant-n", type=int, default=20000)
+    parser.add_argument("--big-n", type=int, default=170000)
+    args = parser.parse_args()
+    parts = set(args.parts.split(","))
+    with tempfile.TemporaryDirectory(prefix="kvbatch-bench-") as scratch:
+        work = Path(scratch)
+        if parts & {"1", "2", "3"}:
+            part_1_2_3(work, args.n)
+        if "4" in parts:
+            part_4(work, args.instant_n)
+        if "5" in parts:
+            part_5(work, args.big_n)
+    print("\n| benchmark | kvbatch | baseline | ratio / goal |\n|---|---|---|---|")
+    for what, kvbatch, baseline, ratio in rows:
+        print(f"| {what} | {kvbatch} | {baseline} | {ratio} |")
+    print(f"\n(bench process max RSS {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:.0f} MiB)")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,104 @@
+# %% [markdown]
+# # KV-cache growth: memory vs allocated context, and memory vs tokens in use
+# Sweep A loads the model at several context sizes and fits `memory = base + slope x context`; the slope is put
+# beside what the model's architecture predicts. Sweep B keeps one allocation and fills it step by step.
+
+# %% [parameters]
+backend = "embedded"  # "embedded" (llama-server started here) or "ollama" (a running Ollama at `url`)
+url = None
+model = None  # Ollama model name, e.g. "gemma3:270m"
+model_path = None  # GGUF for the embedded server (default: Gemma 3 270M Q4_K_M)
+contexts = [2048, 8192, 16384, 32768]
+repeats = 2
+cache_type_k = "f16"
+cache_type_v = "f16"
+swa_full_variants = [False, True]  # the sliding-window cache as shipped, and with --swa-full
+fill_context = 4096
+fill_fractions = [0.1, 0.25, 0.5, 0.75, 0.95]
+probe = "auto"
+out_dir = "data/measurements"
+
+# %%
+from pathlib import Path
+
+import matplotlib.pyplot as plt
+import numpy as np
+import pandas as pd
+from IPython.display import Markdown, display
+
+from kvbatch import measurements as M
+from kvbatch.server import ServerConfig
+
+arch = M.architecture(backend, url=url, model=model, model_path=model_path)
+name = M.model_name(backend, model, model_path)
+display(Markdown(f"**Model** `{name}`: {arch.block_count} layers ({len(arch.global_layers)} global), "
+                 f"{arch.head_count_kv} KV heads x {arch.key_length}, sliding window {arch.sliding_window}, "
+                 f"trained context {arch.context_length_trained}."))
+
+# %%
+runs = {}
+for swa_full in (swa_full_variants if backend == "embedded" else [False]):
+    config = ServerConfig(model_path=Path(model_path) if model_path else None, cache_type_k=cache_type_k,
+                          cache_type_v=cache_type_v, swa_full=swa_full)
+    loader = M.make_loader(backend, url=url, model=model, config=config, probe=probe)
+    out = M.result_path(name, config, Path(out_dir))
+    runs[swa_full] = M.kv_growth(loader, arch, config, contexts, repeats, fill_context, fill_fractions, out)
+    runs[swa_full]["out"] = out
+
+# %% [markdown]
+# ## Sweep A: memory vs allocated context
+
+# %%
+fig, axes = plt.subplots(1, len(runs), figsize=(6.5 * len(runs), 4.2), squeeze=False)
+rows = []
+for ax, (swa_full, run) in zip(axes[0], runs.items()):
+    points, fit = run["points_allocated"], run["fit"]
+    x = np.linspace(0, max(contexts) * 1.05, 50)
+    ax.plot(points["context_tokens"], points["used_bytes"] / 2**20, "o", label=f"measured ({run['section']['probe']})")
+    ax.plot(x, fit.predict(x) / 2**20, "-", label=f"fit: {fit.slope_bytes_per_token / 1024:.2f} KiB/token")
+    ax.plot(x, (fit.base_bytes + run["predicted_slope"] * x) / 2**20, "--",
+            label=f"architecture: {run['predicted_slope'] / 1024:.2f} KiB/token")
+    ax.set(title=("--swa-full" if swa_full else "sliding window") + ": memory after load",
+           xlabel="allocated context (tokens)", ylabel="MiB")
+    ax.legend()
+    low, high = fit.slope_ci95
+    rows.append({"configuration": "--swa-full" if swa_full else "sliding window",
+                 "measured KiB/token": round(fit.slope_bytes_per_token / 1024, 3),
+                 "95% CI": f"{low / 1024:.3f} .. {high / 1024:.3f}",
+                 "predicted KiB/token": round(run["predicted_slope"] / 1024, 3),
+                 "measured vs predicted": f"{run['section']['slope_vs_predicted']:+.1%}",
+                 "base MiB": round(fit.base_bytes / 2**20, 1), "R²": round(fit.r_squared, 5),
+                 "KV from server log KiB/token": round((run["section"]["log_kv_slope_bytes_per_token"] or 0) / 1024, 3)})
+fig.tight_layout()
+pd.DataFrame(rows)
+
+# %% [markdown]
+# ## Sweep B: memory vs tokens actually in use (one allocation)
+
+# %%
+fig, ax = plt.subplots(figsize=(7, 3.8))
+for swa_full, run in runs.items():
+    points = run["points_in_use"].sort_values("tokens_in_use")
+    ax.plot(points["tokens_in_use"], points["used_bytes"] / 2**20, "o-",
+            label="--swa-full" if swa_full else "sliding window")
+ax.set(title=f"Memory while filling a {fill_context}-token context", xlabel="tokens in use", ylabel="MiB")
+ax.set_ylim(bottom=0)
+ax.legend()
+for swa_full, run in runs.items():
+    growth = run["section"]["in_use_growth_bytes"]
+    display(Markdown(
+        f"**{'--swa-full' if swa_full else 'sliding window'}:** filling {run['section']['in_use_max_tokens']} of "
+        f"{fill_context} tokens changed memory by **{growth / 2**20:+.1f} MiB**, while allocating the same "
+        f"{fill_context} tokens costs {run['fit'].slope_bytes_per_token * fill_context / 2**20:.1f} MiB."))
+
+# %% [markdown]
+# **Why "0 MB per token".** The server allocates the whole KV cache when the model loads, for the full context
+# (times the parallel slots), and clears it then. Memory therefore grows with the *allocated* context (sweep A),
+# not with the tokens in use (sweep B): a conversation that grows inside a loaded context adds nothing you can
+# see. The way to spend less memory is a smaller allocation; the way to spend fewer prompt tokens is the prefix
+# cache, not cramming requests into one conversation.
+#
+# What little does grow while a sliding-window model fills its context is not the KV cache: llama-server saves
+# *context checkpoints* of the sliding-window cache while it processes a long prompt (up to `--ctx-checkpoints`,
+# 32 by default, per slot), so that a later request can reuse a prefix. Each is a copy of the sliding-window
+# cache (15 MiB for Gemma 3 270M at one slot). With `--swa-full` no checkpoint is needed and the line is flat.

@@ -112,10 +112,12 @@ def part_1_2_3(work: Path, n: int) -> None:
     small = make_batch(work / "share.jsonl", 100, system_tokens=2400, user_tokens=20, max_tokens=1)
     with EmbeddedServer(config) as server:
         _, executor = asyncio.run(kvbatch_run(server.url, small, 1))
-    served = executor.stats.cached_tokens
-    system = sum(executor.prefix_tokens.get(k, 0) * v.requests for k, v in executor.stats.per_prefix.items())
-    row("3. system-prompt tokens served from the prefix cache, 100 requests", f"{min(served / system, 1):.2%}",
-        f"{served:,} of {system:,} system tokens", "goal >= 98.8 %")
+    prefixes = executor.stats.per_prefix.values()
+    served = sum(p.prefix_cached_tokens for p in prefixes)
+    system = sum(p.prefix_tokens for p in prefixes)
+    row("3. system-prompt tokens served from the prefix cache, 100 requests, cold start included",
+        f"{executor.stats.system_prompt_share():.2%}", f"{served:,} of {system:,} system-prompt tokens",
+        "goal >= 98.8 %")
 
 
 def start_instant_server() -> tuple[subprocess.Popen, str]:
@@ -173,9 +175,10 @@ def part_5(work: Path, n: int) -> None:
     finally:
         process.terminate()
     assert "already done" in resumed.stdout, resumed.stdout + resumed.stderr
-    report = scan_openai_batch(batch)
+    print(f"  (run {run_s:.0f} s, peak RSS {usage.ru_maxrss / 1024:.0f} MiB; resume {resume_cli_s:.1f} s)", flush=True)
+    stored = json.loads((run_dir / "run.json").read_text())["fingerprint"]
     started = time.perf_counter()
-    journal = Journal.open(run_dir, Fingerprint(report.input_hash, f"{url}", "", {}, "independent"))
+    journal = Journal.open(run_dir, Fingerprint(**stored))
     journal_s = time.perf_counter() - started
     done = len(journal.done)
     row(f"5a. executor peak RSS, {n:,}-request input ({batch.stat().st_size / 2**30:.1f} GiB), whole run",

@@ -25,10 +25,12 @@ class OllamaDouble:
     send_cached_count: bool = True
     received: list[dict[str, Any]] = field(default_factory=list)
     loaded_ctx: int = NUM_CTX_DEFAULT
+    memory_limit_bytes: int | None = None
 
     def app(self) -> web.Application:
         app = web.Application()
         app.router.add_post("/api/chat", self.chat)
+        app.router.add_post("/api/generate", self.generate)
         app.router.add_get("/api/ps", self.ps)
         app.router.add_post("/api/show", self.show)
         app.router.add_get("/api/version", self.version)
@@ -78,6 +80,24 @@ class OllamaDouble:
             reply["prompt_eval_cached_count"] = max(prompt_tokens - 3, 0)
         return web.json_response(reply)
 
+    async def generate(self, request: web.Request) -> web.Response:
+        """Loads the model at `options.num_ctx` (as Ollama reloads on a new num_ctx); fails like Ollama when the
+        KV cache would not fit `memory_limit_bytes`."""
+        body = await request.json()
+        self.received.append(body)
+        num_ctx = (body.get("options") or {}).get("num_ctx", NUM_CTX_DEFAULT)
+        if self.memory_limit_bytes and self.size_at(num_ctx) > self.memory_limit_bytes:
+            return web.json_response({"error": "model requires more system memory (1.2 GiB) than is available "
+                                               "(1.0 GiB)"}, status=500)
+        self.loaded_ctx = num_ctx
+        prompt_tokens = len(body.get("prompt", "").split())
+        return web.json_response({"model": MODEL, "created_at": "2026-11-29T12:00:00Z", "response": "ok",
+                                  "done": True, "done_reason": "stop", "prompt_eval_count": prompt_tokens,
+                                  "eval_count": 1, "total_duration": 1000})
+
+    def size_at(self, num_ctx: int) -> int:
+        return 600_000_000 + 3 * 1024 * num_ctx
+
     async def ps(self, request: web.Request) -> web.Response:
         return web.json_response(
             {
@@ -85,7 +105,7 @@ class OllamaDouble:
                     {
                         "name": MODEL,
                         "model": MODEL,
-                        "size": 600_000_000 + 3 * 1024 * self.loaded_ctx,
+                        "size": self.size_at(self.loaded_ctx),
                         "digest": "sha256:0000",
                         "details": {"format": "gguf", "family": "gemma3", "parameter_size": "268.10M",
                                     "quantization_level": "Q4_K_M"},

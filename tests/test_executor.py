@@ -113,3 +113,47 @@ def test_resume_with_a_changed_fingerprint_is_refused(tmp_path):
     assert "generation: was {'overrides': {'max_tokens': 4}" in second.stderr
     assert "Traceback" not in second.stderr
     assert len(result_lines(run_dir)) == 2
+
+
+def test_ctrl_c_stops_cleanly_and_the_same_command_resumes(tmp_path):
+    batch = small_batch(tmp_path / "in.jsonl", 12)
+    run_dir = tmp_path / "data" / "runs" / "int"
+    process = start_kvbatch("run", str(batch), "--run", str(run_dir), *COMMON, cwd=tmp_path)
+    _wait_for_results(run_dir, 3, process)
+    process.send_signal(signal.SIGINT)
+    out, _ = process.communicate(timeout=60)
+    assert process.returncode == 130, out
+    assert "Every finished request is saved; run the same command to resume." in out
+    assert "Traceback" not in out
+    assert all(line.endswith("\n") for line in (run_dir / "results.jsonl").read_text().splitlines(keepends=True))
+    finished = kvbatch("run", str(batch), "--run", str(run_dir), *COMMON, cwd=tmp_path)
+    assert finished.returncode == 0, finished.stderr
+    ids = [r["custom_id"] for r in result_lines(run_dir)]
+    assert sorted(ids) == sorted(input_ids(batch))
+
+
+def test_conversation_mode_answers_every_request_in_growing_conversations(tmp_path):
+    batch = small_batch(tmp_path / "in.jsonl", 8)
+    run_dir = tmp_path / "data" / "runs" / "conv"
+    result = kvbatch("run", str(batch), "--run", str(run_dir), *COMMON, "--mode", "conversation", cwd=tmp_path)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "conversation chunk:" in result.stdout
+    assert sorted(r["custom_id"] for r in result_lines(run_dir)) == sorted(input_ids(batch))
+    metrics = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    # one conversation: each turn's prompt holds the earlier turns, served from the cache
+    prompts = [m["prompt_tokens"] for m in metrics]
+    assert prompts == sorted(prompts) and prompts[-1] > prompts[0] + 7 * 40
+    assert all(m["cached_tokens"] >= prompts[0] - 50 for m in metrics[1:])
+
+
+def test_memory_above_the_threshold_ends_conversations_early_and_is_logged(tmp_path):
+    batch = small_batch(tmp_path / "in.jsonl", 4)
+    run_dir = tmp_path / "data" / "runs" / "mem"
+    result = kvbatch("run", str(batch), "--run", str(run_dir), *COMMON, "--mode", "conversation",
+                     "--memory-threshold", "1MiB", cwd=tmp_path)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert len(result_lines(run_dir)) == 4
+    events = [json.loads(line) for line in (run_dir / "events.jsonl").read_text().splitlines()]
+    assert [e["event"] for e in events].count("memory_high") == 1
+    ended = [e for e in events if e["event"] == "chunk_end" and e["reason"] == "memory threshold"]
+    assert len(ended) == 3  # every conversation ended after one turn while memory stayed above 1 MiB

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import pytest
-
 from kvbatch.plan import Limits, PlanError, SizeProfile, make_plan
 
 LIMITS = Limits(safe_context_tokens=40000, kv_bytes_per_token=3072, base_bytes=300e6, budget_bytes=1e9,

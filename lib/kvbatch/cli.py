@@ -132,6 +132,9 @@ def _add_batch_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-tokens", type=int, default=None, help="override max_tokens of every request")
     parser.add_argument("--temperature", type=float, default=None, help="override temperature of every request")
     parser.add_argument("--max-attempts", type=int, default=4)
+    parser.add_argument("--memory-threshold", default=None,
+                        help="server memory above which the run reacts (ends conversation chunks early, lowers "
+                             "the in-flight count), e.g. 6GiB; default: 95 %% of --memory-budget if given")
     parser.add_argument("--no-progress", action="store_true")
     _add_server_flags(parser)
 
@@ -177,7 +180,18 @@ def settings_from_args(args: argparse.Namespace):
         generation=generation,
         max_attempts=args.max_attempts,
         progress=not args.no_progress,
+        memory_threshold_bytes=_memory_threshold(args),
     )
+
+
+def _memory_threshold(args: argparse.Namespace) -> int | None:
+    from kvbatch.units import parse_bytes
+
+    if args.memory_threshold:
+        return parse_bytes(args.memory_threshold, what="--memory-threshold")
+    if args.memory_budget:
+        return int(parse_bytes(args.memory_budget, what="--memory-budget") * 0.95)
+    return None
 
 
 def cmd_run(args: argparse.Namespace) -> int:
@@ -216,7 +230,8 @@ def cmd_measure(args: argparse.Namespace) -> int:
     import json
     import time
 
-    from kvbatch.measurements import model_name, result_path
+    from kvbatch.measurements import model_name
+    from kvbatch.plan import result_path
     from kvbatch.report import NOTEBOOKS_DIR, render_notebook
     from kvbatch.server import ServerConfig
     from kvbatch.units import parse_bytes
@@ -294,7 +309,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return int(args.handler(args) or 0)
     except KeyboardInterrupt:
-        print("stopped (Ctrl-C)", file=sys.stderr)
+        resume = " Every finished request is saved; run the same command to resume." if args.command == "run" else ""
+        print(f"stopped (Ctrl-C).{resume}", file=sys.stderr)
         return 130
     except KvbatchError as exc:
         print(f"kvbatch {args.command}: {exc}", file=sys.stderr)

@@ -94,12 +94,6 @@ class Feed:
     def give_back(self, requests: list[BatchRequest]) -> None:
         self._returned.extendleft(reversed(requests))
 
-    def peek_prefix(self) -> str | None:
-        request = self.take()
-        if request is None:
-            return None
-        self._returned.appendleft(request)
-        return request.prefix_key
 
 
 @dataclass
@@ -107,7 +101,11 @@ class PrefixStats:
     requests: int = 0
     prompt_tokens: int = 0
     cached_tokens: int = 0
+    prefix_tokens: int = 0
+    prefix_cached_tokens: int = 0
+    """Of each request's shared-prefix tokens, how many came from the cache (cached tokens capped at the prefix)."""
     misses: int = 0
+
 
 
 @dataclass
@@ -125,6 +123,11 @@ class RunStats:
 
     def cache_share(self) -> float | None:
         return self.cached_tokens / self.prompt_tokens if self.prompt_tokens and self.cached_tokens_known else None
+
+    def system_prompt_share(self) -> float | None:
+        """Share of the shared-prefix (system prompt) tokens served from the cache, over all prefixes."""
+        total = sum(p.prefix_tokens for p in self.per_prefix.values())
+        return sum(p.prefix_cached_tokens for p in self.per_prefix.values()) / total if total else None
 
 
 class Executor:
@@ -147,7 +150,6 @@ class Executor:
         self._events_path = run_dir / "events.jsonl"
         self._metrics = open(run_dir / "metrics.jsonl", "a", encoding="utf-8")  # noqa: SIM115 (closed in run)
         self._since_sync = 0
-        self._end_chunk_early = False
         self.progress: Progress | None = None
         self.monitor: MemoryMonitor | None = None
         self.fatal: KvbatchError | None = None
@@ -185,8 +187,11 @@ class Executor:
         prefix.prompt_tokens += prompt
         prefix.cached_tokens += cached or 0
         prefix_tokens = self.prefix_tokens.get(request.prefix_key)
-        if cached is not None and prefix_tokens and cached < prefix_tokens * 0.9:
-            prefix.misses += 1
+        if cached is not None and prefix_tokens:
+            prefix.prefix_tokens += prefix_tokens
+            prefix.prefix_cached_tokens += min(cached, prefix_tokens)
+            if cached < prefix_tokens * 0.9:
+                prefix.misses += 1
         self._metrics.write(json.dumps({
             "custom_id": request.custom_id, "t_done_unix_s": time.time(), "latency_s": round(result.latency_s, 4),
             "queue_and_retry_s": round(time.perf_counter() - started_s - result.latency_s, 4),
@@ -300,7 +305,6 @@ class Executor:
             pending = [first]
             used_tokens = 0
             turns = 0
-            self._end_chunk_early = False
             while pending:
                 request = pending.pop(0)
                 budget[0] -= 1
@@ -322,14 +326,15 @@ class Executor:
                 used_tokens = (result.prompt_tokens or 0) + (result.completion_tokens or 0)
                 if turns >= self.options.chunk_size or budget[0] == 0:
                     break
-                if self._end_chunk_early:
-                    self.event("chunk_end", reason="memory threshold", turns=turns, used_tokens=used_tokens)
-                    break
                 next_request = feed.take()
                 if next_request is None:
                     break
                 if next_request.prefix_key != first.prefix_key:
                     feed.give_back([next_request])
+                    break
+                if self.monitor is not None and self.monitor.above:
+                    feed.give_back([next_request])
+                    self.event("chunk_end", reason="memory threshold", turns=turns, used_tokens=used_tokens)
                     break
                 room_needed = used_tokens + _estimated_turn_tokens(next_request)
                 if room_needed > self.options.slot_context_tokens * 0.95:
@@ -397,7 +402,6 @@ class Executor:
         return best
 
     async def _on_memory_high(self, used_bytes: int) -> None:
-        self._end_chunk_early = True
         if self.gate.limit > 1:
             await self.gate.set_limit(self.gate.limit - 1)
         self.event("memory_high", used_bytes=used_bytes, action=f"in-flight limit now {self.gate.limit}")

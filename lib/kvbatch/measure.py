@@ -23,7 +23,7 @@ from scipy import stats
 
 from kvbatch.errors import KvbatchError, ServerStartError
 from kvbatch.probes import MemoryProbe, OllamaPsProbe, pick_probe
-from kvbatch.server import EmbeddedServer, ServerConfig
+from kvbatch.server import CAPPED_STACK_BYTES, EmbeddedServer, ServerConfig
 
 
 @dataclass
@@ -113,7 +113,9 @@ class EmbeddedLoader(Loader):
     name = "embedded"
 
     def __init__(self, config: ServerConfig | None = None, *, probe: str | None = None, log_dir: Path | None = None):
-        self.config = config or ServerConfig()
+        # The same thread stacks with and without a cap, so a line fitted without one predicts where a cap bites.
+        self.config = replace(config or ServerConfig(), thread_stack_bytes=(config.thread_stack_bytes if config else None)
+                              or CAPPED_STACK_BYTES)
         self.probe = probe
         self.log_dir = log_dir
 

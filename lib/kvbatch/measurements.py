@@ -27,19 +27,9 @@ from kvbatch.measure import (
     sweep_allocated,
     sweep_in_use,
 )
+from kvbatch.plan import result_path as result_path  # the notebooks find the result file here
 from kvbatch.probes import nvml_available
 from kvbatch.server import ServerConfig, default_model_path
-
-MEASUREMENTS_DIR = Path("data/measurements")
-
-
-def variant_name(config: ServerConfig) -> str:
-    return f"{config.cache_type_k}-{config.cache_type_v}{'-swafull' if config.swa_full else ''}"
-
-
-def result_path(model: str, config: ServerConfig, directory: Path = MEASUREMENTS_DIR) -> Path:
-    """Where the planner looks for a model and KV configuration (see kvbatch.runner.measurement_path)."""
-    return directory / f"{Path(model).stem}__{variant_name(config)}.json"
 
 
 def update_result(path: Path, section: str, data: Any, **top: Any) -> dict[str, Any]:

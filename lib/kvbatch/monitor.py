@@ -25,6 +25,8 @@ class MemoryMonitor:
         self.on_high = on_high
         self.prefer = prefer
         self.peak_bytes = 0
+        self.above = False
+        """True while the last sample was above the threshold."""
         self.probe_name: str | None = None
         self._probe: MemoryProbe | None = None
         self._probe_pid: int | None = None
@@ -60,11 +62,11 @@ class MemoryMonitor:
         return used
 
     async def run(self) -> None:
-        above = False
         while True:
             used = await asyncio.to_thread(self.sample)
             if used is not None and self.threshold_bytes:
-                if used > self.threshold_bytes and not above and self.on_high:
-                    await self.on_high(used)
-                above = used > self.threshold_bytes
+                crossed = used > self.threshold_bytes and not self.above
+                self.above = used > self.threshold_bytes
+                if crossed and self.on_high:
+                    await self.on_high(used)  # once per crossing: lower the in-flight count, log it
             await asyncio.sleep(self.interval_s)

@@ -21,6 +21,19 @@ CHAT_TEMPLATE_TOKENS_PER_MESSAGE = 8
 """Role markers and separators the chat template adds per message (Gemma: <start_of_turn>user\\n ... <end_of_turn>)."""
 
 
+MEASUREMENTS_DIR = Path("data/measurements")
+
+
+def variant_name(config) -> str:
+    """The KV configuration a measurement belongs to: cache types, and whether --swa-full was on."""
+    return f"{config.cache_type_k}-{config.cache_type_v}{'-swafull' if config.swa_full else ''}"
+
+
+def result_path(model: str, config, directory: Path = MEASUREMENTS_DIR) -> Path:
+    """Where `make measure` writes, and planning looks, for a model and KV configuration."""
+    return directory / f"{Path(model).stem}__{variant_name(config)}.json"
+
+
 class PlanError(UserInputError):
     """No plan can run this input under these limits (e.g. the largest request cannot fit)."""
 
@@ -102,7 +115,8 @@ class Plan:
             f"  system prompt: {self.system_prompt_tokens} tokens; largest request (p99): {self.request_tokens_p99} "
             f"tokens incl. answer [{self.token_source}]",
             f"  server: {self.parallel_slots} slot(s) x {self.slot_context_tokens} tokens = {self.total_context_tokens} "
-            f"context, KV cache about {self.predicted_kv_bytes / 2**20:.0f} MiB [{self.limits_source}]",
+            f"context" + (f", KV cache about {self.predicted_kv_bytes / 2**20:.0f} MiB" if self.predicted_kv_bytes
+                          else "") + f" [{self.limits_source}]",
         ]
         if self.mode == "conversation":
             lines.append(f"  conversation chunk: {self.chunk_size} requests per conversation")

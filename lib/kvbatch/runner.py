@@ -16,20 +16,20 @@ import psutil
 
 from kvbatch.aio import run_sync
 from kvbatch.backends import get_backend
-from kvbatch.batchio import InputReport, TableInput, iter_openai_batch, scan_openai_batch
+from kvbatch.batchio import InputReport, TableInput, iter_openai_batch, load_index, save_index, scan_openai_batch
 from kvbatch.errors import UserInputError
 from kvbatch.executor import Executor, RunOptions, RunStats
 from kvbatch.journal import Fingerprint, Journal
 from kvbatch.kvmodel import architecture_from_gguf, kv_bytes_per_token
-from kvbatch.plan import Limits, Plan, make_plan, size_profile
+from kvbatch.plan import Limits, Plan, make_plan, result_path, size_profile
 from kvbatch.probes import ProcessRssProbe
 from kvbatch.server import EmbeddedServer, ServerConfig, default_model_path
 from kvbatch.supervisor import EmbeddedSupervisor, ExternalSupervisor, Supervisor
 from kvbatch.tokens import count_tokens
 
-MEASUREMENTS_DIR = Path("data/measurements")
 RUNS_DIR = Path("data/runs")
 CALIBRATION_SAMPLE = 20
+INDEX_FILE = "input-index.json"
 
 
 @dataclass
@@ -77,7 +77,8 @@ def load_input(settings: BatchSettings) -> tuple[InputReport, Any]:
                            body_defaults=dict(settings.generation))
         report = table.scan()
         return report, lambda done: table.iter_requests(report, done)
-    report = scan_openai_batch(settings.input_path)
+    report = load_index(settings.run_dir / INDEX_FILE, settings.input_path) if settings.input_path.is_file() else None
+    report = report or scan_openai_batch(settings.input_path)
     generation = settings.generation
 
     def requests(done):
@@ -95,12 +96,6 @@ def model_id(settings: BatchSettings) -> str:
     return Path(settings.server.model_path).name if settings.server.model_path else "gemma3-270m-q4_k_m.gguf"
 
 
-def measurement_path(model: str, config: ServerConfig) -> Path:
-    """Where `make measure` leaves the limits for a model and KV configuration, and where planning looks."""
-    variant = f"{config.cache_type_k}-{config.cache_type_v}{'-swafull' if config.swa_full else ''}"
-    return MEASUREMENTS_DIR / f"{Path(model).stem}__{variant}.json"
-
-
 async def _calibrate(backend, report: InputReport, requests_fn) -> tuple[dict[str, int], float, str]:
     """Exact system-prompt tokens per prefix, and a chars-per-token ratio from a sample of user messages."""
     prefix_keys = list(report.prefix_texts)[:50]
@@ -116,7 +111,12 @@ def _fallback_limits(settings: BatchSettings, model_path: Path | None, base_byte
     """No measurement file: the architecture's slope, a budget, and the base memory from a quick probe."""
     config = settings.server
     trained = None
-    slope = 18 * 1024.0  # conservative when the architecture is unknown (an external server)
+    if settings.url:
+        # Another machine's memory is not ours to read: the server enforces its own limits and answers
+        # over-long requests with an error; in-flight requests come from --parallel (and `auto`).
+        return Limits(safe_context_tokens=10**9, kv_bytes_per_token=0.0, base_bytes=0.0, budget_bytes=None,
+                      trained_context_tokens=None, source="external server: limits are the server's own")
+    slope = 18 * 1024.0
     source = "assumed 18 KiB/token"
     if model_path is not None:
         arch = architecture_from_gguf(model_path)
@@ -176,7 +176,7 @@ async def _prepare(settings: BatchSettings, report: InputReport, requests_fn, ru
     prefix_tokens, chars_per_token, token_source = calibration
     system_tokens = max(prefix_tokens.values(), default=0)
     sizes = size_profile(report, system_tokens, chars_per_token, token_source, settings.default_max_tokens)
-    measured = settings.measurement_path or measurement_path(model_id(settings), settings.server)
+    measured = settings.measurement_path or result_path(model_id(settings), settings.server)
     limits = (Limits.from_measurement_file(measured) if measured.exists() else None) or \
         _fallback_limits(settings, model_path, base_bytes)
     seconds_per_prompt, seconds_per_answer = _speeds(measured)
@@ -188,13 +188,19 @@ async def _prepare(settings: BatchSettings, report: InputReport, requests_fn, ru
     return Prepared(plan, sizes, limits, prefix_tokens, backend)
 
 
-async def plan_only_async(settings: BatchSettings, *, say=print) -> Plan:
-    import tempfile
-
+def load_valid_input(settings: BatchSettings, say) -> tuple[InputReport, Any]:
+    """load_input, then refuse an invalid input (every problem listed) and say the notes."""
     report, requests_fn = load_input(settings)
     report.raise_if_invalid()
     for note in report.notes:
         say(f"note: {note}")
+    return report, requests_fn
+
+
+async def plan_only_async(settings: BatchSettings, *, say=print) -> Plan:
+    import tempfile
+
+    report, requests_fn = load_valid_input(settings, say)
     if report.request_count == 0:
         raise UserInputError(f"nothing to plan: {settings.input_path} holds no requests")
     with tempfile.TemporaryDirectory() as scratch:
@@ -207,14 +213,11 @@ async def plan_only_async(settings: BatchSettings, *, say=print) -> Plan:
 def plan_only(settings: BatchSettings) -> str:
     """Validate the input and make the plan (printed as it is made); run nothing."""
     plan = run_sync(plan_only_async(settings))
-    return f"plan written for {plan.request_count} requests; nothing was run"
+    return f"planned {plan.request_count} requests; nothing was run"
 
 
 async def run_batch_async(settings: BatchSettings, *, say=print) -> RunOutcome:
-    report, requests_fn = load_input(settings)
-    report.raise_if_invalid()
-    for note in report.notes:
-        say(f"note: {note}")
+    report, requests_fn = load_valid_input(settings, say)
     if report.request_count == 0:
         return RunOutcome(settings.run_dir, None, None, {}, f"nothing to do: {settings.input_path} holds no requests")
     system_hash = hashlib.sha256("".join(sorted(report.prefix_texts)).encode()).hexdigest()
@@ -223,6 +226,8 @@ async def run_batch_async(settings: BatchSettings, *, say=print) -> RunOutcome:
                               settings.mode)
     run_dir = settings.run_dir
     journal = Journal.open(run_dir, fingerprint)
+    if not settings.template and load_index(run_dir / INDEX_FILE, settings.input_path) is None:
+        save_index(report, run_dir / INDEX_FILE)
     remaining = report.request_count - len(journal.done)
     if journal.resumed:
         say(f"resuming {run_dir}: {len(journal.done)} of {report.request_count} already done"
@@ -295,10 +300,7 @@ def _summary(report: InputReport, plan: Plan, stats: RunStats, executor: Executo
     ok_total = len(completed_ids(journal.results_path))
     failed_total = len(completed_ids(journal.errors_path))
     per_prefix = {key: asdict(value) for key, value in stats.per_prefix.items()}
-    system_served = None
-    prefix_total = sum(executor.prefix_tokens.get(k, 0) * v.requests for k, v in stats.per_prefix.items())
-    if prefix_total and stats.cached_tokens_known:
-        system_served = min(stats.cached_tokens / prefix_total, 1.0)
+    system_served = stats.system_prompt_share()
     return {
         "requests_in_input": report.request_count,
         "completed_this_invocation": stats.completed,

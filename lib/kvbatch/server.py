@@ -31,6 +31,7 @@ _KV_BUFFER_LINE = re.compile(r"(?P<where>[\w.-]+) KV buffer size\s*=\s*(?P<mib>[
 _SLOT_CTX_LINE = re.compile(r"new slot.*?n_ctx(?:_slot)?\s*=\s*(?P<n>\d+)")
 _LOG_PREFIX = re.compile(r"^\d+\.\d+\.\d+\.\d+ [DIWE] ")  # llama.cpp's "0.00.939.418 E " timestamp and level
 _PR_SET_PDEATHSIG = 1
+CAPPED_STACK_BYTES = 1 << 20
 
 
 def server_binary() -> Path:
@@ -81,10 +82,15 @@ class ServerConfig:
     ubatch_tokens: int | None = None
     memory_cap_bytes: int | None = None
     """Hard address-space cap (RLIMIT_AS) on the server process: a KV cache too big for it fails to allocate."""
-    malloc_arena_max: int | None = 2
-    """glibc's MALLOC_ARENA_MAX for the server. Each thread's arena reserves 64 MiB of address space: with the
-    default, serving one request added 86 MiB of address space here (2 is what an RLIMIT_AS cap can budget for:
-    22 MiB), while resident memory is the same either way."""
+    malloc_arena_max: int | None = 1
+    """glibc's MALLOC_ARENA_MAX for the server. Each extra arena reserves 64 MiB of address space and is made
+    lazily when threads contend, so with the default the point where an RLIMIT_AS cap bites moved between runs
+    (and serving one request added 86 MiB of address space); with 1 the same search found the same boundary 4
+    times out of 4. Resident memory is the same either way."""
+    thread_stack_bytes: int | None = None
+    """Stack size per thread (RLIMIT_STACK). Under an address-space cap every thread's 8 MiB stack reservation
+    counts, so with a cap it defaults to 1 MiB; measurements set it for every load so that capped and uncapped
+    loads agree."""
     chat_template: str | None = None
     """A llama.cpp built-in template name, for a GGUF that carries none (the server falls back to chatml)."""
     cache_ram_mib: int | None = 0
@@ -93,6 +99,9 @@ class ServerConfig:
     port: int | None = None
     extra_args: list[str] = field(default_factory=list)
     startup_timeout_s: float = 180.0
+
+    def stack_bytes(self) -> int | None:
+        return self.thread_stack_bytes or (CAPPED_STACK_BYTES if self.memory_cap_bytes else None)
 
     def flags(self) -> dict[str, object]:
         """The settings that change memory, as recorded beside each measurement."""
@@ -148,12 +157,14 @@ def server_command(config: ServerConfig, binary: Path, model_path: Path, port: i
     return command + list(config.extra_args)
 
 
-def _child_setup(memory_cap_bytes: int | None):
+def _child_setup(memory_cap_bytes: int | None, thread_stack_bytes: int | None):
     """Runs in the child before exec: die with the parent (no orphans), and apply the memory cap."""
 
     def setup() -> None:
         with contextlib.suppress(OSError, AttributeError):
             ctypes.CDLL("libc.so.6", use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
+        if thread_stack_bytes:
+            resource.setrlimit(resource.RLIMIT_STACK, (thread_stack_bytes, thread_stack_bytes))
         if memory_cap_bytes:
             resource.setrlimit(resource.RLIMIT_AS, (memory_cap_bytes, memory_cap_bytes))
 
@@ -260,7 +271,7 @@ class EmbeddedServer:
                 stdin=subprocess.DEVNULL,
                 stdout=log_file,
                 stderr=subprocess.STDOUT,
-                preexec_fn=_child_setup(self.config.memory_cap_bytes),
+                preexec_fn=_child_setup(config.memory_cap_bytes, config.stack_bytes()),
             )
         self._wait_ready(started)
         self.start_time_s = time.perf_counter() - started

@@ -298,7 +298,7 @@ def try_context(loader: Loader, context_tokens: int, budget_bytes: int, *, fill_
 
 def search_safe_context(loader: Loader, budget_bytes: int, *, floor_tokens: int, ceiling_tokens: int,
                         step_tokens: int = 256, fit: LinearFit | None = None, safety_margin: float = 0.8,
-                        fill_fraction: float = 1.0, enforce_budget: bool = True,
+                        fill_fraction: float = 1.0, enforce_budget: bool = True, known: list[Probe] | None = None,
                         on_probe: Callable[[Probe], None] | None = None) -> SafeContextResult:
     """Bisection between `floor_tokens` and `ceiling_tokens` (the trained context) on a `step_tokens` grid.
 
@@ -306,8 +306,8 @@ def search_safe_context(loader: Loader, budget_bytes: int, *, floor_tokens: int,
     answer flips, then bisects. An accurate line settles it in 2-4 loads; without one it is plain bisection,
     about log2(range/step) + 2 loads.
     """
-    result = SafeContextResult(None, None, budget_bytes, safety_margin, step_tokens)
-    cache: dict[int, bool] = {}
+    result = SafeContextResult(None, None, budget_bytes, safety_margin, step_tokens, probes=list(known or []))
+    cache: dict[int, bool] = {probe.context_tokens: probe.fits for probe in known or []}
 
     def fits(context: int) -> bool:
         if context not in cache:

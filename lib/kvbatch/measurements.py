@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import datetime as dt
 import json
+import time
 from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any
@@ -21,6 +22,7 @@ from kvbatch.measure import (
     LinearFit,
     Loader,
     OllamaLoader,
+    Probe,
     fit_line,
     search_safe_context,
     sustained_load,
@@ -113,46 +115,59 @@ def kv_growth(loader: Loader, arch: KvArchitecture, config: ServerConfig, contex
             "predicted_slope": predicted, "section": section}
 
 
-def resolve_budget(budget: str | int, loader: Loader, floor_tokens: int) -> tuple[int, str]:
-    """A budget in bytes. "+24MiB" means headroom above what the model itself needs at the floor context (on a CPU
-    its address space, which the cap limits), so a search on a small machine stays quick: every probe that fits
-    also serves a request filling it, at about 250 tokens/s on 2 cores."""
+def serving_anchor(loader: Loader, floor_tokens: int, fill_fraction: float) -> tuple[Probe, int]:
+    """Load at the floor and serve a request filling it; return that probe and the memory it then held (its address
+    space on a CPU, which the cap limits). Serving costs more than loading (buffers touched, prompt state), so
+    the line that guides the search goes through this point rather than a load-only one."""
+    started = time.perf_counter()
+    on_gpu = nvml_available() or isinstance(loader, OllamaLoader)
+    with loader.load(floor_tokens) as loaded:
+        if fill_fraction > 0:
+            loaded.fill(max(int(floor_tokens * fill_fraction) - 16, 1), max_tokens=4)
+        point = loaded.memory()
+    used = point.used_bytes if on_gpu or point.virtual_bytes is None else point.virtual_bytes
+    return Probe(floor_tokens, True, "loaded and served", time.perf_counter() - started), used
+
+
+def resolve_budget(budget: str | int, anchor_bytes: int, floor_tokens: int) -> tuple[int, str]:
+    """A budget in bytes. "+24MiB" means headroom above what the model itself needs while serving at the floor
+    context (on a CPU its address space, which the cap limits), so a search on a small machine stays quick:
+    every probe that fits also serves a request filling it, at about 250 tokens/s on 2 cores."""
     from kvbatch.units import parse_bytes
 
     text = str(budget).strip()
     if not text.startswith("+"):
-        return parse_bytes(text, what="budget"), f"{parse_bytes(text, what='budget') / 2**30:.2f} GiB"
+        value = parse_bytes(text, what="budget")
+        return value, f"{value / 2**30:.2f} GiB"
     headroom = parse_bytes(text[1:], what="budget headroom")
-    on_gpu = nvml_available() or isinstance(loader, OllamaLoader)
-    with loader.load(floor_tokens) as loaded:
-        point = loaded.memory()
-    base = point.used_bytes if on_gpu or point.virtual_bytes is None else point.virtual_bytes
-    return base + headroom, (f"{(base + headroom) / 2**30:.3f} GiB = the model at {floor_tokens} tokens "
-                             f"({base / 2**20:.0f} MiB) + {headroom / 2**20:.0f} MiB")
+    return anchor_bytes + headroom, (f"{(anchor_bytes + headroom) / 2**30:.3f} GiB = the model serving at "
+                                     f"{floor_tokens} tokens ({anchor_bytes / 2**20:.0f} MiB) + "
+                                     f"{headroom / 2**20:.0f} MiB")
 
 
-def safe_context(loader: Loader, arch: KvArchitecture, budget_bytes: int, *, margin: float, floor_tokens: int,
-                 step_tokens: int, fill_fraction: float, out: Path, ceiling_tokens: int | None = None,
-                 fit: LinearFit | None = None) -> dict[str, Any]:
-    """Search the largest context that loads and serves under the budget. On a CPU the budget is a hard
-    address-space cap on the server, so the fit that guides the first probes is the one of virtual memory."""
+def safe_context(loader: Loader, arch: KvArchitecture, budget: str | int, *, margin: float, floor_tokens: int,
+                 step_tokens: int, fill_fraction: float, out: Path, ceiling_tokens: int | None = None) -> dict[str, Any]:
+    """Search the largest context that loads and serves under the budget. The guiding line has the slope fitted
+    in sweep A (of address space on a CPU, where the cap is) through the served floor point."""
     on_gpu = nvml_available() or isinstance(loader, OllamaLoader)
-    if fit is None and out.exists():
-        saved = json.loads(out.read_text()).get("fit", {})
-        slope = saved.get("slope_bytes_per_token") if on_gpu else saved.get("virtual_slope_bytes_per_token")
-        base = saved.get("base_bytes") if on_gpu else saved.get("virtual_base_bytes")
-        if slope and base:
-            fit = LinearFit(slope, base, saved.get("r_squared", 0.0), (slope, slope), 0)
+    anchor_probe, anchor_bytes = serving_anchor(loader, floor_tokens, fill_fraction)
+    budget_bytes, budget_text = resolve_budget(budget, anchor_bytes, floor_tokens)
+    saved = json.loads(out.read_text()).get("fit", {}) if out.exists() else {}
+    slope = saved.get("slope_bytes_per_token") if on_gpu else saved.get("virtual_slope_bytes_per_token")
+    fit = None
+    if slope:
+        fit = LinearFit(slope, anchor_bytes - slope * floor_tokens, saved.get("r_squared", 0.0), (slope, slope), 0)
     ceiling = ceiling_tokens or arch.context_length_trained or 131072
     result = search_safe_context(loader, budget_bytes, floor_tokens=floor_tokens, ceiling_tokens=ceiling,
                                  step_tokens=step_tokens, fit=fit, safety_margin=margin, fill_fraction=fill_fraction,
-                                 enforce_budget=not on_gpu)
+                                 enforce_budget=not on_gpu, known=[anchor_probe])
     section = result.as_dict()
     section["enforced_by"] = "memory use vs budget (GPU / Ollama)" if on_gpu else "RLIMIT_AS cap on the server"
     section["ceiling_tokens"] = ceiling
+    section["budget"] = budget_text
     update_result(out, "safe_context", section, safe_context_tokens=result.safe_context_tokens)
     probes = pd.DataFrame([asdict(p) for p in result.probes])
-    return {"result": result, "probes": probes, "section": section}
+    return {"result": result, "probes": probes, "section": section, "budget_text": budget_text}
 
 
 def sustained(config: ServerConfig, body: dict[str, Any], *, duration_s: float, in_flight: int, interval_s: float,

@@ -37,9 +37,9 @@ config = ServerConfig(model_path=Path(model_path) if model_path else None, cache
                       cache_type_v=cache_type_v, swa_full=swa_full)
 out = M.result_path(name, config, Path(out_dir))
 loader = M.make_loader(backend, url=url, model=model, config=config)
-budget_bytes, budget_text = M.resolve_budget(budget, loader, floor_tokens)
-search = M.safe_context(loader, arch, budget_bytes, margin=safety_margin, floor_tokens=floor_tokens,
+search = M.safe_context(loader, arch, budget, margin=safety_margin, floor_tokens=floor_tokens,
                         step_tokens=step_tokens, fill_fraction=fill_fraction, out=out, ceiling_tokens=ceiling_tokens)
+budget_text = search["budget_text"]
 result = search["result"]
 ceiling = search["section"]["ceiling_tokens"]
 display(Markdown(

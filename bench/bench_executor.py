@@ -1,7 +1,7 @@
 """Executor benchmarks, printed side by side in one run (ratios, not absolute times: these machines are noisy).
 
   1. kvbatch vs a bare client loop at the same concurrency, on the embedded server   (goal >= 0.95)
-  2. independent vs conversation mode on the same requests                           (original: conversation 1.39x slower)
+  2. independent vs conversation mode on the same requests        (original: conversation 1.39x slower)
   3. share of system-prompt tokens served from the prefix cache                       (goal >= 98.8 %)
   4. executor vs a bare aiohttp loop against an instant local server, same in-flight  (goal >= 0.5)
   5. executor peak RSS on a 170,000-request input (goal < 200 MB); resuming its journal (goal < 5 s)
@@ -49,6 +49,7 @@ async def bare_loop(url: str, bodies: list[dict], in_flight: int) -> float:
     limit = asyncio.Semaphore(in_flight)
     connector = aiohttp.TCPConnector(limit=in_flight)
     async with aiohttp.ClientSession(connector=connector) as session:
+
         async def one(body: dict) -> None:
             async with limit, session.post(url + "/v1/chat/completions", json=body) as reply:
                 await reply.json()
@@ -58,8 +59,16 @@ async def bare_loop(url: str, bodies: list[dict], in_flight: int) -> float:
         return time.perf_counter() - started
 
 
-async def kvbatch_run(url: str, batch: Path, in_flight: int, *, mode: str = "independent", chunk_size: int = 1,
-                      slot_context: int = 8192, pinning: bool = True) -> tuple[float, Executor]:
+async def kvbatch_run(
+    url: str,
+    batch: Path,
+    in_flight: int,
+    *,
+    mode: str = "independent",
+    chunk_size: int = 1,
+    slot_context: int = 8192,
+    pinning: bool = True,
+) -> tuple[float, Executor]:
     """kvbatch's executor on an already-running server (server start and planning excluded, as for the bare loop)."""
     report = scan_openai_batch(batch)
     run_dir = Path(tempfile.mkdtemp(prefix="kvbatch-bench-"))
@@ -68,10 +77,12 @@ async def kvbatch_run(url: str, batch: Path, in_flight: int, *, mode: str = "ind
     supervisor = ExternalSupervisor(backend, slots=in_flight, slot_pinning=pinning)
     tokens = await backend.tokenize(next(iter(report.prefix_texts.values())))
     prefix_tokens = {key: len(tokens) if tokens else 0 for key in report.prefix_texts}
-    options = RunOptions(mode=mode, concurrency=in_flight, chunk_size=chunk_size, slot_context_tokens=slot_context,
-                         progress=False)
-    executor = Executor(journal, supervisor, options, run_dir=run_dir, prefix_tokens=prefix_tokens,
-                        total=report.request_count)
+    options = RunOptions(
+        mode=mode, concurrency=in_flight, chunk_size=chunk_size, slot_context_tokens=slot_context, progress=False
+    )
+    executor = Executor(
+        journal, supervisor, options, run_dir=run_dir, prefix_tokens=prefix_tokens, total=report.request_count
+    )
     started = time.perf_counter()
     await executor.run(iter_openai_batch(report))
     seconds = time.perf_counter() - started
@@ -94,8 +105,12 @@ def part_1_2_3(work: Path, n: int) -> None:
         kv_s, executor = asyncio.run(kvbatch_run(server.url, batch, 1))
         bare_again_s = asyncio.run(bare_loop(server.url, bodies_of(batch), 1))
     bare_best = min(bare_s, bare_again_s)
-    row(f"1. throughput on the embedded server, {n} requests, 1 in flight (req/s)", f"{n / kv_s:.3f}",
-        f"bare loop {n / bare_best:.3f}", f"{bare_best / kv_s:.3f} (goal >= 0.95)")
+    row(
+        f"1. throughput on the embedded server, {n} requests, 1 in flight (req/s)",
+        f"{n / kv_s:.3f}",
+        f"bare loop {n / bare_best:.3f}",
+        f"{bare_best / kv_s:.3f} (goal >= 0.95)",
+    )
 
     with EmbeddedServer(config) as server:
         asyncio.run(bare_loop(server.url, bodies_of(batch)[:1], 1))
@@ -103,11 +118,15 @@ def part_1_2_3(work: Path, n: int) -> None:
     turn = 150 + 16 + 16
     chunk = max(1, (8192 - 2400) // turn)
     with EmbeddedServer(config) as server:
-        conversation_s, _ = asyncio.run(kvbatch_run(server.url, batch, 1, mode="conversation", chunk_size=chunk,
-                                                     slot_context=8192))
-    row(f"2. independent vs conversation (chunk {chunk}), same {n} requests (s)", f"independent {independent_s:.1f}",
-        f"conversation {conversation_s:.1f}", f"conversation {conversation_s / independent_s:.2f}x slower "
-        "(original method: 1.39x at chunk 86)")
+        conversation_s, _ = asyncio.run(
+            kvbatch_run(server.url, batch, 1, mode="conversation", chunk_size=chunk, slot_context=8192)
+        )
+    row(
+        f"2. independent vs conversation (chunk {chunk}), same {n} requests (s)",
+        f"independent {independent_s:.1f}",
+        f"conversation {conversation_s:.1f}",
+        f"conversation {conversation_s / independent_s:.2f}x slower (original method: 1.39x at chunk 86)",
+    )
 
     small = make_batch(work / "share.jsonl", 100, system_tokens=2400, user_tokens=20, max_tokens=1)
     with EmbeddedServer(config) as server:
@@ -115,9 +134,12 @@ def part_1_2_3(work: Path, n: int) -> None:
     prefixes = executor.stats.per_prefix.values()
     served = sum(p.prefix_cached_tokens for p in prefixes)
     system = sum(p.prefix_tokens for p in prefixes)
-    row("3. system-prompt tokens served from the prefix cache, 100 requests, cold start included",
-        f"{executor.stats.system_prompt_share():.2%}", f"{served:,} of {system:,} system-prompt tokens",
-        "goal >= 98.8 %")
+    row(
+        "3. system-prompt tokens served from the prefix cache, 100 requests, cold start included",
+        f"{executor.stats.system_prompt_share():.2%}",
+        f"{served:,} of {system:,} system-prompt tokens",
+        "goal >= 98.8 %",
+    )
 
 
 def start_instant_server() -> tuple[subprocess.Popen, str]:
@@ -146,20 +168,39 @@ def part_4(work: Path, n: int, in_flight: int = 16) -> None:
     finally:
         process.terminate()
     bare_best = min(bare_s, bare_again_s)
-    row(f"4. executor vs bare aiohttp loop, instant server, {n} requests, {in_flight} in flight (req/s)",
-        f"{n / kv_s:,.0f}", f"bare loop {n / bare_best:,.0f}", f"{bare_best / kv_s:.2f} (goal >= 0.5)")
+    row(
+        f"4. executor vs bare aiohttp loop, instant server, {n} requests, {in_flight} in flight (req/s)",
+        f"{n / kv_s:,.0f}",
+        f"bare loop {n / bare_best:,.0f}",
+        f"{bare_best / kv_s:.2f} (goal >= 0.5)",
+    )
 
 
 def part_5(work: Path, n: int) -> None:
     batch = work / "big.jsonl"
     started = time.perf_counter()
     write_sample(batch, n, max_tokens=300)
-    print(f"  (wrote {n:,} requests, {batch.stat().st_size / 2**30:.2f} GiB, in {time.perf_counter() - started:.0f} s)",
-          flush=True)
+    print(
+        f"  (wrote {n:,} requests, {batch.stat().st_size / 2**30:.2f} GiB, in {time.perf_counter() - started:.0f} s)",
+        flush=True,
+    )
     process, url = start_instant_server()
     run_dir = work / "big-run"
-    command = [sys.executable, "-m", "kvbatch.cli", "run", str(batch), "--run", str(run_dir), "--url", url,
-               "--concurrency", "16", "--no-report", "--no-progress"]
+    command = [
+        sys.executable,
+        "-m",
+        "kvbatch.cli",
+        "run",
+        str(batch),
+        "--run",
+        str(run_dir),
+        "--url",
+        url,
+        "--concurrency",
+        "16",
+        "--no-report",
+        "--no-progress",
+    ]
     try:
         started = time.perf_counter()
         child = subprocess.Popen(command, cwd=work, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
@@ -181,10 +222,18 @@ def part_5(work: Path, n: int) -> None:
     journal = Journal.open(run_dir, Fingerprint(**stored))
     journal_s = time.perf_counter() - started
     done = len(journal.done)
-    row(f"5a. executor peak RSS, {n:,}-request input ({batch.stat().st_size / 2**30:.1f} GiB), whole run",
-        f"{peak_mib:.0f} MiB", f"run took {run_s:.0f} s", "goal < 200 MB")
-    row(f"5b. resume a {done:,}-request journal (read every completed id)", f"{journal_s:.2f} s",
-        f"whole `kvbatch run` resume incl. re-validating the input: {resume_cli_s:.1f} s", "goal < 5 s")
+    row(
+        f"5a. executor peak RSS, {n:,}-request input ({batch.stat().st_size / 2**30:.1f} GiB), whole run",
+        f"{peak_mib:.0f} MiB",
+        f"run took {run_s:.0f} s",
+        "goal < 200 MB",
+    )
+    row(
+        f"5b. resume a {done:,}-request journal (read every completed id)",
+        f"{journal_s:.2f} s",
+        f"whole `kvbatch run` resume incl. re-validating the input: {resume_cli_s:.1f} s",
+        "goal < 5 s",
+    )
 
 
 def main() -> None:

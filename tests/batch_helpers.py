@@ -17,13 +17,19 @@ def small_batch(path: Path, n: int, *, max_tokens: int = 6) -> Path:
 
 
 def kvbatch(*args: str, cwd: Path, timeout: float = 600) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "kvbatch.cli", *args], cwd=cwd, capture_output=True, text=True,
-                          timeout=timeout)
+    return subprocess.run(
+        [sys.executable, "-m", "kvbatch.cli", *args], cwd=cwd, capture_output=True, text=True, timeout=timeout
+    )
 
 
 def start_kvbatch(*args: str, cwd: Path) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, "-m", "kvbatch.cli", *args], cwd=cwd, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True)
+    return subprocess.Popen(
+        [sys.executable, "-m", "kvbatch.cli", *args],
+        cwd=cwd,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
 
 
 def result_lines(run_dir: Path, name: str = "results.jsonl") -> list[dict]:
@@ -39,3 +45,13 @@ def input_ids(path: Path) -> list[str]:
 
 def count_lines(path: Path) -> int:
     return len(completed_ids(path)) if path.exists() else 0
+
+
+def replace_user_message(batch: Path, line_index: int, content: str) -> dict:
+    """Rewrite one request's user message in place; returns that request."""
+    lines = batch.read_text().splitlines()
+    request = json.loads(lines[line_index])
+    request["body"]["messages"][-1]["content"] = content
+    lines[line_index] = json.dumps(request)
+    batch.write_text("\n".join(lines) + "\n")
+    return request

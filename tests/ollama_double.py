@@ -51,8 +51,9 @@ class OllamaDouble:
         if self.mode == "crash":
             return web.json_response({"error": "model runner has unexpectedly stopped"}, status=500)
         if self.mode == "busy":
-            return web.json_response({"error": "server busy, please try again.  maximum pending requests exceeded"},
-                                     status=503)
+            return web.json_response(
+                {"error": "server busy, please try again.  maximum pending requests exceeded"}, status=503
+            )
         num_ctx = (body.get("options") or {}).get("num_ctx", NUM_CTX_DEFAULT)
         self.loaded_ctx = num_ctx
         prompt_tokens = sum(len(m["content"].split()) for m in body["messages"])
@@ -87,13 +88,23 @@ class OllamaDouble:
         self.received.append(body)
         num_ctx = (body.get("options") or {}).get("num_ctx", NUM_CTX_DEFAULT)
         if self.memory_limit_bytes and self.size_at(num_ctx) > self.memory_limit_bytes:
-            return web.json_response({"error": "model requires more system memory (1.2 GiB) than is available "
-                                               "(1.0 GiB)"}, status=500)
+            return web.json_response(
+                {"error": "model requires more system memory (1.2 GiB) than is available (1.0 GiB)"}, status=500
+            )
         self.loaded_ctx = num_ctx
         prompt_tokens = len(body.get("prompt", "").split())
-        return web.json_response({"model": MODEL, "created_at": "2026-11-29T12:00:00Z", "response": "ok",
-                                  "done": True, "done_reason": "stop", "prompt_eval_count": prompt_tokens,
-                                  "eval_count": 1, "total_duration": 1000})
+        return web.json_response(
+            {
+                "model": MODEL,
+                "created_at": "2026-11-29T12:00:00Z",
+                "response": "ok",
+                "done": True,
+                "done_reason": "stop",
+                "prompt_eval_count": prompt_tokens,
+                "eval_count": 1,
+                "total_duration": 1000,
+            }
+        )
 
     def size_at(self, num_ctx: int) -> int:
         return 600_000_000 + 3 * 1024 * num_ctx
@@ -107,8 +118,12 @@ class OllamaDouble:
                         "model": MODEL,
                         "size": self.size_at(self.loaded_ctx),
                         "digest": "sha256:0000",
-                        "details": {"format": "gguf", "family": "gemma3", "parameter_size": "268.10M",
-                                    "quantization_level": "Q4_K_M"},
+                        "details": {
+                            "format": "gguf",
+                            "family": "gemma3",
+                            "parameter_size": "268.10M",
+                            "quantization_level": "Q4_K_M",
+                        },
                         "expires_at": "2026-11-29T12:30:00.000000Z",
                         "size_vram": 0,
                         "context_length": self.loaded_ctx,

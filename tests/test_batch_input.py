@@ -5,11 +5,15 @@ from __future__ import annotations
 import json
 
 import pytest
-from batch_helpers import kvbatch, small_batch
+from batch_helpers import kvbatch, replace_user_message, small_batch
 from kvbatch.batchio import TableInput, iter_openai_batch, scan_openai_batch
 
-GOOD = {"custom_id": "a", "method": "POST", "url": "/v1/chat/completions",
-        "body": {"messages": [{"role": "system", "content": "S"}, {"role": "user", "content": "U"}]}}
+GOOD = {
+    "custom_id": "a",
+    "method": "POST",
+    "url": "/v1/chat/completions",
+    "body": {"messages": [{"role": "system", "content": "S"}, {"role": "user", "content": "U"}]},
+}
 
 
 def _line(**changes) -> str:
@@ -26,14 +30,27 @@ BAD_LINES = [
     ("invalid JSON", '{"custom_id": "x", "body": ', "(line): invalid JSON: Expecting value at column 28"),
     ("missing custom_id", _line(custom_id=None), "custom_id: missing or not a non-empty string"),
     ("duplicate custom_id", _line(custom_id="a"), "custom_id: duplicate 'a' (first on line 1)"),
-    ("empty messages", _line(custom_id="em", body={"messages": []}), "body.messages: must be a non-empty list of messages"),
-    ("malformed message", _line(custom_id="m", body={"messages": [{"role": "user"}]}),
-     "body.messages[0].content: must be a string (or a list of text parts)"),
-    ("bad role", _line(custom_id="r", body={"messages": [{"role": "robot", "content": "x"}]}),
-     "body.messages[0].role: must be one of system, developer, user, assistant, tool"),
+    (
+        "empty messages",
+        _line(custom_id="em", body={"messages": []}),
+        "body.messages: must be a non-empty list of messages",
+    ),
+    (
+        "malformed message",
+        _line(custom_id="m", body={"messages": [{"role": "user"}]}),
+        "body.messages[0].content: must be a string (or a list of text parts)",
+    ),
+    (
+        "bad role",
+        _line(custom_id="r", body={"messages": [{"role": "robot", "content": "x"}]}),
+        "body.messages[0].role: must be one of system, developer, user, assistant, tool",
+    ),
     ("unsupported method", _line(custom_id="g", method="GET"), "method: 'GET' is not supported; use POST"),
-    ("unsupported url", _line(custom_id="e", url="/v1/embeddings"),
-     "url: '/v1/embeddings' is not supported; use /v1/chat/completions"),
+    (
+        "unsupported url",
+        _line(custom_id="e", url="/v1/embeddings"),
+        "url: '/v1/embeddings' is not supported; use /v1/chat/completions",
+    ),
 ]
 
 
@@ -97,7 +114,8 @@ def test_template_fields_missing_from_the_table(tmp_path):
     system.write_text("Score the candidate.")
     report = TableInput(table, system, "Name: {name}\nCV: {cv}", "id").scan()
     assert [str(p) for p in report.problems] == [
-        f"{table}:1: template: field(s) cv are not columns of the table (columns: id, name)"]
+        f"{table}:1: template: field(s) cv are not columns of the table (columns: id, name)"
+    ]
 
 
 def test_table_input_streams_rows_with_a_shared_prefix(tmp_path):
@@ -116,11 +134,7 @@ def test_table_input_streams_rows_with_a_shared_prefix(tmp_path):
 
 def test_a_request_that_cannot_fit_any_slot_is_named_and_refused(tmp_path):
     batch = small_batch(tmp_path / "in.jsonl", 3)
-    lines = batch.read_text().splitlines()
-    huge = json.loads(lines[1])
-    huge["body"]["messages"][-1]["content"] = "lorem ipsum " * 40000
-    lines[1] = json.dumps(huge)
-    batch.write_text("\n".join(lines) + "\n")
+    huge = replace_user_message(batch, 1, "lorem ipsum " * 40000)
     result = kvbatch("plan", str(batch), cwd=tmp_path)
     assert result.returncode == 2
     assert f"the largest request, {huge['custom_id']!r}, needs about" in result.stderr

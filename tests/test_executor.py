@@ -11,7 +11,14 @@ import signal
 import time
 
 import psutil
-from batch_helpers import input_ids, kvbatch, result_lines, small_batch, start_kvbatch
+from batch_helpers import (
+    input_ids,
+    kvbatch,
+    replace_user_message,
+    result_lines,
+    small_batch,
+    start_kvbatch,
+)
 
 COMMON = ("--no-report", "--no-progress", "--concurrency", "1")
 
@@ -72,8 +79,19 @@ def test_killed_server_mid_batch_is_restarted_and_the_run_completes(tmp_path):
 def test_context_too_large_for_the_memory_cap_backs_off_and_completes(tmp_path):
     batch = small_batch(tmp_path / "in.jsonl", 4)
     run_dir = tmp_path / "data" / "runs" / "cap"
-    result = kvbatch("run", str(batch), "--run", str(run_dir), *COMMON, "--slot-ctx", "65536", "--swa-full",
-                     "--memory-cap", "1200MiB", cwd=tmp_path)
+    result = kvbatch(
+        "run",
+        str(batch),
+        "--run",
+        str(run_dir),
+        *COMMON,
+        "--slot-ctx",
+        "65536",
+        "--swa-full",
+        "--memory-cap",
+        "1200MiB",
+        cwd=tmp_path,
+    )
     assert result.returncode == 0, result.stdout + result.stderr
     assert len(result_lines(run_dir)) == 4
     events = [json.loads(line) for line in (run_dir / "events.jsonl").read_text().splitlines()]
@@ -85,11 +103,7 @@ def test_context_too_large_for_the_memory_cap_backs_off_and_completes(tmp_path):
 
 def test_over_long_request_fails_alone_into_errors_jsonl(tmp_path):
     batch = small_batch(tmp_path / "in.jsonl", 5)
-    lines = batch.read_text().splitlines()
-    long_request = json.loads(lines[2])
-    long_request["body"]["messages"][-1]["content"] = "word " * 3000
-    lines[2] = json.dumps(long_request)
-    batch.write_text("\n".join(lines) + "\n")
+    long_request = replace_user_message(batch, 2, "word " * 3000)
     run_dir = tmp_path / "data" / "runs" / "long"
     result = kvbatch("run", str(batch), "--run", str(run_dir), *COMMON, "--slot-ctx", "1024", cwd=tmp_path)
     assert result.returncode == 0, result.stdout + result.stderr
@@ -149,8 +163,18 @@ def test_conversation_mode_answers_every_request_in_growing_conversations(tmp_pa
 def test_memory_above_the_threshold_ends_conversations_early_and_is_logged(tmp_path):
     batch = small_batch(tmp_path / "in.jsonl", 4)
     run_dir = tmp_path / "data" / "runs" / "mem"
-    result = kvbatch("run", str(batch), "--run", str(run_dir), *COMMON, "--mode", "conversation",
-                     "--memory-threshold", "1MiB", cwd=tmp_path)
+    result = kvbatch(
+        "run",
+        str(batch),
+        "--run",
+        str(run_dir),
+        *COMMON,
+        "--mode",
+        "conversation",
+        "--memory-threshold",
+        "1MiB",
+        cwd=tmp_path,
+    )
     assert result.returncode == 0, result.stdout + result.stderr
     assert len(result_lines(run_dir)) == 4
     events = [json.loads(line) for line in (run_dir / "events.jsonl").read_text().splitlines()]

@@ -36,8 +36,10 @@ def test_a_torn_last_line_is_cut_before_appending(tmp_path):
     assert resumed.done == {"a"} and resumed.repaired_bytes > 0
     resumed.record_result("b", {"x": 2})
     resumed.close()
-    assert [json.loads(line)["custom_id"] for line in (tmp_path / "results.jsonl").read_text().splitlines()] == \
-        ["a", "b"]
+    assert [json.loads(line)["custom_id"] for line in (tmp_path / "results.jsonl").read_text().splitlines()] == [
+        "a",
+        "b",
+    ]
 
 
 def test_changed_fingerprint_names_what_changed(tmp_path):

@@ -40,9 +40,13 @@ def test_whole_cache_matches_the_server_log_at_load():
 
 def test_same_keys_from_ollama_model_info():
     info = {
-        "general.architecture": "gemma3", "gemma3.block_count": 18, "gemma3.attention.head_count": 4,
-        "gemma3.attention.head_count_kv": 1, "gemma3.attention.key_length": 256,
-        "gemma3.attention.value_length": 256, "gemma3.attention.sliding_window": 512,
+        "general.architecture": "gemma3",
+        "gemma3.block_count": 18,
+        "gemma3.attention.head_count": 4,
+        "gemma3.attention.head_count_kv": 1,
+        "gemma3.attention.key_length": 256,
+        "gemma3.attention.value_length": 256,
+        "gemma3.attention.sliding_window": 512,
         "gemma3.context_length": 32768,
     }
     assert OllamaDouble  # the double serves the same keys from /api/show
@@ -50,7 +54,12 @@ def test_same_keys_from_ollama_model_info():
 
 
 def test_a_model_without_sliding_window_counts_every_layer():
-    info = {"general.architecture": "llama", "llama.block_count": 32, "llama.attention.head_count": 32,
-            "llama.attention.head_count_kv": 8, "llama.embedding_length": 4096}
+    info = {
+        "general.architecture": "llama",
+        "llama.block_count": 32,
+        "llama.attention.head_count": 32,
+        "llama.attention.head_count_kv": 8,
+        "llama.embedding_length": 4096,
+    }
     arch = architecture_from_metadata(info)
     assert kv_bytes_per_token(arch) == 32 * 8 * (128 + 128) * 2  # Llama 3 8B: 128 KiB/token

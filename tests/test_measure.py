@@ -48,8 +48,9 @@ def test_safe_context_search_finds_a_boundary_that_holds_under_a_real_cap():
     # a cap that admits some contexts but not all: about 3,000 tokens more, at 20 KiB of address space each
     budget = base_virtual + 3000 * 20 * 1024
     step = 512
-    result = search_safe_context(loader, budget, floor_tokens=1024, ceiling_tokens=32768, step_tokens=step,
-                                 safety_margin=0.8)
+    result = search_safe_context(
+        loader, budget, floor_tokens=1024, ceiling_tokens=32768, step_tokens=step, safety_margin=0.8
+    )
     assert result.max_context_tokens is not None
     assert 1024 < result.max_context_tokens < 32768
     assert result.loads <= max_loads(1024, 32768, step)
@@ -69,10 +70,12 @@ def test_search_uses_the_fit_for_its_first_probes():
     points = sweep_allocated(loader, [1024, 4096], repeats=1)
     fit = fit_line([p.context_tokens for p in points], [p.virtual_bytes for p in points])
     budget = int(fit.predict(3000))
-    result = search_safe_context(loader, budget, floor_tokens=1024, ceiling_tokens=32768, step_tokens=512, fit=fit,
-                                 fill_fraction=0.0)
+    result = search_safe_context(
+        loader, budget, floor_tokens=1024, ceiling_tokens=32768, step_tokens=512, fit=fit, fill_fraction=0.0
+    )
     assert result.probes[0].context_tokens == 2560  # the fitted line's boundary, on the step grid
-    plain = search_safe_context(loader, budget, floor_tokens=1024, ceiling_tokens=32768, step_tokens=512,
-                                fill_fraction=0.0)
+    plain = search_safe_context(
+        loader, budget, floor_tokens=1024, ceiling_tokens=32768, step_tokens=512, fill_fraction=0.0
+    )
     assert plain.max_context_tokens == result.max_context_tokens  # the cap's edge is deterministic (one arena)
     assert result.loads < plain.loads <= max_loads(1024, 32768, 512)

@@ -24,7 +24,14 @@ def test_sweep_against_ollama_reads_api_ps_and_fits_its_slope(ollama_double):
 def test_safe_context_against_ollama_treats_http_500_as_too_big(ollama_double):
     ollama_double.double.memory_limit_bytes = ollama_double.double.size_at(5000)
     loader = OllamaLoader(ollama_double.url, MODEL)
-    result = search_safe_context(loader, 10**12, floor_tokens=1024, ceiling_tokens=32768, step_tokens=256,
-                                 enforce_budget=False, fill_fraction=0.1)
+    result = search_safe_context(
+        loader,
+        10**12,
+        floor_tokens=1024,
+        ceiling_tokens=32768,
+        step_tokens=256,
+        enforce_budget=False,
+        fill_fraction=0.1,
+    )
     assert result.max_context_tokens == 4864
     assert any("requires more system memory" in p.reason for p in result.probes if not p.fits)

@@ -24,8 +24,14 @@ def _run(coro):
 async def _chat(url: str, content: str, model: str = MODEL, **backend_options):
     backend = get_backend("ollama", url, model=model, **backend_options)
     try:
-        return await backend.chat({"messages": [{"role": "user", "content": content}], "max_tokens": 4,
-                                   "temperature": 0, "model": "gpt-4o-mini"})
+        return await backend.chat(
+            {
+                "messages": [{"role": "user", "content": content}],
+                "max_tokens": 4,
+                "temperature": 0,
+                "model": "gpt-4o-mini",
+            }
+        )
     finally:
         await backend.aclose()
 
@@ -57,8 +63,9 @@ def test_over_long_prompt_is_an_error_not_a_silent_cut(ollama_double):
         _run(_chat(ollama_double.url, "word " * 50, num_ctx=16))
 
 
-@pytest.mark.parametrize(("mode", "error"), [("oom", OutOfMemoryError), ("crash", ServerGoneError),
-                                             ("busy", ServerBusyError)])
+@pytest.mark.parametrize(
+    ("mode", "error"), [("oom", OutOfMemoryError), ("crash", ServerGoneError), ("busy", ServerBusyError)]
+)
 def test_errors_are_classified(ollama_double, mode, error):
     ollama_double.double.mode = mode
     with pytest.raises(error) as caught:

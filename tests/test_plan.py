@@ -5,14 +5,30 @@ from __future__ import annotations
 import pytest
 from kvbatch.plan import Limits, PlanError, SizeProfile, make_plan
 
-LIMITS = Limits(safe_context_tokens=40000, kv_bytes_per_token=3072, base_bytes=300e6, budget_bytes=1e9,
-                trained_context_tokens=32768, source="test")
+LIMITS = Limits(
+    safe_context_tokens=40000,
+    kv_bytes_per_token=3072,
+    base_bytes=300e6,
+    budget_bytes=1e9,
+    trained_context_tokens=32768,
+    source="test",
+)
 
 
 def sizes(**changes) -> SizeProfile:
-    base = dict(request_count=1000, system_prompt_tokens=2400, prefix_count=1, user_tokens_p50=600,
-                user_tokens_p99=700, max_tokens_p99=300, max_tokens_mean=300.0, longest_request_id="c-7",
-                longest_request_tokens=3420, chars_per_token=4.0, token_source="test")
+    base = dict(
+        request_count=1000,
+        system_prompt_tokens=2400,
+        prefix_count=1,
+        user_tokens_p50=600,
+        user_tokens_p99=700,
+        max_tokens_p99=300,
+        max_tokens_mean=300.0,
+        longest_request_id="c-7",
+        longest_request_tokens=3420,
+        chars_per_token=4.0,
+        token_source="test",
+    )
     base.update(changes)
     return SizeProfile(**base)
 
@@ -51,6 +67,11 @@ def test_a_forced_small_context_is_noted_not_refused():
 
 
 def test_the_time_estimate_uses_measured_speeds():
-    plan = make_plan(sizes(request_count=100), LIMITS, requested_slots=1, seconds_per_prompt_token=0.004,
-                     seconds_per_answer_token=0.02)
+    plan = make_plan(
+        sizes(request_count=100),
+        LIMITS,
+        requested_slots=1,
+        seconds_per_prompt_token=0.004,
+        seconds_per_answer_token=0.02,
+    )
     assert plan.estimated_seconds == pytest.approx(100 * (600 * 0.004 + 300 * 0.02) + 2400 * 0.004)

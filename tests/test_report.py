@@ -14,17 +14,41 @@ EVIL = "<script>alert('x')</script>"
 def test_run_report_renders_and_escapes_answer_text(in_tmp_repo):
     run_dir = in_tmp_repo / "data" / "runs" / "evil"
     journal = Journal.open(run_dir, Fingerprint("sha256:0", "m", "sha256:1", {}, "independent"))
-    body = {"object": "chat.completion", "choices": [{"index": 0, "finish_reason": "stop",
-                                                      "message": {"role": "assistant", "content": EVIL}}],
-            "usage": {"prompt_tokens": 100, "completion_tokens": 5, "prompt_tokens_details": {"cached_tokens": 90}}}
+    body = {
+        "object": "chat.completion",
+        "choices": [{"index": 0, "finish_reason": "stop", "message": {"role": "assistant", "content": EVIL}}],
+        "usage": {"prompt_tokens": 100, "completion_tokens": 5, "prompt_tokens_details": {"cached_tokens": 90}},
+    }
     journal.record_result("c-1", body)
     journal.record_error("c-2", "ContextOverflowError", f"too long: {EVIL}", attempts=1, status_code=400)
     journal.close()
-    (run_dir / "metrics.jsonl").write_text(json.dumps({
-        "custom_id": "c-1", "t_done_unix_s": 1.0e9, "latency_s": 0.5, "prompt_tokens": 100, "cached_tokens": 90,
-        "completion_tokens": 5, "finish_reason": "stop", "prefix": "p", "slot": 0, "attempts": 1}) + "\n")
-    (run_dir / "summary.json").write_text(json.dumps({"completed_total": 1, "failed_total": 1, "requests_per_s": 2.0,
-                                                      "system_prompt_share_served_from_cache": 0.99}))
+    (run_dir / "metrics.jsonl").write_text(
+        json.dumps(
+            {
+                "custom_id": "c-1",
+                "t_done_unix_s": 1.0e9,
+                "latency_s": 0.5,
+                "prompt_tokens": 100,
+                "cached_tokens": 90,
+                "completion_tokens": 5,
+                "finish_reason": "stop",
+                "prefix": "p",
+                "slot": 0,
+                "attempts": 1,
+            }
+        )
+        + "\n"
+    )
+    (run_dir / "summary.json").write_text(
+        json.dumps(
+            {
+                "completed_total": 1,
+                "failed_total": 1,
+                "requests_per_s": 2.0,
+                "system_prompt_share_served_from_cache": 0.99,
+            }
+        )
+    )
     frame = load_results(run_dir)
     assert frame.loc[0, "answer"] == EVIL and frame.loc[0, "cached_tokens"] == 90
 

@@ -25,9 +25,16 @@ def _chat(url: str, user: str, **extra) -> list:
     async def go():
         backend = get_backend("openai", url)
         try:
-            return [await backend.chat({"messages": [{"role": "system", "content": SYSTEM},
-                                                     {"role": "user", "content": user}],
-                                        "max_tokens": 8, "temperature": 0, **extra})]
+            return [
+                await backend.chat(
+                    {
+                        "messages": [{"role": "system", "content": SYSTEM}, {"role": "user", "content": user}],
+                        "max_tokens": 8,
+                        "temperature": 0,
+                        **extra,
+                    }
+                )
+            ]
         finally:
             await backend.aclose()
 
@@ -103,8 +110,12 @@ def test_server_dies_with_its_parent_even_on_kill_9(tmp_path):
 
 
 def test_kvbatch_serve_prints_a_url_that_answers(tmp_path):
-    process = subprocess.Popen([sys.executable, "-m", "kvbatch.cli", "serve", "--ctx", "2048"],
-                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    process = subprocess.Popen(
+        [sys.executable, "-m", "kvbatch.cli", "serve", "--ctx", "2048"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
     try:
         first = process.stdout.readline()
         assert first.startswith("llama-server ready at http://127.0.0.1:"), first

@@ -110,7 +110,9 @@ def _check_body(body: Any, where: tuple[str, int], problems: list[InputProblem])
             problems.append(InputProblem(path, line_no, f"{name}.role", f"must be one of {', '.join(ROLES)}"))
             return None
         if _message_text(message) is None:
-            problems.append(InputProblem(path, line_no, f"{name}.content", "must be a string (or a list of text parts)"))
+            problems.append(
+                InputProblem(path, line_no, f"{name}.content", "must be a string (or a list of text parts)")
+            )
             return None
     for key in ("max_tokens", "max_completion_tokens"):
         if key in body and (not isinstance(body[key], int) or body[key] < 1):
@@ -142,13 +144,21 @@ def scan_openai_batch(path: Path, *, max_problems: int = 1000) -> InputReport:
             try:
                 text = raw.decode("utf-8").rstrip("\r\n")
             except UnicodeDecodeError as exc:
-                problems.append(InputProblem(str(path), line_no, "(line)", f"not UTF-8: byte 0x{raw[exc.start]:02x} "
-                                             f"at column {exc.start + 1}"))
+                problems.append(
+                    InputProblem(
+                        str(path),
+                        line_no,
+                        "(line)",
+                        f"not UTF-8: byte 0x{raw[exc.start]:02x} at column {exc.start + 1}",
+                    )
+                )
                 continue
             try:
                 record = json.loads(text)
             except json.JSONDecodeError as exc:
-                problems.append(InputProblem(str(path), line_no, "(line)", f"invalid JSON: {exc.msg} at column {exc.colno}"))
+                problems.append(
+                    InputProblem(str(path), line_no, "(line)", f"invalid JSON: {exc.msg} at column {exc.colno}")
+                )
                 continue
             if not isinstance(record, dict):
                 problems.append(InputProblem(str(path), line_no, "(line)", "must be a JSON object"))
@@ -158,16 +168,27 @@ def scan_openai_batch(path: Path, *, max_problems: int = 1000) -> InputReport:
                 problems.append(InputProblem(str(path), line_no, "custom_id", "missing or not a non-empty string"))
                 continue
             if custom_id in first_line_of:
-                problems.append(InputProblem(str(path), line_no, "custom_id",
-                                             f"duplicate {custom_id!r} (first on line {first_line_of[custom_id]})"))
+                problems.append(
+                    InputProblem(
+                        str(path),
+                        line_no,
+                        "custom_id",
+                        f"duplicate {custom_id!r} (first on line {first_line_of[custom_id]})",
+                    )
+                )
                 continue
             first_line_of[custom_id] = line_no
             if record.get("method", "POST") != "POST":
-                problems.append(InputProblem(str(path), line_no, "method", f"{record.get('method')!r} is not supported; use POST"))
+                problems.append(
+                    InputProblem(str(path), line_no, "method", f"{record.get('method')!r} is not supported; use POST")
+                )
                 continue
             if record.get("url", SUPPORTED_URLS[0]) not in SUPPORTED_URLS:
-                problems.append(InputProblem(str(path), line_no, "url",
-                                             f"{record.get('url')!r} is not supported; use {SUPPORTED_URLS[0]}"))
+                problems.append(
+                    InputProblem(
+                        str(path), line_no, "url", f"{record.get('url')!r} is not supported; use {SUPPORTED_URLS[0]}"
+                    )
+                )
                 continue
             body = record.get("body")
             messages = _check_body(body, (str(path), line_no), problems)
@@ -183,16 +204,21 @@ def scan_openai_batch(path: Path, *, max_problems: int = 1000) -> InputReport:
         report.notes.append(f"stopped listing problems after {max_problems}")
     if foreign_models:
         names = ", ".join(f"{name!r} ({count})" for name, count in sorted(foreign_models.items()))
-        report.notes.append(f"body.model names another service's model on some lines: {names}; "
-                            "they are sent to the configured model instead")
+        report.notes.append(
+            f"body.model names another service's model on some lines: {names}; "
+            "they are sent to the configured model instead"
+        )
     if streamed:
-        report.notes.append(f"{streamed} line(s) ask for stream: true; batch results are collected whole, "
-                            "so they run with stream: false")
+        report.notes.append(
+            f"{streamed} line(s) ask for stream: true; batch results are collected whole, "
+            "so they run with stream: false"
+        )
     return report
 
 
-def _index(report: InputReport, custom_id: str, messages: list[dict[str, Any]], body: dict[str, Any],
-           offset: int) -> None:
+def _index(
+    report: InputReport, custom_id: str, messages: list[dict[str, Any]], body: dict[str, Any], offset: int
+) -> None:
     prefix_text = prefix_of(messages)
     key = prefix_key(prefix_text)
     if key not in report.prefix_offsets:
@@ -212,8 +238,12 @@ INDEX_VERSION = 1
 
 def input_signature(path: Path) -> dict[str, Any]:
     stat = Path(path).stat()
-    return {"index_version": INDEX_VERSION, "path": str(Path(path).resolve()), "size": stat.st_size,
-            "mtime_ns": stat.st_mtime_ns}
+    return {
+        "index_version": INDEX_VERSION,
+        "path": str(Path(path).resolve()),
+        "size": stat.st_size,
+        "mtime_ns": stat.st_mtime_ns,
+    }
 
 
 def save_index(report: InputReport, index_path: Path) -> None:
@@ -221,10 +251,14 @@ def save_index(report: InputReport, index_path: Path) -> None:
     2.1 GiB, 170,000-request file here; loading the index takes well under a second)."""
     data = {
         "signature": input_signature(Path(report.path)),
-        "path": report.path, "request_count": report.request_count, "notes": report.notes,
-        "input_hash": report.input_hash, "prefix_texts": report.prefix_texts,
+        "path": report.path,
+        "request_count": report.request_count,
+        "notes": report.notes,
+        "input_hash": report.input_hash,
+        "prefix_texts": report.prefix_texts,
         "prefix_offsets": {key: offsets.tolist() for key, offsets in report.prefix_offsets.items()},
-        "user_chars": report.user_chars.tolist(), "max_tokens": report.max_tokens.tolist(),
+        "user_chars": report.user_chars.tolist(),
+        "max_tokens": report.max_tokens.tolist(),
         "longest_request": list(report.longest_request),
     }
     temp = index_path.with_suffix(".tmp")
@@ -241,10 +275,14 @@ def load_index(index_path: Path, input_path: Path) -> InputReport | None:
         if data.get("signature") != input_signature(input_path):
             return None
         return InputReport(
-            path=data["path"], request_count=data["request_count"], notes=data["notes"],
-            input_hash=data["input_hash"], prefix_texts=data["prefix_texts"],
+            path=data["path"],
+            request_count=data["request_count"],
+            notes=data["notes"],
+            input_hash=data["input_hash"],
+            prefix_texts=data["prefix_texts"],
             prefix_offsets={key: array("q", offsets) for key, offsets in data["prefix_offsets"].items()},
-            user_chars=array("i", data["user_chars"]), max_tokens=array("i", data["max_tokens"]),
+            user_chars=array("i", data["user_chars"]),
+            max_tokens=array("i", data["max_tokens"]),
             longest_request=tuple(data["longest_request"]),
         )
     except (OSError, ValueError, KeyError, TypeError):
@@ -288,8 +326,9 @@ class TableInput:
         try:
             if suffix in (".jsonl", ".ndjson"):
                 return pd.read_json(self.table_path, lines=True, chunksize=self.chunk_rows, dtype=False)
-            return pd.read_csv(self.table_path, chunksize=self.chunk_rows, dtype=str, keep_default_na=False,
-                               encoding="utf-8")
+            return pd.read_csv(
+                self.table_path, chunksize=self.chunk_rows, dtype=str, keep_default_na=False, encoding="utf-8"
+            )
         except (OSError, ValueError) as exc:
             raise UserInputError(f"{self.table_path}: cannot read the table ({exc})") from exc
 
@@ -340,8 +379,15 @@ class TableInput:
             if not checked_columns:
                 missing = [name for name in fields if name not in row]
                 if missing:
-                    report.problems.append(InputProblem(path, 1, "template", f"field(s) {', '.join(missing)} are not "
-                                                        f"columns of the table (columns: {', '.join(map(str, row))})"))
+                    report.problems.append(
+                        InputProblem(
+                            path,
+                            1,
+                            "template",
+                            f"field(s) {', '.join(missing)} are not "
+                            f"columns of the table (columns: {', '.join(map(str, row))})",
+                        )
+                    )
                     break
                 if self.id_column and self.id_column not in row:
                     report.problems.append(InputProblem(path, 1, self.id_column, "id column not in the table"))
@@ -352,8 +398,14 @@ class TableInput:
                 report.problems.append(InputProblem(path, line_no, self.id_column or "id", "empty id"))
                 continue
             if custom_id in seen:
-                report.problems.append(InputProblem(path, line_no, self.id_column or "id",
-                                                    f"duplicate {custom_id!r} (first on line {seen[custom_id]})"))
+                report.problems.append(
+                    InputProblem(
+                        path,
+                        line_no,
+                        self.id_column or "id",
+                        f"duplicate {custom_id!r} (first on line {seen[custom_id]})",
+                    )
+                )
                 continue
             seen[custom_id] = line_no
             messages = self._message(system, row)
@@ -361,7 +413,9 @@ class TableInput:
         report.input_hash = f"{HASH_ALGORITHM}:{digest.hexdigest()}"
         return report
 
-    def iter_requests(self, report: InputReport, done: set[str] | frozenset[str] = frozenset()) -> Iterator[BatchRequest]:
+    def iter_requests(
+        self, report: InputReport, done: set[str] | frozenset[str] = frozenset()
+    ) -> Iterator[BatchRequest]:
         system = self.system_prompt()
         key = next(iter(report.prefix_offsets), "")
         for line_no, row in self._rows():

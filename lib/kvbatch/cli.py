@@ -100,12 +100,16 @@ def build_parser() -> argparse.ArgumentParser:
     measure.add_argument("--model-path", default=None, help="GGUF for the embedded server")
     measure.add_argument("--contexts", default="2048,8192,16384,32768", help="sweep A context sizes, comma-separated")
     measure.add_argument("--repeats", type=int, default=2)
-    measure.add_argument("--budget", default="+24MiB",
-                         help="memory budget for the safe-context search: 8GiB, or +24MiB above the model's own need")
+    measure.add_argument(
+        "--budget",
+        default="+24MiB",
+        help="memory budget for the safe-context search: 8GiB, or +24MiB above the model's own need",
+    )
     measure.add_argument("--margin", type=float, default=0.8, help="safety margin applied to the largest context")
     measure.add_argument("--duration", type=float, default=60, help="sustained-load seconds")
-    measure.add_argument("--only", default="kv_growth,safe_context,sustained_load",
-                         help="which notebooks to run, comma-separated")
+    measure.add_argument(
+        "--only", default="kv_growth,safe_context,sustained_load", help="which notebooks to run, comma-separated"
+    )
     measure.set_defaults(handler=cmd_measure)
 
     report = commands.add_parser("report", help="render (again) the HTML report of a run")
@@ -121,20 +125,29 @@ def _add_batch_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--template", default=None, help="user message template with {column} fields (table input)")
     parser.add_argument("--id-column", default=None, help="table column to use as custom_id (default: row-N)")
     parser.add_argument("--mode", default="independent", choices=("independent", "conversation"))
-    parser.add_argument("--concurrency", default="auto", help="requests in flight, or auto (measure and keep the fastest)")
+    parser.add_argument(
+        "--concurrency", default="auto", help="requests in flight, or auto (measure and keep the fastest)"
+    )
     parser.add_argument("--slot-ctx", type=int, default=None, help="per-slot context (default: planned)")
     parser.add_argument("--url", default=None, help="use a running server instead of the embedded one")
     parser.add_argument("--backend", default="openai", help="openai (any /v1 server) or ollama (native API)")
     parser.add_argument("--model", default=None, help="model name on the external server")
-    parser.add_argument("--memory-budget", default=None, help="memory the server may use, e.g. 8GiB (default: free RAM)")
+    parser.add_argument(
+        "--memory-budget", default=None, help="memory the server may use, e.g. 8GiB (default: free RAM)"
+    )
     parser.add_argument("--safety-margin", type=float, default=0.8)
-    parser.add_argument("--measurements", default=None, help="measurement file (default: data/measurements/ for the model)")
+    parser.add_argument(
+        "--measurements", default=None, help="measurement file (default: data/measurements/ for the model)"
+    )
     parser.add_argument("--max-tokens", type=int, default=None, help="override max_tokens of every request")
     parser.add_argument("--temperature", type=float, default=None, help="override temperature of every request")
     parser.add_argument("--max-attempts", type=int, default=4)
-    parser.add_argument("--memory-threshold", default=None,
-                        help="server memory above which the run reacts (ends conversation chunks early, lowers "
-                             "the in-flight count), e.g. 6GiB; default: 95 %% of --memory-budget if given")
+    parser.add_argument(
+        "--memory-threshold",
+        default=None,
+        help="server memory above which the run reacts (ends conversation chunks early, lowers "
+        "the in-flight count), e.g. 6GiB; default: 95 %% of --memory-budget if given",
+    )
     parser.add_argument("--no-progress", action="store_true")
     _add_server_flags(parser)
 
@@ -158,8 +171,11 @@ def settings_from_args(args: argparse.Namespace):
             concurrency = int(concurrency)
         except ValueError as exc:
             raise UserInputError(f"--concurrency: {args.concurrency!r} is neither a number nor auto") from exc
-    generation = {key: value for key, value in (("max_tokens", args.max_tokens), ("temperature", args.temperature))
-                  if value is not None}
+    generation = {
+        key: value
+        for key, value in (("max_tokens", args.max_tokens), ("temperature", args.temperature))
+        if value is not None
+    }
     return BatchSettings(
         input_path=Path(args.input),
         run_dir=_run_dir(args),
@@ -248,8 +264,11 @@ def cmd_measure(args: argparse.Namespace) -> int:
     steps = {
         "kv_growth": {**common, "contexts": contexts, "repeats": args.repeats},
         "safe_context": {**common, "budget": args.budget, "safety_margin": args.margin},
-        "sustained_load": {**common, "backend": "ollama" if args.backend == "ollama" else "embedded",
-                           "duration_s": args.duration},
+        "sustained_load": {
+            **common,
+            "backend": "ollama" if args.backend == "ollama" else "embedded",
+            "duration_s": args.duration,
+        },
     }
     chosen = [step.strip() for step in args.only.split(",") if step.strip()]
     unknown = [step for step in chosen if step not in steps]
@@ -259,16 +278,22 @@ def cmd_measure(args: argparse.Namespace) -> int:
     for step in chosen:
         started = time.perf_counter()
         print(f"running notebooks/{step}.ipynb ...", flush=True)
-        html = render_notebook(NOTEBOOKS_DIR / f"{step}.ipynb", steps[step], f"{step}-{Path(name).stem}",
-                               title=f"{step.replace('_', ' ')}: {name}",
-                               headline=lambda step=step: _headline(step, out))
+        html = render_notebook(
+            NOTEBOOKS_DIR / f"{step}.ipynb",
+            steps[step],
+            f"{step}-{Path(name).stem}",
+            title=f"{step.replace('_', ' ')}: {name}",
+            headline=lambda step=step: _headline(step, out),
+        )
         print(f"  {html} ({time.perf_counter() - started:.0f} s)", flush=True)
     result = json.loads(out.read_text()) if out.exists() else {}
     fit = result.get("fit", {})
     if fit:
-        print(f"slope {fit['slope_bytes_per_token'] / 1024:.2f} KiB/token (predicted "
-              f"{fit['predicted_slope_bytes_per_token'] / 1024:.2f}); safe context {result.get('safe_context_tokens')}"
-              f" tokens; results: {out}")
+        print(
+            f"slope {fit['slope_bytes_per_token'] / 1024:.2f} KiB/token (predicted "
+            f"{fit['predicted_slope_bytes_per_token'] / 1024:.2f}); safe context {result.get('safe_context_tokens')}"
+            f" tokens; results: {out}"
+        )
     print("reports: reports/index.html")
     return 0
 
@@ -281,12 +306,17 @@ def _headline(step: str, out: Path) -> dict[str, object]:
     data = json.loads(out.read_text())
     if step == "kv_growth" and "fit" in data:
         fit = data["fit"]
-        return {"KiB/token": round(fit["slope_bytes_per_token"] / 1024, 3),
-                "predicted": round(fit["predicted_slope_bytes_per_token"] / 1024, 3)}
+        return {
+            "KiB/token": round(fit["slope_bytes_per_token"] / 1024, 3),
+            "predicted": round(fit["predicted_slope_bytes_per_token"] / 1024, 3),
+        }
     if step == "safe_context" and "safe_context" in data:
         safe = data["safe_context"]
-        return {"safe context": safe["safe_context_tokens"], "largest": safe["max_context_tokens"],
-                "loads": safe["loads"]}
+        return {
+            "safe context": safe["safe_context_tokens"],
+            "largest": safe["max_context_tokens"],
+            "loads": safe["loads"],
+        }
     if step == "sustained_load" and "sustained" in data:
         return {"passed": data["sustained"]["passed"], "requests": data["sustained"]["requests"]}
     return {}
@@ -295,8 +325,11 @@ def _headline(step: str, out: Path) -> dict[str, object]:
 def cmd_report(args: argparse.Namespace) -> int:
     from kvbatch.report import newest_run, render_run_report
 
-    run_dir = Path(args.run) if args.run and Path(args.run).exists() else (
-        Path("data/runs") / args.run if args.run else newest_run())
+    run_dir = (
+        Path(args.run)
+        if args.run and Path(args.run).exists()
+        else (Path("data/runs") / args.run if args.run else newest_run())
+    )
     if not (run_dir / "run.json").exists():
         raise UserInputError(f"{run_dir} is not a run folder (no run.json); run `make batch` first")
     print(f"report: {render_run_report(run_dir)}")

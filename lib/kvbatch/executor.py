@@ -95,7 +95,6 @@ class Feed:
         self._returned.extendleft(reversed(requests))
 
 
-
 @dataclass
 class PrefixStats:
     requests: int = 0
@@ -105,7 +104,6 @@ class PrefixStats:
     prefix_cached_tokens: int = 0
     """Of each request's shared-prefix tokens, how many came from the cache (cached tokens capped at the prefix)."""
     misses: int = 0
-
 
 
 @dataclass
@@ -133,8 +131,16 @@ class RunStats:
 class Executor:
     """Runs requests through a supervised server into a journal. Construct, then `await run(requests)`."""
 
-    def __init__(self, journal: Journal, supervisor: Supervisor, options: RunOptions, *, run_dir: Path,
-                 prefix_tokens: dict[str, int] | None = None, total: int | None = None) -> None:
+    def __init__(
+        self,
+        journal: Journal,
+        supervisor: Supervisor,
+        options: RunOptions,
+        *,
+        run_dir: Path,
+        prefix_tokens: dict[str, int] | None = None,
+        total: int | None = None,
+    ) -> None:
         self.journal = journal
         self.supervisor = supervisor
         self.options = options
@@ -170,8 +176,9 @@ class Executor:
             self._metrics.flush()
             self._since_sync = 0
 
-    def _record_success(self, request: BatchRequest, result: ChatResult, attempts: int, slot: int | None,
-                        started_s: float) -> None:
+    def _record_success(
+        self, request: BatchRequest, result: ChatResult, attempts: int, slot: int | None, started_s: float
+    ) -> None:
         self.journal.record_result(request.custom_id, result.response_body)
         stats = self.stats
         stats.completed += 1
@@ -192,21 +199,37 @@ class Executor:
             prefix.prefix_cached_tokens += min(cached, prefix_tokens)
             if cached < prefix_tokens * 0.9:
                 prefix.misses += 1
-        self._metrics.write(json.dumps({
-            "custom_id": request.custom_id, "t_done_unix_s": time.time(), "latency_s": round(result.latency_s, 4),
-            "queue_and_retry_s": round(time.perf_counter() - started_s - result.latency_s, 4),
-            "prompt_tokens": result.prompt_tokens, "cached_tokens": cached,
-            "completion_tokens": result.completion_tokens, "finish_reason": result.finish_reason,
-            "prefix": request.prefix_key, "slot": slot, "attempts": attempts,
-        }) + "\n")
+        self._metrics.write(
+            json.dumps(
+                {
+                    "custom_id": request.custom_id,
+                    "t_done_unix_s": time.time(),
+                    "latency_s": round(result.latency_s, 4),
+                    "queue_and_retry_s": round(time.perf_counter() - started_s - result.latency_s, 4),
+                    "prompt_tokens": result.prompt_tokens,
+                    "cached_tokens": cached,
+                    "completion_tokens": result.completion_tokens,
+                    "finish_reason": result.finish_reason,
+                    "prefix": request.prefix_key,
+                    "slot": slot,
+                    "attempts": attempts,
+                }
+            )
+            + "\n"
+        )
         if self.progress:
             self.progress.update(ok=True, cache_share=stats.cache_share())
         self._maybe_sync()
 
     def _record_failure(self, request: BatchRequest, error: KvbatchError, attempts: int) -> None:
         code = type(error).__name__
-        self.journal.record_error(request.custom_id, code, error.server_message or str(error), attempts=attempts,
-                                  status_code=error.status_code)
+        self.journal.record_error(
+            request.custom_id,
+            code,
+            error.server_message or str(error),
+            attempts=attempts,
+            status_code=error.status_code,
+        )
         self.stats.failed += 1
         if self.progress:
             self.progress.update(ok=False, cache_share=self.stats.cache_share())
@@ -230,8 +253,9 @@ class Executor:
             self.event("recovery", **asdict(recovery), in_flight_limit=self.gate.limit, slots=self.supervisor.slots)
             self._ready.set()
 
-    async def send(self, request: BatchRequest, body: dict[str, Any], slot: int | None) -> tuple[ChatResult | None,
-                                                                                               KvbatchError | None, int]:
+    async def send(
+        self, request: BatchRequest, body: dict[str, Any], slot: int | None
+    ) -> tuple[ChatResult | None, KvbatchError | None, int]:
         """Send with retries. Returns (result, None, attempts) or (None, final_error, attempts)."""
         attempts = 0
         while True:
@@ -245,8 +269,11 @@ class Executor:
             error: KvbatchError | None = None
             async with self.gate:
                 try:
-                    return await self.supervisor.backend.chat(body, timeout_s=self.options.request_timeout_s), None, \
-                        attempts
+                    return (
+                        await self.supervisor.backend.chat(body, timeout_s=self.options.request_timeout_s),
+                        None,
+                        attempts,
+                    )
                 except (ContextOverflowError, NotFoundError) as exc:
                     error = exc
                 except BadRequestError as exc:
@@ -380,7 +407,7 @@ class Executor:
         return self._finished() - mark_count, time.perf_counter() - mark_time
 
     async def _choose_concurrency(self, feed: Feed) -> int:
-        """`auto`: try a few in-flight counts on real requests of the batch (their results are kept); keep the fastest."""
+        """`auto`: try a few in-flight counts on real requests of the batch (results kept); keep the fastest."""
         best, best_rate = 1, 0.0
         candidates = [c for c in self.options.concurrency_candidates if c <= max(self.supervisor.slots, 1)] or [1]
         candidates = [c for c in candidates if c <= max(self.total or 1, 1)] or [1]
@@ -390,8 +417,9 @@ class Executor:
             trial = count * (self.options.trial_requests_per_slot + 1)
             done, seconds = await self._phase(feed, count, trial)
             rate = done / seconds if seconds else 0.0
-            self.stats.trials.append({"in_flight": count, "requests": done, "seconds": round(seconds, 3),
-                                      "requests_per_s": round(rate, 4)})
+            self.stats.trials.append(
+                {"in_flight": count, "requests": done, "seconds": round(seconds, 3), "requests_per_s": round(rate, 4)}
+            )
             self.event("concurrency_trial", in_flight=count, requests=done, requests_per_s=round(rate, 4))
             if feed.exhausted and done < trial:
                 break
@@ -409,9 +437,13 @@ class Executor:
     async def run(self, requests: Iterator[BatchRequest]) -> RunStats:
         feed = Feed(requests)
         self.progress = Progress(total=self.total, enabled=self.options.progress)
-        self.monitor = MemoryMonitor(self.supervisor, self.run_dir / "memory.csv",
-                                     interval_s=self.options.memory_interval_s,
-                                     threshold_bytes=self.options.memory_threshold_bytes, on_high=self._on_memory_high)
+        self.monitor = MemoryMonitor(
+            self.supervisor,
+            self.run_dir / "memory.csv",
+            interval_s=self.options.memory_interval_s,
+            threshold_bytes=self.options.memory_threshold_bytes,
+            on_high=self._on_memory_high,
+        )
         monitor_task = asyncio.create_task(self.monitor.run())
         try:
             if self.options.concurrency == "auto":
@@ -431,4 +463,6 @@ class Executor:
 def _estimated_turn_tokens(request: BatchRequest) -> int:
     text = request.body["messages"][-1].get("content", "")
     text_chars = len(text) if isinstance(text, str) else 0
-    return text_chars // 3 + int(request.body.get("max_tokens") or request.body.get("max_completion_tokens") or 512) + 16
+    return (
+        text_chars // 3 + int(request.body.get("max_tokens") or request.body.get("max_completion_tokens") or 512) + 16
+    )

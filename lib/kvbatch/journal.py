@@ -109,8 +109,10 @@ class Journal:
         if meta_path.exists():
             stored = json.loads(meta_path.read_text("utf-8"))
             if stored.get("journal_version", 0) > JOURNAL_VERSION:
-                raise UserInputError(f"{meta_path}: written by a newer kvbatch (journal version "
-                                     f"{stored.get('journal_version')}); upgrade kvbatch to resume it")
+                raise UserInputError(
+                    f"{meta_path}: written by a newer kvbatch (journal version "
+                    f"{stored.get('journal_version')}); upgrade kvbatch to resume it"
+                )
             changed = fingerprint.differences(stored.get("fingerprint", {}))
             if changed:
                 raise UserInputError(
@@ -119,7 +121,11 @@ class Journal:
                 )
             journal.resumed = True
         else:
-            meta = {"journal_version": JOURNAL_VERSION, "created_unix_s": time.time(), "fingerprint": fingerprint.as_dict()}
+            meta = {
+                "journal_version": JOURNAL_VERSION,
+                "created_unix_s": time.time(),
+                "fingerprint": fingerprint.as_dict(),
+            }
             temp = meta_path.with_suffix(".tmp")
             temp.write_text(json.dumps(meta, indent=2), "utf-8")
             os.replace(temp, meta_path)
@@ -142,24 +148,31 @@ class Journal:
     def record_result(self, custom_id: str, response_body: dict[str, Any], *, status_code: int = 200) -> None:
         """One success line in the OpenAI Batch output format."""
         request_id = f"req_{uuid.uuid4().hex[:24]}"
-        self._append(self.results_path, {
-            "id": f"batch_req_{uuid.uuid4().hex[:24]}",
-            "custom_id": custom_id,
-            "response": {"status_code": status_code, "request_id": request_id, "body": response_body},
-            "error": None,
-        })
+        self._append(
+            self.results_path,
+            {
+                "id": f"batch_req_{uuid.uuid4().hex[:24]}",
+                "custom_id": custom_id,
+                "response": {"status_code": status_code, "request_id": request_id, "body": response_body},
+                "error": None,
+            },
+        )
         self.done.add(custom_id)
 
-    def record_error(self, custom_id: str, code: str, message: str, *, attempts: int,
-                     status_code: int | None = None) -> None:
+    def record_error(
+        self, custom_id: str, code: str, message: str, *, attempts: int, status_code: int | None = None
+    ) -> None:
         """One line for a request that failed for good: the reason and how many attempts it had."""
-        self._append(self.errors_path, {
-            "id": f"batch_req_{uuid.uuid4().hex[:24]}",
-            "custom_id": custom_id,
-            "response": {"status_code": status_code, "body": None} if status_code else None,
-            "error": {"code": code, "message": message},
-            "attempts": attempts,
-        })
+        self._append(
+            self.errors_path,
+            {
+                "id": f"batch_req_{uuid.uuid4().hex[:24]}",
+                "custom_id": custom_id,
+                "response": {"status_code": status_code, "body": None} if status_code else None,
+                "error": {"code": code, "message": message},
+                "attempts": attempts,
+            },
+        )
         self.done.add(custom_id)
 
     def sync(self) -> None:

@@ -72,9 +72,16 @@ def kv_bytes_per_token(
     return layers * _per_layer_bytes_per_cell(arch, cache_type_k, cache_type_v)
 
 
-def sliding_cells(arch: KvArchitecture, context_tokens: int, *, parallel_slots: int = 1, ubatch_tokens: int = 512,
-                  kv_unified: bool = False) -> int:
-    """Cells a sliding-window layer keeps: about window (per sequence) + micro-batch, padded to 256, at most the context."""
+def sliding_cells(
+    arch: KvArchitecture,
+    context_tokens: int,
+    *,
+    parallel_slots: int = 1,
+    ubatch_tokens: int = 512,
+    kv_unified: bool = False,
+) -> int:
+    """Cells a sliding-window layer keeps: about window (per sequence) + micro-batch, padded to 256, at most the
+    context."""
     if not arch.sliding_window:
         return context_tokens
     sequences = parallel_slots if kv_unified else 1
@@ -100,8 +107,9 @@ def predicted_kv_bytes(
     total = kv_bytes_per_token(arch, cache_type_k=cache_type_k, cache_type_v=cache_type_v, swa_full=swa_full)
     total *= context_tokens
     if arch.sliding_window and not swa_full:
-        cells = sliding_cells(arch, context_tokens, parallel_slots=parallel_slots, ubatch_tokens=ubatch_tokens,
-                              kv_unified=kv_unified)
+        cells = sliding_cells(
+            arch, context_tokens, parallel_slots=parallel_slots, ubatch_tokens=ubatch_tokens, kv_unified=kv_unified
+        )
         total += arch.sliding_layer_count * per_cell * cells
     return total
 
@@ -166,8 +174,19 @@ def read_gguf_metadata(path: Path, *, max_array: int = 4096) -> dict[str, Any]:
 
     from gguf.constants import GGUFValueType as T
 
-    formats = {T.UINT8: "<B", T.INT8: "<b", T.UINT16: "<H", T.INT16: "<h", T.UINT32: "<I", T.INT32: "<i",
-               T.FLOAT32: "<f", T.BOOL: "<?", T.UINT64: "<Q", T.INT64: "<q", T.FLOAT64: "<d"}
+    formats = {
+        T.UINT8: "<B",
+        T.INT8: "<b",
+        T.UINT16: "<H",
+        T.INT16: "<h",
+        T.UINT32: "<I",
+        T.INT32: "<i",
+        T.FLOAT32: "<f",
+        T.BOOL: "<?",
+        T.UINT64: "<Q",
+        T.INT64: "<q",
+        T.FLOAT64: "<d",
+    }
 
     def read(handle, fmt: str):
         size = struct.calcsize(fmt)

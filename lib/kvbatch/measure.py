@@ -59,8 +59,7 @@ class Loader(abc.ABC):
     name: str = ""
 
     @abc.abstractmethod
-    def load(self, context_tokens: int, memory_cap_bytes: int | None = None) -> contextlib.AbstractContextManager:
-        ...
+    def load(self, context_tokens: int, memory_cap_bytes: int | None = None) -> contextlib.AbstractContextManager: ...
 
     def flags(self) -> dict[str, Any]:
         return {}
@@ -78,15 +77,23 @@ class _EmbeddedLoaded(LoadedModel):
             virtual = psutil.Process(self.server.pid).memory_info().vms
         except psutil.NoSuchProcess:
             virtual = None
-        return LoadPoint(self.server.config.context_tokens, 0, self.probe.read(), self.probe.name,
-                         kv_log_bytes=self.server.log().kv_total_bytes, virtual_bytes=virtual, load_s=self.load_s)
+        return LoadPoint(
+            self.server.config.context_tokens,
+            0,
+            self.probe.read(),
+            self.probe.name,
+            kv_log_bytes=self.server.log().kv_total_bytes,
+            virtual_bytes=virtual,
+            load_s=self.load_s,
+        )
 
     def _post(self, path: str, payload: dict[str, Any]) -> dict[str, Any]:
         import json
         import urllib.request
 
-        request = urllib.request.Request(self.server.url + path, json.dumps(payload).encode(),
-                                         {"Content-Type": "application/json"})
+        request = urllib.request.Request(
+            self.server.url + path, json.dumps(payload).encode(), {"Content-Type": "application/json"}
+        )
         with urllib.request.urlopen(request, timeout=900) as reply:
             return json.loads(reply.read())
 
@@ -94,8 +101,9 @@ class _EmbeddedLoaded(LoadedModel):
         """llama-server's /completion takes token ids, so the prompt length is exact."""
         try:
             word = self._post("/tokenize", {"content": " hello", "add_special": False})["tokens"][-1]
-            answer = self._post("/completion", {"prompt": [word] * max(tokens, 1), "n_predict": max_tokens,
-                                                "cache_prompt": False})
+            answer = self._post(
+                "/completion", {"prompt": [word] * max(tokens, 1), "n_predict": max_tokens, "cache_prompt": False}
+            )
         except OSError as exc:
             text = exc.read().decode() if hasattr(exc, "read") else str(exc)
             context = self.server.config.context_tokens
@@ -114,8 +122,10 @@ class EmbeddedLoader(Loader):
 
     def __init__(self, config: ServerConfig | None = None, *, probe: str | None = None, log_dir: Path | None = None):
         # The same thread stacks with and without a cap, so a line fitted without one predicts where a cap bites.
-        self.config = replace(config or ServerConfig(), thread_stack_bytes=(config.thread_stack_bytes if config else None)
-                              or CAPPED_STACK_BYTES)
+        self.config = replace(
+            config or ServerConfig(),
+            thread_stack_bytes=(config.thread_stack_bytes if config else None) or CAPPED_STACK_BYTES,
+        )
         self.probe = probe
         self.log_dir = log_dir
 
@@ -124,8 +134,11 @@ class EmbeddedLoader(Loader):
 
     @contextlib.contextmanager
     def load(self, context_tokens: int, memory_cap_bytes: int | None = None) -> Iterator[LoadedModel]:
-        config = replace(self.config, context_tokens=context_tokens,
-                         memory_cap_bytes=memory_cap_bytes or self.config.memory_cap_bytes)
+        config = replace(
+            self.config,
+            context_tokens=context_tokens,
+            memory_cap_bytes=memory_cap_bytes or self.config.memory_cap_bytes,
+        )
         log_path = self.log_dir / f"server-ctx{context_tokens}.log" if self.log_dir else None
         if log_path and log_path.exists():
             log_path.unlink()
@@ -168,11 +181,13 @@ class OllamaLoader(Loader):
         import ollama
 
         try:
-            reply = self._client.generate(self.model, prompt, options={"num_ctx": num_ctx, "num_predict": max_tokens},
-                                          keep_alive="10m")
+            reply = self._client.generate(
+                self.model, prompt, options={"num_ctx": num_ctx, "num_predict": max_tokens}, keep_alive="10m"
+            )
         except ollama.ResponseError as exc:
-            raise KvbatchError(f"Ollama could not serve at num_ctx {num_ctx}: {exc.error}",
-                               status_code=exc.status_code) from exc
+            raise KvbatchError(
+                f"Ollama could not serve at num_ctx {num_ctx}: {exc.error}", status_code=exc.status_code
+            ) from exc
         except ConnectionError as exc:
             raise KvbatchError(f"cannot reach Ollama at {self.url}: {exc}") from exc
         return reply.model_dump()
@@ -207,12 +222,23 @@ def fit_line(contexts: list[float] | np.ndarray, used: list[float] | np.ndarray)
     result = stats.linregress(x, y)
     dof = max(len(x) - 2, 1)
     half = float(stats.t.ppf(0.975, dof) * result.stderr) if len(x) > 2 else float("nan")
-    return LinearFit(float(result.slope), float(result.intercept), float(result.rvalue**2),
-                     (float(result.slope - half), float(result.slope + half)), len(x))
+    return LinearFit(
+        float(result.slope),
+        float(result.intercept),
+        float(result.rvalue**2),
+        (float(result.slope - half), float(result.slope + half)),
+        len(x),
+    )
 
 
-def sweep_allocated(loader: Loader, contexts: list[int], repeats: int = 1, *, settle_s: float = 0.3,
-                    on_point: Callable[[LoadPoint], None] | None = None) -> list[LoadPoint]:
+def sweep_allocated(
+    loader: Loader,
+    contexts: list[int],
+    repeats: int = 1,
+    *,
+    settle_s: float = 0.3,
+    on_point: Callable[[LoadPoint], None] | None = None,
+) -> list[LoadPoint]:
     """Sweep A: load at each context (`repeats` times, interleaved) and read memory right after load."""
     points: list[LoadPoint] = []
     for repeat in range(repeats):
@@ -226,8 +252,9 @@ def sweep_allocated(loader: Loader, contexts: list[int], repeats: int = 1, *, se
     return points
 
 
-def sweep_in_use(loader: Loader, context_tokens: int, fractions: list[float], *,
-                 on_point: Callable[[LoadPoint], None] | None = None) -> list[LoadPoint]:
+def sweep_in_use(
+    loader: Loader, context_tokens: int, fractions: list[float], *, on_point: Callable[[LoadPoint], None] | None = None
+) -> list[LoadPoint]:
     """Sweep B: one load; serve requests that fill more and more of the context, reading memory after each."""
     points: list[LoadPoint] = []
     with loader.load(context_tokens) as loaded:
@@ -277,8 +304,9 @@ class SafeContextResult:
         return data
 
 
-def try_context(loader: Loader, context_tokens: int, budget_bytes: int, *, fill_fraction: float = 1.0,
-                enforce_budget: bool = True) -> Probe:
+def try_context(
+    loader: Loader, context_tokens: int, budget_bytes: int, *, fill_fraction: float = 1.0, enforce_budget: bool = True
+) -> Probe:
     """Load at `context_tokens` under the budget and serve a request filling it. A failed start, an out-of-memory
     error, a crash, or memory above the budget (where the budget cannot be enforced by the OS) is 'too big'."""
     started = time.perf_counter()
@@ -296,10 +324,20 @@ def try_context(loader: Loader, context_tokens: int, budget_bytes: int, *, fill_
     return Probe(context_tokens, True, "loaded and served", time.perf_counter() - started)
 
 
-def search_safe_context(loader: Loader, budget_bytes: int, *, floor_tokens: int, ceiling_tokens: int,
-                        step_tokens: int = 256, fit: LinearFit | None = None, safety_margin: float = 0.8,
-                        fill_fraction: float = 1.0, enforce_budget: bool = True, known: list[Probe] | None = None,
-                        on_probe: Callable[[Probe], None] | None = None) -> SafeContextResult:
+def search_safe_context(
+    loader: Loader,
+    budget_bytes: int,
+    *,
+    floor_tokens: int,
+    ceiling_tokens: int,
+    step_tokens: int = 256,
+    fit: LinearFit | None = None,
+    safety_margin: float = 0.8,
+    fill_fraction: float = 1.0,
+    enforce_budget: bool = True,
+    known: list[Probe] | None = None,
+    on_probe: Callable[[Probe], None] | None = None,
+) -> SafeContextResult:
     """Bisection between `floor_tokens` and `ceiling_tokens` (the trained context) on a `step_tokens` grid.
 
     The fitted line picks the first probe (its predicted boundary); the search gallops from there until the
@@ -311,8 +349,9 @@ def search_safe_context(loader: Loader, budget_bytes: int, *, floor_tokens: int,
 
     def fits(context: int) -> bool:
         if context not in cache:
-            probe = try_context(loader, context, budget_bytes, fill_fraction=fill_fraction,
-                                enforce_budget=enforce_budget)
+            probe = try_context(
+                loader, context, budget_bytes, fill_fraction=fill_fraction, enforce_budget=enforce_budget
+            )
             result.probes.append(probe)
             if on_probe:
                 on_probe(probe)
@@ -380,9 +419,17 @@ class SustainedResult:
     reasons: list[str]
 
 
-async def sustained_load(backend, probe: MemoryProbe | None, body: dict[str, Any], *, duration_s: float,
-                         in_flight: int = 1, interval_s: float = 10.0, drift_tolerance: float = 0.05,
-                         throughput_tolerance: float = 0.5) -> SustainedResult:
+async def sustained_load(
+    backend,
+    probe: MemoryProbe | None,
+    body: dict[str, Any],
+    *,
+    duration_s: float,
+    in_flight: int = 1,
+    interval_s: float = 10.0,
+    drift_tolerance: float = 0.05,
+    throughput_tolerance: float = 0.5,
+) -> SustainedResult:
     """Send `body` with `in_flight` concurrent workers for `duration_s`; pass if memory does not drift by more than
     `drift_tolerance` (last quarter vs first quarter) and no full interval falls below `throughput_tolerance` of
     the median interval."""
@@ -421,5 +468,6 @@ async def sustained_load(backend, probe: MemoryProbe | None, body: dict[str, Any
         reasons.append("no request finished within an interval")
     elif floor_share < throughput_tolerance:
         reasons.append(f"an interval fell to {floor_share:.0%} of the median throughput")
-    return SustainedResult(elapsed, len(finished), interval_s, per_interval, series, drift, floor_share,
-                           not reasons, reasons)
+    return SustainedResult(
+        elapsed, len(finished), interval_s, per_interval, series, drift, floor_share, not reasons, reasons
+    )

@@ -47,11 +47,19 @@ def update_result(path: Path, section: str, data: Any, **top: Any) -> dict[str, 
     return content
 
 
-def make_loader(backend: str, *, url: str | None = None, model: str | None = None, config: ServerConfig | None = None,
-                probe: str | None = None, log_dir: Path | None = None) -> Loader:
+def make_loader(
+    backend: str,
+    *,
+    url: str | None = None,
+    model: str | None = None,
+    config: ServerConfig | None = None,
+    probe: str | None = None,
+    log_dir: Path | None = None,
+) -> Loader:
     if backend == "embedded":
-        return EmbeddedLoader(config or ServerConfig(), probe=None if probe in (None, "auto") else probe,
-                              log_dir=log_dir)
+        return EmbeddedLoader(
+            config or ServerConfig(), probe=None if probe in (None, "auto") else probe, log_dir=log_dir
+        )
     if backend == "ollama":
         if not url or not model:
             raise ValueError("the ollama backend needs url and model")
@@ -59,8 +67,9 @@ def make_loader(backend: str, *, url: str | None = None, model: str | None = Non
     raise ValueError(f"unknown backend {backend!r}; use embedded or ollama")
 
 
-def architecture(backend: str, *, url: str | None = None, model: str | None = None,
-                 model_path: str | None = None) -> KvArchitecture:
+def architecture(
+    backend: str, *, url: str | None = None, model: str | None = None, model_path: str | None = None
+) -> KvArchitecture:
     """The model's attention shape: from the GGUF (embedded) or Ollama's /api/show model_info."""
     if backend == "ollama":
         import ollama
@@ -76,8 +85,16 @@ def model_name(backend: str, model: str | None, model_path: str | None) -> str:
     return Path(model_path).name if model_path else default_model_path().name
 
 
-def kv_growth(loader: Loader, arch: KvArchitecture, config: ServerConfig, contexts: list[int], repeats: int,
-              fill_context: int, fill_fractions: list[float], out: Path) -> dict[str, Any]:
+def kv_growth(
+    loader: Loader,
+    arch: KvArchitecture,
+    config: ServerConfig,
+    contexts: list[int],
+    repeats: int,
+    fill_context: int,
+    fill_fractions: list[float],
+    out: Path,
+) -> dict[str, Any]:
     """Sweep A (memory vs allocated context) with its fit and the prediction beside it; sweep B (memory vs tokens
     in use at one allocation). Saves the fit into the result file."""
     points_a = pd.DataFrame([asdict(p) for p in sweep_allocated(loader, contexts, repeats)])
@@ -86,8 +103,9 @@ def kv_growth(loader: Loader, arch: KvArchitecture, config: ServerConfig, contex
     for column in ("virtual_bytes", "kv_log_bytes"):
         if column in points_a and points_a[column].notna().all():
             fits[column] = fit_line(points_a["context_tokens"], points_a[column])
-    predicted = kv_bytes_per_token(arch, cache_type_k=config.cache_type_k, cache_type_v=config.cache_type_v,
-                                   swa_full=config.swa_full)
+    predicted = kv_bytes_per_token(
+        arch, cache_type_k=config.cache_type_k, cache_type_v=config.cache_type_v, swa_full=config.swa_full
+    )
     points_b = pd.DataFrame([asdict(p) for p in sweep_in_use(loader, fill_context, fill_fractions)])
     growth_b = float(points_b["used_bytes"].iloc[-1] - points_b["used_bytes"].iloc[0])
     section = {
@@ -100,7 +118,8 @@ def kv_growth(loader: Loader, arch: KvArchitecture, config: ServerConfig, contex
         "r_squared": fit.r_squared,
         "predicted_slope_bytes_per_token": predicted,
         "slope_vs_predicted": fit.slope_bytes_per_token / predicted - 1 if predicted else None,
-        "virtual_slope_bytes_per_token": fits["virtual_bytes"].slope_bytes_per_token if "virtual_bytes" in fits
+        "virtual_slope_bytes_per_token": fits["virtual_bytes"].slope_bytes_per_token
+        if "virtual_bytes" in fits
         else None,
         "virtual_base_bytes": fits["virtual_bytes"].base_bytes if "virtual_bytes" in fits else None,
         "log_kv_slope_bytes_per_token": fits["kv_log_bytes"].slope_bytes_per_token if "kv_log_bytes" in fits else None,
@@ -108,11 +127,24 @@ def kv_growth(loader: Loader, arch: KvArchitecture, config: ServerConfig, contex
         "in_use_growth_bytes": growth_b,
         "in_use_max_tokens": int(points_b["tokens_in_use"].max()),
     }
-    update_result(out, "fit", section, model=out.stem.split("__")[0], server_flags=loader.flags(),
-                  architecture=arch.as_dict(), trained_context_tokens=arch.context_length_trained,
-                  kv_bytes_per_token=fit.slope_bytes_per_token)
-    return {"points_allocated": points_a, "points_in_use": points_b, "fit": fit, "fits": fits,
-            "predicted_slope": predicted, "section": section}
+    update_result(
+        out,
+        "fit",
+        section,
+        model=out.stem.split("__")[0],
+        server_flags=loader.flags(),
+        architecture=arch.as_dict(),
+        trained_context_tokens=arch.context_length_trained,
+        kv_bytes_per_token=fit.slope_bytes_per_token,
+    )
+    return {
+        "points_allocated": points_a,
+        "points_in_use": points_b,
+        "fit": fit,
+        "fits": fits,
+        "predicted_slope": predicted,
+        "section": section,
+    }
 
 
 def serving_anchor(loader: Loader, floor_tokens: int, fill_fraction: float) -> tuple[Probe, int]:
@@ -140,13 +172,25 @@ def resolve_budget(budget: str | int, anchor_bytes: int, floor_tokens: int) -> t
         value = parse_bytes(text, what="budget")
         return value, f"{value / 2**30:.2f} GiB"
     headroom = parse_bytes(text[1:], what="budget headroom")
-    return anchor_bytes + headroom, (f"{(anchor_bytes + headroom) / 2**30:.3f} GiB = the model serving at "
-                                     f"{floor_tokens} tokens ({anchor_bytes / 2**20:.0f} MiB) + "
-                                     f"{headroom / 2**20:.0f} MiB")
+    return anchor_bytes + headroom, (
+        f"{(anchor_bytes + headroom) / 2**30:.3f} GiB = the model serving at "
+        f"{floor_tokens} tokens ({anchor_bytes / 2**20:.0f} MiB) + "
+        f"{headroom / 2**20:.0f} MiB"
+    )
 
 
-def safe_context(loader: Loader, arch: KvArchitecture, budget: str | int, *, margin: float, floor_tokens: int,
-                 step_tokens: int, fill_fraction: float, out: Path, ceiling_tokens: int | None = None) -> dict[str, Any]:
+def safe_context(
+    loader: Loader,
+    arch: KvArchitecture,
+    budget: str | int,
+    *,
+    margin: float,
+    floor_tokens: int,
+    step_tokens: int,
+    fill_fraction: float,
+    out: Path,
+    ceiling_tokens: int | None = None,
+) -> dict[str, Any]:
     """Search the largest context that loads and serves under the budget. The guiding line has the slope fitted
     in sweep A (of address space on a CPU, where the cap is) through the served floor point."""
     on_gpu = nvml_available() or isinstance(loader, OllamaLoader)
@@ -158,9 +202,18 @@ def safe_context(loader: Loader, arch: KvArchitecture, budget: str | int, *, mar
     if slope:
         fit = LinearFit(slope, anchor_bytes - slope * floor_tokens, saved.get("r_squared", 0.0), (slope, slope), 0)
     ceiling = ceiling_tokens or arch.context_length_trained or 131072
-    result = search_safe_context(loader, budget_bytes, floor_tokens=floor_tokens, ceiling_tokens=ceiling,
-                                 step_tokens=step_tokens, fit=fit, safety_margin=margin, fill_fraction=fill_fraction,
-                                 enforce_budget=not on_gpu, known=[anchor_probe])
+    result = search_safe_context(
+        loader,
+        budget_bytes,
+        floor_tokens=floor_tokens,
+        ceiling_tokens=ceiling,
+        step_tokens=step_tokens,
+        fit=fit,
+        safety_margin=margin,
+        fill_fraction=fill_fraction,
+        enforce_budget=not on_gpu,
+        known=[anchor_probe],
+    )
     section = result.as_dict()
     section["enforced_by"] = "memory use vs budget (GPU / Ollama)" if on_gpu else "RLIMIT_AS cap on the server"
     section["ceiling_tokens"] = ceiling
@@ -170,9 +223,19 @@ def safe_context(loader: Loader, arch: KvArchitecture, budget: str | int, *, mar
     return {"result": result, "probes": probes, "section": section, "budget_text": budget_text}
 
 
-def sustained(config: ServerConfig, body: dict[str, Any], *, duration_s: float, in_flight: int, interval_s: float,
-              out: Path, url: str | None = None, backend_name: str = "openai", model: str | None = None,
-              drift_tolerance: float = 0.05) -> dict[str, Any]:
+def sustained(
+    config: ServerConfig,
+    body: dict[str, Any],
+    *,
+    duration_s: float,
+    in_flight: int,
+    interval_s: float,
+    out: Path,
+    url: str | None = None,
+    backend_name: str = "openai",
+    model: str | None = None,
+    drift_tolerance: float = 0.05,
+) -> dict[str, Any]:
     """Hold a planned configuration under load for `duration_s` and check memory and throughput stay put."""
     from kvbatch.backends import get_backend
     from kvbatch.probes import pick_probe
@@ -181,14 +244,28 @@ def sustained(config: ServerConfig, body: dict[str, Any], *, duration_s: float, 
     async def go(base_url: str, pid: int | None, log_text) -> tuple[Any, dict[str, float]]:
         backend = get_backend(backend_name, base_url, **({"model": model} if model else {}))
         try:
-            probe = pick_probe(None, pid=pid, ollama_url=base_url if backend_name == "ollama" else None,
-                               ollama_model=model, log_text=log_text)
+            probe = pick_probe(
+                None,
+                pid=pid,
+                ollama_url=base_url if backend_name == "ollama" else None,
+                ollama_model=model,
+                log_text=log_text,
+            )
             first = await backend.chat(body)
-            outcome = await sustained_load(backend, probe, body, duration_s=duration_s, in_flight=in_flight,
-                                           interval_s=interval_s, drift_tolerance=drift_tolerance)
+            outcome = await sustained_load(
+                backend,
+                probe,
+                body,
+                duration_s=duration_s,
+                in_flight=in_flight,
+                interval_s=interval_s,
+                drift_tolerance=drift_tolerance,
+            )
             timings = first.timings
-            speeds = {"prompt_tokens_per_s": timings.get("prompt_per_second"),
-                      "answer_tokens_per_s": timings.get("predicted_per_second")}
+            speeds = {
+                "prompt_tokens_per_s": timings.get("prompt_per_second"),
+                "answer_tokens_per_s": timings.get("predicted_per_second"),
+            }
             return outcome, speeds
         finally:
             await backend.aclose()

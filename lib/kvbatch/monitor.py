@@ -16,8 +16,16 @@ class MemoryMonitor:
     The probe is re-picked when the server's PID changes (a restart), so the series follows the server.
     """
 
-    def __init__(self, supervisor, csv_path: Path, *, interval_s: float = 1.0, threshold_bytes: int | None = None,
-                 on_high: Callable[[int], Awaitable[None]] | None = None, prefer: str | None = None) -> None:
+    def __init__(
+        self,
+        supervisor,
+        csv_path: Path,
+        *,
+        interval_s: float = 1.0,
+        threshold_bytes: int | None = None,
+        on_high: Callable[[int], Awaitable[None]] | None = None,
+        prefer: str | None = None,
+    ) -> None:
         self.supervisor = supervisor
         self.csv_path = csv_path
         self.interval_s = interval_s
@@ -36,9 +44,13 @@ class MemoryMonitor:
         if self._probe is None or pid != self._probe_pid:
             ollama_url = self.supervisor.backend.base_url if self.supervisor.backend.name == "ollama" else None
             try:
-                self._probe = pick_probe(self.prefer, pid=pid, ollama_url=ollama_url,
-                                         ollama_model=self.supervisor.backend.model, log_text=self.supervisor.log_text
-                                         if pid else None)
+                self._probe = pick_probe(
+                    self.prefer,
+                    pid=pid,
+                    ollama_url=ollama_url,
+                    ollama_model=self.supervisor.backend.model,
+                    log_text=self.supervisor.log_text if pid else None,
+                )
             except Exception:  # no probe for this server (an external OpenAI server on another machine)
                 self._probe = None
             self._probe_pid = pid

@@ -114,9 +114,11 @@ class Plan:
             f"plan ({self.mode} mode) for {self.request_count} requests",
             f"  system prompt: {self.system_prompt_tokens} tokens; largest request (p99): {self.request_tokens_p99} "
             f"tokens incl. answer [{self.token_source}]",
-            f"  server: {self.parallel_slots} slot(s) x {self.slot_context_tokens} tokens = {self.total_context_tokens} "
-            f"context" + (f", KV cache about {self.predicted_kv_bytes / 2**20:.0f} MiB" if self.predicted_kv_bytes
-                          else "") + f" [{self.limits_source}]",
+            f"  server: {self.parallel_slots} slot(s) x {self.slot_context_tokens} tokens = "
+            f"{self.total_context_tokens} "
+            f"context"
+            + (f", KV cache about {self.predicted_kv_bytes / 2**20:.0f} MiB" if self.predicted_kv_bytes else "")
+            + f" [{self.limits_source}]",
         ]
         if self.mode == "conversation":
             lines.append(f"  conversation chunk: {self.chunk_size} requests per conversation")
@@ -132,8 +134,9 @@ def _align(tokens: float) -> int:
     return int(math.ceil(tokens / CONTEXT_ALIGN_TOKENS) * CONTEXT_ALIGN_TOKENS)
 
 
-def size_profile(report, system_prompt_tokens: int, chars_per_token: float, token_source: str,
-                 default_max_tokens: int) -> SizeProfile:
+def size_profile(
+    report, system_prompt_tokens: int, chars_per_token: float, token_source: str, default_max_tokens: int
+) -> SizeProfile:
     """Turn the input scan's character counts into token figures with a calibrated chars-per-token ratio."""
     chars = np.frombuffer(report.user_chars, dtype=np.int32) if len(report.user_chars) else np.zeros(1, np.int32)
     max_tokens = np.frombuffer(report.max_tokens, dtype=np.int32) if len(report.max_tokens) else np.zeros(1, np.int32)
@@ -149,8 +152,10 @@ def size_profile(report, system_prompt_tokens: int, chars_per_token: float, toke
         max_tokens_p99=int(np.percentile(max_tokens, 99)),
         max_tokens_mean=float(max_tokens.mean()),
         longest_request_id=longest_id,
-        longest_request_tokens=system_prompt_tokens + int(math.ceil(longest_chars / chars_per_token))
-        + 2 * CHAT_TEMPLATE_TOKENS_PER_MESSAGE + int(max_tokens.max()),
+        longest_request_tokens=system_prompt_tokens
+        + int(math.ceil(longest_chars / chars_per_token))
+        + 2 * CHAT_TEMPLATE_TOKENS_PER_MESSAGE
+        + int(max_tokens.max()),
         chars_per_token=chars_per_token,
         token_source=token_source,
     )
@@ -189,13 +194,16 @@ def make_plan(
         # The user's word wins, even above the safe context: out-of-memory recovery backs off if it was too much.
         slot_ceiling = requested_context
         if sizes.longest_request_tokens > requested_context:
-            notes.append(f"the largest request, {sizes.longest_request_id!r}, needs about "
-                         f"{sizes.longest_request_tokens} tokens, more than the {requested_context} asked for: "
-                         "requests that do not fit fail alone, into errors.jsonl")
+            notes.append(
+                f"the largest request, {sizes.longest_request_id!r}, needs about "
+                f"{sizes.longest_request_tokens} tokens, more than the {requested_context} asked for: "
+                "requests that do not fit fail alone, into errors.jsonl"
+            )
     if mode == "independent":
         wanted = _align(max(need, sizes.longest_request_tokens) * 1.05)
-        slot_context = requested_context or min(wanted, slot_ceiling - slot_ceiling % CONTEXT_ALIGN_TOKENS
-                                                or slot_ceiling)
+        slot_context = requested_context or min(
+            wanted, slot_ceiling - slot_ceiling % CONTEXT_ALIGN_TOKENS or slot_ceiling
+        )
         fitting = max(limits.safe_context_tokens // slot_context, 1)
         slots = requested_slots or max(1, min(fitting, max_slots, sizes.request_count))
         if requested_slots and requested_slots > fitting:

@@ -41,8 +41,9 @@ class Progress:
         rate = self.done / elapsed if elapsed else 0.0
         of = f"/{self.total}" if self.total else ""
         eta = f", ETA {(self.total - self.done) / rate:.0f} s" if self.total and rate else ""
-        print(f"[kvbatch] {self.done}{of} requests, {rate:.2f} req/s{eta}, {self._postfix()}", file=sys.stderr,
-              flush=True)
+        print(
+            f"[kvbatch] {self.done}{of} requests, {rate:.2f} req/s{eta}, {self._postfix()}", file=sys.stderr, flush=True
+        )
 
     def note(self, message: str) -> None:
         if not self.enabled:

@@ -29,21 +29,31 @@ def load_results(run_dir: Path | str) -> pd.DataFrame:
         usage = body.get("usage") or {}
         details = usage.get("prompt_tokens_details") or {}
         cached = details.get("cached_tokens", (body.get("timings") or {}).get("cache_n"))
-        rows.append({
-            "custom_id": record["custom_id"],
-            "answer": (choice.get("message") or {}).get("content"),
-            "finish_reason": choice.get("finish_reason"),
-            "prompt_tokens": usage.get("prompt_tokens"),
-            "cached_tokens": cached,
-            "completion_tokens": usage.get("completion_tokens"),
-        })
-    return pd.DataFrame(rows, columns=["custom_id", "answer", "finish_reason", "prompt_tokens", "cached_tokens",
-                                       "completion_tokens"])
+        rows.append(
+            {
+                "custom_id": record["custom_id"],
+                "answer": (choice.get("message") or {}).get("content"),
+                "finish_reason": choice.get("finish_reason"),
+                "prompt_tokens": usage.get("prompt_tokens"),
+                "cached_tokens": cached,
+                "completion_tokens": usage.get("completion_tokens"),
+            }
+        )
+    return pd.DataFrame(
+        rows, columns=["custom_id", "answer", "finish_reason", "prompt_tokens", "cached_tokens", "completion_tokens"]
+    )
 
 
 def load_errors(run_dir: Path | str) -> pd.DataFrame:
-    rows = [{"custom_id": r["custom_id"], "code": r["error"]["code"], "message": r["error"]["message"],
-             "attempts": r.get("attempts")} for r in _jsonl_records(Path(run_dir) / "errors.jsonl")]
+    rows = [
+        {
+            "custom_id": r["custom_id"],
+            "code": r["error"]["code"],
+            "message": r["error"]["message"],
+            "attempts": r.get("attempts"),
+        }
+        for r in _jsonl_records(Path(run_dir) / "errors.jsonl")
+    ]
     return pd.DataFrame(rows, columns=["custom_id", "code", "message", "attempts"])
 
 

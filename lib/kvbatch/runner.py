@@ -73,8 +73,13 @@ def load_input(settings: BatchSettings) -> tuple[InputReport, Any]:
     if settings.template is not None or settings.system_prompt_path is not None:
         if settings.template is None or settings.system_prompt_path is None:
             raise UserInputError("a table input needs both --system-prompt FILE and --template TEXT")
-        table = TableInput(settings.input_path, settings.system_prompt_path, settings.template, settings.id_column,
-                           body_defaults=dict(settings.generation))
+        table = TableInput(
+            settings.input_path,
+            settings.system_prompt_path,
+            settings.template,
+            settings.id_column,
+            body_defaults=dict(settings.generation),
+        )
         report = table.scan()
         return report, lambda done: table.iter_requests(report, done)
     report = load_index(settings.run_dir / INDEX_FILE, settings.input_path) if settings.input_path.is_file() else None
@@ -114,22 +119,34 @@ def _fallback_limits(settings: BatchSettings, model_path: Path | None, base_byte
     if settings.url:
         # Another machine's memory is not ours to read: the server enforces its own limits and answers
         # over-long requests with an error; in-flight requests come from --parallel (and `auto`).
-        return Limits(safe_context_tokens=10**9, kv_bytes_per_token=0.0, base_bytes=0.0, budget_bytes=None,
-                      trained_context_tokens=None, source="external server: limits are the server's own")
+        return Limits(
+            safe_context_tokens=10**9,
+            kv_bytes_per_token=0.0,
+            base_bytes=0.0,
+            budget_bytes=None,
+            trained_context_tokens=None,
+            source="external server: limits are the server's own",
+        )
     slope = 18 * 1024.0
     source = "assumed 18 KiB/token"
     if model_path is not None:
         arch = architecture_from_gguf(model_path)
-        slope = kv_bytes_per_token(arch, cache_type_k=config.cache_type_k, cache_type_v=config.cache_type_v,
-                                   swa_full=config.swa_full)
+        slope = kv_bytes_per_token(
+            arch, cache_type_k=config.cache_type_k, cache_type_v=config.cache_type_v, swa_full=config.swa_full
+        )
         trained = arch.context_length_trained
         source = f"predicted {slope / 1024:.1f} KiB/token from the GGUF"
     budget = settings.memory_budget_bytes or config.memory_cap_bytes or psutil.virtual_memory().available
     usable = budget * settings.safety_margin - base_bytes
     safe = int(max(usable, 0) / slope) if slope else 0
-    return Limits(safe_context_tokens=safe, kv_bytes_per_token=slope, base_bytes=base_bytes,
-                  budget_bytes=budget, trained_context_tokens=trained,
-                  source=f"{source}, budget {budget / 2**30:.2f} GiB x {settings.safety_margin:.0%}")
+    return Limits(
+        safe_context_tokens=safe,
+        kv_bytes_per_token=slope,
+        base_bytes=base_bytes,
+        budget_bytes=budget,
+        trained_context_tokens=trained,
+        source=f"{source}, budget {budget / 2**30:.2f} GiB x {settings.safety_margin:.0%}",
+    )
 
 
 async def _learn_sizes_embedded(settings: BatchSettings, report: InputReport, requests_fn, run_dir: Path):
@@ -177,13 +194,20 @@ async def _prepare(settings: BatchSettings, report: InputReport, requests_fn, ru
     system_tokens = max(prefix_tokens.values(), default=0)
     sizes = size_profile(report, system_tokens, chars_per_token, token_source, settings.default_max_tokens)
     measured = settings.measurement_path or result_path(model_id(settings), settings.server)
-    limits = (Limits.from_measurement_file(measured) if measured.exists() else None) or \
-        _fallback_limits(settings, model_path, base_bytes)
+    limits = (Limits.from_measurement_file(measured) if measured.exists() else None) or _fallback_limits(
+        settings, model_path, base_bytes
+    )
     seconds_per_prompt, seconds_per_answer = _speeds(measured)
-    plan = make_plan(sizes, limits, mode=settings.mode, max_slots=settings.max_slots or 16,
-                     requested_slots=settings.max_slots if settings.concurrency != "auto" else None,
-                     requested_context=settings.slot_context_tokens,
-                     seconds_per_prompt_token=seconds_per_prompt, seconds_per_answer_token=seconds_per_answer)
+    plan = make_plan(
+        sizes,
+        limits,
+        mode=settings.mode,
+        max_slots=settings.max_slots or 16,
+        requested_slots=settings.max_slots if settings.concurrency != "auto" else None,
+        requested_context=settings.slot_context_tokens,
+        seconds_per_prompt_token=seconds_per_prompt,
+        seconds_per_answer_token=seconds_per_answer,
+    )
     say(plan.describe())
     return Prepared(plan, sizes, limits, prefix_tokens, backend)
 
@@ -221,17 +245,23 @@ async def run_batch_async(settings: BatchSettings, *, say=print) -> RunOutcome:
     if report.request_count == 0:
         return RunOutcome(settings.run_dir, None, None, {}, f"nothing to do: {settings.input_path} holds no requests")
     system_hash = hashlib.sha256("".join(sorted(report.prefix_texts)).encode()).hexdigest()
-    fingerprint = Fingerprint(report.input_hash, model_id(settings), f"sha256:{system_hash}",
-                              {"overrides": settings.generation, "default_max_tokens": settings.default_max_tokens},
-                              settings.mode)
+    fingerprint = Fingerprint(
+        report.input_hash,
+        model_id(settings),
+        f"sha256:{system_hash}",
+        {"overrides": settings.generation, "default_max_tokens": settings.default_max_tokens},
+        settings.mode,
+    )
     run_dir = settings.run_dir
     journal = Journal.open(run_dir, fingerprint)
     if not settings.template and load_index(run_dir / INDEX_FILE, settings.input_path) is None:
         save_index(report, run_dir / INDEX_FILE)
     remaining = report.request_count - len(journal.done)
     if journal.resumed:
-        say(f"resuming {run_dir}: {len(journal.done)} of {report.request_count} already done"
-            + (f" (cut a torn last line of {journal.repaired_bytes} bytes)" if journal.repaired_bytes else ""))
+        say(
+            f"resuming {run_dir}: {len(journal.done)} of {report.request_count} already done"
+            + (f" (cut a torn last line of {journal.repaired_bytes} bytes)" if journal.repaired_bytes else "")
+        )
     if remaining <= 0:
         journal.close()
         summary = json.loads((run_dir / "summary.json").read_text()) if (run_dir / "summary.json").exists() else {}
@@ -239,23 +269,41 @@ async def run_batch_async(settings: BatchSettings, *, say=print) -> RunOutcome:
 
     prepared = await _prepare(settings, report, requests_fn, run_dir, say)
     plan, sizes, prefix_tokens, backend = prepared.plan, prepared.sizes, prepared.prefix_tokens, prepared.backend
-    _write_json(run_dir / "plan.json", {"plan": plan.as_dict(), "sizes": asdict(sizes),
-                                        "limits": asdict(prepared.limits),
-                                        "server": settings.server.flags() if not settings.url else {"url": settings.url}})
+    _write_json(
+        run_dir / "plan.json",
+        {
+            "plan": plan.as_dict(),
+            "sizes": asdict(sizes),
+            "limits": asdict(prepared.limits),
+            "server": settings.server.flags() if not settings.url else {"url": settings.url},
+        },
+    )
 
     supervisor: Supervisor
     if settings.url:
-        supervisor = ExternalSupervisor(backend, slots=plan.parallel_slots,
-                                        slot_pinning=settings.backend == "openai" and await _is_llama_server(backend))
+        supervisor = ExternalSupervisor(
+            backend,
+            slots=plan.parallel_slots,
+            slot_pinning=settings.backend == "openai" and await _is_llama_server(backend),
+        )
     else:
         server_config = replace(settings.server, parallel_slots=plan.parallel_slots)
-        supervisor = EmbeddedSupervisor(server_config, slot_context=plan.slot_context_tokens,
-                                        min_slot_context=min(sizes.longest_request_tokens, plan.slot_context_tokens),
-                                        log_path=run_dir / "server.log")
-    options = RunOptions(mode=settings.mode, concurrency=settings.concurrency, chunk_size=plan.chunk_size,
-                         slot_context_tokens=plan.slot_context_tokens, max_attempts=settings.max_attempts,
-                         memory_threshold_bytes=settings.memory_threshold_bytes, progress=settings.progress,
-                         concurrency_candidates=tuple(c for c in (1, 2, 4, 8, 16, 32) if c <= plan.parallel_slots))
+        supervisor = EmbeddedSupervisor(
+            server_config,
+            slot_context=plan.slot_context_tokens,
+            min_slot_context=min(sizes.longest_request_tokens, plan.slot_context_tokens),
+            log_path=run_dir / "server.log",
+        )
+    options = RunOptions(
+        mode=settings.mode,
+        concurrency=settings.concurrency,
+        chunk_size=plan.chunk_size,
+        slot_context_tokens=plan.slot_context_tokens,
+        max_attempts=settings.max_attempts,
+        memory_threshold_bytes=settings.memory_threshold_bytes,
+        progress=settings.progress,
+        concurrency_candidates=tuple(c for c in (1, 2, 4, 8, 16, 32) if c <= plan.parallel_slots),
+    )
     executor = Executor(journal, supervisor, options, run_dir=run_dir, prefix_tokens=prefix_tokens, total=remaining)
     started = time.time()
     try:
@@ -268,8 +316,10 @@ async def run_batch_async(settings: BatchSettings, *, say=print) -> RunOutcome:
         journal.close()
     summary = _summary(report, plan, stats, executor, started, journal)
     _write_json(run_dir / "summary.json", summary)
-    message = (f"{summary['completed_total']} of {report.request_count} requests done, {summary['failed_total']} "
-               f"failed for good; results: {run_dir / 'results.jsonl'}")
+    message = (
+        f"{summary['completed_total']} of {report.request_count} requests done, {summary['failed_total']} "
+        f"failed for good; results: {run_dir / 'results.jsonl'}"
+    )
     return RunOutcome(run_dir, plan, stats, summary, message)
 
 
@@ -277,8 +327,10 @@ async def _is_llama_server(backend) -> bool:
     import aiohttp
 
     try:
-        async with aiohttp.ClientSession() as session, session.get(backend.base_url + "/props",
-                                                                    timeout=aiohttp.ClientTimeout(total=5)) as reply:
+        async with (
+            aiohttp.ClientSession() as session,
+            session.get(backend.base_url + "/props", timeout=aiohttp.ClientTimeout(total=5)) as reply,
+        ):
             return reply.status == 200 and "default_generation_settings" in await reply.json(content_type=None)
     except (aiohttp.ClientError, asyncio.TimeoutError, ValueError):
         return False
@@ -292,8 +344,9 @@ def _speeds(measured: Path) -> tuple[float | None, float | None]:
     return (1 / prompt if prompt else None), (1 / answer if answer else None)
 
 
-def _summary(report: InputReport, plan: Plan, stats: RunStats, executor: Executor, started: float,
-             journal: Journal) -> dict[str, Any]:
+def _summary(
+    report: InputReport, plan: Plan, stats: RunStats, executor: Executor, started: float, journal: Journal
+) -> dict[str, Any]:
     from kvbatch.journal import completed_ids
 
     elapsed = time.time() - started

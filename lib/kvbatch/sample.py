@@ -7,19 +7,106 @@ import json
 import random
 from pathlib import Path
 
-ROLES = ["backend engineer", "data analyst", "site reliability engineer", "product designer", "ML engineer",
-         "security engineer", "technical writer", "QA engineer", "mobile developer", "data engineer"]
-SKILLS = ["Python", "Go", "Rust", "SQL", "Kubernetes", "Terraform", "React", "TypeScript", "Spark", "Airflow",
-          "PyTorch", "pandas", "PostgreSQL", "Kafka", "AWS", "GCP", "Linux", "CI/CD", "observability", "Figma",
-          "accessibility", "threat modelling", "Swift", "Kotlin", "dbt", "statistics", "A/B testing"]
-FIRST = ["Ada", "Grace", "Alan", "Edsger", "Barbara", "Donald", "Frances", "Ken", "Radia", "Leslie", "Margaret",
-         "Dennis", "Hedy", "Tim", "Sophie", "Linus", "Katherine", "John", "Shafi", "Yukihiro"]
-LAST = ["Okafor", "Nakamura", "Silva", "Novak", "Haddad", "Kowalski", "Fischer", "Moreau", "Larsen", "Ivanova",
-        "Mensah", "Park", "Rossi", "Dubois", "Kumar", "Andersen", "Costa", "Yilmaz", "Walsh", "Tanaka"]
+ROLES = [
+    "backend engineer",
+    "data analyst",
+    "site reliability engineer",
+    "product designer",
+    "ML engineer",
+    "security engineer",
+    "technical writer",
+    "QA engineer",
+    "mobile developer",
+    "data engineer",
+]
+SKILLS = [
+    "Python",
+    "Go",
+    "Rust",
+    "SQL",
+    "Kubernetes",
+    "Terraform",
+    "React",
+    "TypeScript",
+    "Spark",
+    "Airflow",
+    "PyTorch",
+    "pandas",
+    "PostgreSQL",
+    "Kafka",
+    "AWS",
+    "GCP",
+    "Linux",
+    "CI/CD",
+    "observability",
+    "Figma",
+    "accessibility",
+    "threat modelling",
+    "Swift",
+    "Kotlin",
+    "dbt",
+    "statistics",
+    "A/B testing",
+]
+FIRST = [
+    "Ada",
+    "Grace",
+    "Alan",
+    "Edsger",
+    "Barbara",
+    "Donald",
+    "Frances",
+    "Ken",
+    "Radia",
+    "Leslie",
+    "Margaret",
+    "Dennis",
+    "Hedy",
+    "Tim",
+    "Sophie",
+    "Linus",
+    "Katherine",
+    "John",
+    "Shafi",
+    "Yukihiro",
+]
+LAST = [
+    "Okafor",
+    "Nakamura",
+    "Silva",
+    "Novak",
+    "Haddad",
+    "Kowalski",
+    "Fischer",
+    "Moreau",
+    "Larsen",
+    "Ivanova",
+    "Mensah",
+    "Park",
+    "Rossi",
+    "Dubois",
+    "Kumar",
+    "Andersen",
+    "Costa",
+    "Yilmaz",
+    "Walsh",
+    "Tanaka",
+]
 VERBS = ["led", "built", "migrated", "designed", "maintained", "scaled", "automated", "rewrote", "monitored", "tested"]
-THINGS = ["a billing pipeline", "the search service", "an internal analytics platform", "a fraud detection model",
-          "the mobile checkout flow", "a multi-region Kubernetes cluster", "the data warehouse", "an on-call rotation",
-          "a design system", "the public API", "a feature store", "the release process"]
+THINGS = [
+    "a billing pipeline",
+    "the search service",
+    "an internal analytics platform",
+    "a fraud detection model",
+    "the mobile checkout flow",
+    "a multi-region Kubernetes cluster",
+    "the data warehouse",
+    "an on-call rotation",
+    "a design system",
+    "the public API",
+    "a feature store",
+    "the release process",
+]
 
 CRITERIA_TOPICS = [
     ("Relevant experience", "years of hands-on work in the role's core duties, weighted toward the last five years"),
@@ -48,20 +135,24 @@ def system_prompt(target_tokens: int = 2400, seed: int = 7) -> str:
         title, text = CRITERIA_TOPICS[(section - 1) % len(CRITERIA_TOPICS)]
         detail = " ".join(
             f"Consider {rng.choice(SKILLS)} work where it shows {rng.choice(['judgement', 'rigour', 'care', 'speed'])}"
-            f" on {rng.choice(THINGS)}." for _ in range(6))
-        parts.append(f"\nCriterion {section}: {title}. Score 0-5 for {text}. {detail} A score of 5 needs two or more "
-                     f"independent examples; 3 means adequate; 1 means a claim without evidence; 0 means absent.\n")
+            f" on {rng.choice(THINGS)}."
+            for _ in range(6)
+        )
+        parts.append(
+            f"\nCriterion {section}: {title}. Score 0-5 for {text}. {detail} A score of 5 needs two or more "
+            f"independent examples; 3 means adequate; 1 means a claim without evidence; 0 means absent.\n"
+        )
     parts.append(
         "\nOutput format: first line 'DECISION: advance' or 'DECISION: hold'. Then one line per criterion as "
-        "'<number>. <title>: <score>/5 - <one sentence of evidence>'. End with 'SUMMARY:' and two sentences.\n")
+        "'<number>. <title>: <score>/5 - <one sentence of evidence>'. End with 'SUMMARY:' and two sentences.\n"
+    )
     return "".join(parts)
 
 
 def candidate_message(rng: random.Random, target_tokens: int = 600) -> str:
     name = f"{rng.choice(FIRST)} {rng.choice(LAST)}"
     role = rng.choice(ROLES)
-    lines = [f"Candidate: {name}", f"Applying for: {role}", f"Years of experience: {rng.randint(1, 20)}",
-             "Experience:"]
+    lines = [f"Candidate: {name}", f"Applying for: {role}", f"Years of experience: {rng.randint(1, 20)}", "Experience:"]
     while sum(len(line) for line in lines) < target_tokens * 4:
         lines.append(
             f"- {rng.randint(2008, 2026)}: {rng.choice(VERBS)} {rng.choice(THINGS)} using {rng.choice(SKILLS)} and "
@@ -73,8 +164,9 @@ def candidate_message(rng: random.Random, target_tokens: int = 600) -> str:
     return "\n".join(lines)
 
 
-def write_sample(path: Path, n: int, *, seed: int = 1, max_tokens: int = 300, system_tokens: int = 2400,
-                 user_tokens: int = 600) -> Path:
+def write_sample(
+    path: Path, n: int, *, seed: int = 1, max_tokens: int = 300, system_tokens: int = 2400, user_tokens: int = 600
+) -> Path:
     """Write `n` requests in the OpenAI Batch format, streaming (any n fits in memory)."""
     rng = random.Random(seed)
     system = system_prompt(system_tokens)
@@ -86,8 +178,10 @@ def write_sample(path: Path, n: int, *, seed: int = 1, max_tokens: int = 300, sy
                 "method": "POST",
                 "url": "/v1/chat/completions",
                 "body": {
-                    "messages": [{"role": "system", "content": system},
-                                 {"role": "user", "content": candidate_message(rng, user_tokens)}],
+                    "messages": [
+                        {"role": "system", "content": system},
+                        {"role": "user", "content": candidate_message(rng, user_tokens)},
+                    ],
                     "max_tokens": max_tokens,
                     "temperature": 0,
                 },

@@ -305,7 +305,9 @@ class EmbeddedServer:
             )
         else:
             advice = f"see the server log at {self.log_path}"
-        raise ServerStartError(f"{what}{quoted}; {advice}", failure_line=log.failure_line, out_of_memory=log.out_of_memory)
+        raise ServerStartError(
+            f"{what}{quoted}; {advice}", failure_line=log.failure_line, out_of_memory=log.out_of_memory
+        )
 
     def stop(self, timeout_s: float = 10.0) -> int | None:
         """SIGTERM, then SIGKILL after `timeout_s`. Returns the exit code (None if never started)."""

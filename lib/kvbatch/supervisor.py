@@ -60,8 +60,15 @@ class EmbeddedSupervisor(Supervisor):
 
     slot_pinning = True
 
-    def __init__(self, config: ServerConfig, *, slot_context: int, min_slot_context: int, log_path: Path,
-                 request_timeout_s: float = 600.0) -> None:
+    def __init__(
+        self,
+        config: ServerConfig,
+        *,
+        slot_context: int,
+        min_slot_context: int,
+        log_path: Path,
+        request_timeout_s: float = 600.0,
+    ) -> None:
         self.slot_context = slot_context
         self.min_slot_context = min_slot_context
         self.config = replace(config, context_tokens=slot_context * config.parallel_slots, kv_unified=False)

@@ -38,7 +38,9 @@ class _ChatReply(ollama.ChatResponse):
     model_config = ConfigDict(extra="allow")
 
 
-def ollama_body(body: dict[str, Any], model: str, num_ctx: int | None, keep_alive: str | float | None) -> dict[str, Any]:
+def ollama_body(
+    body: dict[str, Any], model: str, num_ctx: int | None, keep_alive: str | float | None
+) -> dict[str, Any]:
     """Translate an OpenAI chat body to an `/api/chat` body; send only what was set."""
     options: dict[str, Any] = dict(body.get("options") or {})
     for openai_key, ollama_key in _OPTION_NAMES.items():
@@ -118,7 +120,8 @@ class OllamaBackend(Backend):
             raise classify_http_error(status, str(exc.error), url=f"{self.base_url}{what}") from exc
         except (ConnectionError, httpx.TransportError) as exc:
             raise ServerGoneError(
-                f"cannot reach Ollama at {self.base_url}{what} ({type(exc).__name__}: {exc}); is `ollama serve` running?"
+                f"cannot reach Ollama at {self.base_url}{what} ({type(exc).__name__}: {exc}); "
+                "is `ollama serve` running?"
             ) from exc
 
     async def chat(self, body: dict[str, Any], *, timeout_s: float | None = None) -> ChatResult:

@@ -98,7 +98,9 @@ class OpenAICompatBackend(Backend):
         if status >= 400:
             raise classify_http_error(status, server_error_message(decoded, text), url=self.base_url + path)
         if not isinstance(decoded, dict):
-            raise KvbatchError(f"{self.base_url}{path} answered HTTP {status} with a body that is not JSON: {text[:200]}")
+            raise KvbatchError(
+                f"{self.base_url}{path} answered HTTP {status} with a body that is not JSON: {text[:200]}"
+            )
         return decoded
 
     async def chat(self, body: dict[str, Any], *, timeout_s: float | None = None) -> ChatResult:

@@ -337,6 +337,9 @@ def cmd_report(args: argparse.Namespace) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    # A shell starts background jobs with SIGINT ignored, and Python then never raises KeyboardInterrupt; the
+    # terminal only sends Ctrl-C to the foreground job anyway, so always take it as "stop cleanly".
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     parser = build_parser()
     args = parser.parse_args(argv)
     try:

@@ -87,7 +87,7 @@ def build_parser() -> argparse.ArgumentParser:
     plan.set_defaults(handler=cmd_plan)
 
     sample = commands.add_parser("sample", help="write a synthetic candidate-screening batch of any size")
-    sample.add_argument("--n", type=int, default=20)
+    sample.add_argument("--n", type=int, default=16)
     sample.add_argument("--out", default="data/sample/requests.jsonl")
     sample.add_argument("--max-tokens", type=int, default=300)
     sample.add_argument("--seed", type=int, default=1)

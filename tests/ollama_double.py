@@ -15,6 +15,18 @@ from aiohttp import web
 
 MODEL = "gemma3:270m"
 NUM_CTX_DEFAULT = 4096
+# What /api/show returns in `model_info` for gemma3:270m: the same keys as the GGUF file.
+MODEL_INFO = {
+    "general.architecture": "gemma3",
+    "gemma3.block_count": 18,
+    "gemma3.attention.head_count": 4,
+    "gemma3.attention.head_count_kv": 1,
+    "gemma3.attention.key_length": 256,
+    "gemma3.attention.value_length": 256,
+    "gemma3.attention.sliding_window": 512,
+    "gemma3.context_length": 32768,
+    "gemma3.embedding_length": 640,
+}
 
 
 @dataclass
@@ -140,17 +152,7 @@ class OllamaDouble:
             {
                 "modelfile": "FROM gemma3:270m",
                 "details": {"format": "gguf", "family": "gemma3"},
-                "model_info": {
-                    "general.architecture": "gemma3",
-                    "gemma3.block_count": 18,
-                    "gemma3.attention.head_count": 4,
-                    "gemma3.attention.head_count_kv": 1,
-                    "gemma3.attention.key_length": 256,
-                    "gemma3.attention.value_length": 256,
-                    "gemma3.attention.sliding_window": 512,
-                    "gemma3.context_length": 32768,
-                    "gemma3.embedding_length": 640,
-                },
+                "model_info": MODEL_INFO,
                 "capabilities": ["completion"],
             }
         )

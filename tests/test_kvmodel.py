@@ -12,7 +12,7 @@ from kvbatch.kvmodel import (
     predicted_kv_bytes,
 )
 from kvbatch.server import default_model_path
-from ollama_double import OllamaDouble
+from ollama_double import MODEL_INFO
 
 
 def test_gemma3_270m_from_its_gguf_file():
@@ -39,18 +39,7 @@ def test_whole_cache_matches_the_server_log_at_load():
 
 
 def test_same_keys_from_ollama_model_info():
-    info = {
-        "general.architecture": "gemma3",
-        "gemma3.block_count": 18,
-        "gemma3.attention.head_count": 4,
-        "gemma3.attention.head_count_kv": 1,
-        "gemma3.attention.key_length": 256,
-        "gemma3.attention.value_length": 256,
-        "gemma3.attention.sliding_window": 512,
-        "gemma3.context_length": 32768,
-    }
-    assert OllamaDouble  # the double serves the same keys from /api/show
-    assert architecture_from_metadata(info) == GEMMA3_270M
+    assert architecture_from_metadata(MODEL_INFO) == GEMMA3_270M
 
 
 def test_a_model_without_sliding_window_counts_every_layer():

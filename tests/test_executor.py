@@ -71,7 +71,7 @@ def test_killed_server_mid_batch_is_restarted_and_the_run_completes(tmp_path):
     out, _ = process.communicate(timeout=300)
     assert process.returncode == 0, out
     assert sorted(r["custom_id"] for r in result_lines(run_dir)) == sorted(input_ids(batch))
-    events = [json.loads(line) for line in (run_dir / "events.jsonl").read_text().splitlines()]
+    events = result_lines(run_dir, "events.jsonl")
     recoveries = [e for e in events if e["event"] == "recovery"]
     assert recoveries and recoveries[0]["action"] == "restarted the embedded server"
 
@@ -94,7 +94,7 @@ def test_context_too_large_for_the_memory_cap_backs_off_and_completes(tmp_path):
     )
     assert result.returncode == 0, result.stdout + result.stderr
     assert len(result_lines(run_dir)) == 4
-    events = [json.loads(line) for line in (run_dir / "events.jsonl").read_text().splitlines()]
+    events = result_lines(run_dir, "events.jsonl")
     backoffs = [e for e in events if e["event"] == "start_backoff"]
     assert backoffs and backoffs[0]["out_of_memory"]
     assert "insufficient memory" in backoffs[0]["cause"] or "allocate" in backoffs[0]["cause"]
@@ -177,7 +177,7 @@ def test_memory_above_the_threshold_ends_conversations_early_and_is_logged(tmp_p
     )
     assert result.returncode == 0, result.stdout + result.stderr
     assert len(result_lines(run_dir)) == 4
-    events = [json.loads(line) for line in (run_dir / "events.jsonl").read_text().splitlines()]
+    events = result_lines(run_dir, "events.jsonl")
     assert [e["event"] for e in events].count("memory_high") == 1
     ended = [e for e in events if e["event"] == "chunk_end" and e["reason"] == "memory threshold"]
     assert len(ended) == 3  # every conversation ended after one turn while memory stayed above 1 MiB

@@ -6,6 +6,8 @@ backends agree on what "out of memory" or "too long" means whichever server said
 
 from __future__ import annotations
 
+import re
+
 
 class KvbatchError(Exception):
     """Root of every error kvbatch raises on purpose. Keeps the HTTP status and the server's own message."""
@@ -63,9 +65,7 @@ _OOM_MARKERS = (
     "cannot allocate memory",
     "bad_alloc",
     "thread creation failed",
-    "oom",
 )
-_CRASH_MARKERS = ("runner process has terminated", "unexpectedly stopped", "process has terminated")
 _OVERFLOW_MARKERS = (
     "exceeds the available context size",
     "context length",
@@ -79,7 +79,7 @@ _OVERFLOW_MARKERS = (
 def looks_like_oom(text: str) -> bool:
     """True when a server message or log line says an allocation failed."""
     lowered = text.lower()
-    return any(marker in lowered for marker in _OOM_MARKERS if marker != "oom") or " oom" in f" {lowered}"
+    return any(marker in lowered for marker in _OOM_MARKERS) or re.search(r"\boom", lowered) is not None
 
 
 def classify_http_error(status_code: int, message: str, *, url: str = "") -> KvbatchError:
@@ -96,7 +96,5 @@ def classify_http_error(status_code: int, message: str, *, url: str = "") -> Kvb
     if status_code >= 500:
         if looks_like_oom(message):
             return OutOfMemoryError(text, status_code=status_code, server_message=message)
-        if any(marker in lowered for marker in _CRASH_MARKERS):
-            return ServerGoneError(text, status_code=status_code, server_message=message)
         return ServerGoneError(text, status_code=status_code, server_message=message)
     return BadRequestError(text, status_code=status_code, server_message=message)

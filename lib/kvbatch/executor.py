@@ -274,12 +274,8 @@ class Executor:
                         None,
                         attempts,
                     )
-                except (ContextOverflowError, NotFoundError) as exc:
-                    error = exc
-                except BadRequestError as exc:
-                    error = exc
-                except (ServerBusyError, ServerGoneError) as exc:
-                    error = exc
+                except (BadRequestError, NotFoundError, ServerBusyError, ServerGoneError) as exc:
+                    error = exc  # handled below, outside the gate, so a recovery does not hold a slot
             if isinstance(error, NotFoundError):
                 self.fatal = error
                 raise error

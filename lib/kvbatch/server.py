@@ -24,8 +24,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from kvbatch.errors import ServerStartError, looks_like_oom
+from kvbatch.kvmodel import BYTES_PER_VALUE
 
-KV_CACHE_TYPES = ("f32", "f16", "bf16", "q8_0", "q4_0", "q4_1", "iq4_nl", "q5_0", "q5_1")
+KV_CACHE_TYPES = tuple(BYTES_PER_VALUE)  # the types kvmodel knows the size of
 _MIB = 1024 * 1024
 _KV_BUFFER_LINE = re.compile(r"(?P<where>[\w.-]+) KV buffer size\s*=\s*(?P<mib>[\d.]+) MiB")
 _SLOT_CTX_LINE = re.compile(r"new slot.*?n_ctx(?:_slot)?\s*=\s*(?P<n>\d+)")

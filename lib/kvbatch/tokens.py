@@ -46,8 +46,3 @@ async def count_tokens(backend: Backend | None, texts: list[str]) -> TokenCounts
     if estimated is not None:
         return TokenCounts(estimated, "tiktoken cl100k estimate")
     return TokenCounts([int(len(t) / FALLBACK_CHARS_PER_TOKEN) + 1 for t in texts], "4 chars/token estimate")
-
-
-def calibrated_chars_per_token(estimate: float, texts_chars: int, server_prompt_tokens: int) -> float:
-    """Correct an estimate once the server has reported real prompt token counts for the same texts."""
-    return texts_chars / server_prompt_tokens if server_prompt_tokens else estimate

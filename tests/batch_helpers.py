@@ -7,8 +7,8 @@ import subprocess
 import sys
 from pathlib import Path
 
-from kvbatch.journal import completed_ids
-from kvbatch.sample import write_sample
+from kvbatch.batch.journal import completed_ids
+from kvbatch.batch.sample import write_sample
 
 
 def small_batch(path: Path, n: int, *, max_tokens: int = 6) -> Path:

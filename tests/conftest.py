@@ -10,7 +10,7 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-from kvbatch.server import EmbeddedServer, ServerConfig  # noqa: E402
+from kvbatch.serve.server import EmbeddedServer, ServerConfig  # noqa: E402
 from ollama_double import OllamaDouble, RunningDouble  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]

@@ -6,7 +6,8 @@ import json
 
 import pytest
 from batch_helpers import kvbatch, replace_user_message, small_batch
-from kvbatch.batchio import TableInput, iter_openai_batch, scan_openai_batch
+from kvbatch.batch.openai_batch import iter_openai_batch, scan_openai_batch
+from kvbatch.batch.table import TableInput
 
 GOOD = {
     "custom_id": "a",

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from kvbatch.kvmodel import (
+from kvbatch.measure.kvmodel import (
     GEMMA3_12B,
     GEMMA3_270M,
     KIB,
@@ -11,7 +11,7 @@ from kvbatch.kvmodel import (
     kv_bytes_per_token,
     predicted_kv_bytes,
 )
-from kvbatch.server import default_model_path
+from kvbatch.serve.server import default_model_path
 from ollama_double import MODEL_INFO
 
 

@@ -4,7 +4,7 @@ context fills, and the safe-context search finds a boundary that really holds.""
 from __future__ import annotations
 
 import pytest
-from kvbatch.kvmodel import GEMMA3_270M, kv_bytes_per_token
+from kvbatch.measure.kvmodel import GEMMA3_270M, kv_bytes_per_token
 from kvbatch.measure import (
     EmbeddedLoader,
     fit_line,
@@ -14,7 +14,7 @@ from kvbatch.measure import (
     sweep_in_use,
     try_context,
 )
-from kvbatch.server import ServerConfig
+from kvbatch.serve.server import ServerConfig
 
 CONTEXTS = [2048, 8192, 16384, 32768]
 

@@ -4,7 +4,7 @@ changing num_ctx reloads the model, /api/ps gives its size, an out-of-memory loa
 from __future__ import annotations
 
 import pytest
-from kvbatch.kvmodel import GEMMA3_270M, KIB, kv_bytes_per_token
+from kvbatch.measure.kvmodel import GEMMA3_270M, KIB, kv_bytes_per_token
 from kvbatch.measure import OllamaLoader, fit_line, search_safe_context, sweep_allocated
 from kvbatch.measurements import architecture
 from ollama_double import MODEL

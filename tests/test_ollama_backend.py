@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 
 import pytest
-from kvbatch.backends import get_backend, known_backends
+from kvbatch.serve.backends import get_backend, known_backends
 from kvbatch.errors import (
     ContextOverflowError,
     NotFoundError,

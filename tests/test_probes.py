@@ -33,7 +33,7 @@ def test_unknown_or_impossible_probes_say_why():
 @pytest.mark.gpu
 def test_nvml_probes_on_a_gpu_server():
     """Opt-in (KVBATCH_GPU_TESTS=1) on a machine with an NVIDIA GPU and a CUDA build of llama-server."""
-    from kvbatch.server import EmbeddedServer, ServerConfig
+    from kvbatch.serve.server import EmbeddedServer, ServerConfig
 
     device = NvmlDeviceProbe()
     before = device.read()

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 
 from batch_helpers import kvbatch
-from kvbatch.journal import Fingerprint, Journal
+from kvbatch.batch.journal import Fingerprint, Journal
 from kvbatch.results import load_results
 
 EVIL = "<script>alert('x')</script>"

@@ -9,32 +9,31 @@ import signal
 import subprocess
 import sys
 import time
+import urllib.error
 import urllib.request
 
 import psutil
 import pytest
-from kvbatch.backends import get_backend
-from kvbatch.errors import ContextOverflowError, ServerGoneError, ServerStartError
-from kvbatch.sample import system_prompt
-from kvbatch.server import EmbeddedServer, ServerConfig, parse_server_log
+from kvbatch.serve.backends import get_backend
+from kvbatch.errors import AuthError, ContextOverflowError, ServerGoneError, ServerStartError
+from kvbatch.batch.sample import system_prompt
+from kvbatch.serve.server import EmbeddedServer, ServerConfig, parse_server_log
 
 SYSTEM = system_prompt(400)
 
 
-def _chat(url: str, user: str, **extra) -> list:
+def _chat(server, user: str, *, slot: int | None = None, api_key: str | None = None):
     async def go():
-        backend = get_backend("openai", url)
+        backend = get_backend("openai", server.url, api_key=api_key or server.api_key, slot_pinning=True)
         try:
-            return [
-                await backend.chat(
-                    {
-                        "messages": [{"role": "system", "content": SYSTEM}, {"role": "user", "content": user}],
-                        "max_tokens": 8,
-                        "temperature": 0,
-                        **extra,
-                    }
-                )
-            ]
+            return await backend.chat(
+                {
+                    "messages": [{"role": "system", "content": SYSTEM}, {"role": "user", "content": user}],
+                    "max_tokens": 8,
+                    "temperature": 0,
+                },
+                slot=slot,
+            )
         finally:
             await backend.aclose()
 
@@ -42,8 +41,8 @@ def _chat(url: str, user: str, **extra) -> list:
 
 
 def test_chat_completion_and_cached_prefix(embedded_server):
-    first = _chat(embedded_server.url, "Candidate: Ada. Score this candidate.", id_slot=0)[0]
-    second = _chat(embedded_server.url, "Candidate: Grace. Score this candidate.", id_slot=0)[0]
+    first = _chat(embedded_server, "Candidate: Ada. Score this candidate.", slot=0)
+    second = _chat(embedded_server, "Candidate: Grace. Score this candidate.", slot=0)
     assert first.completion_tokens and first.completion_tokens > 0
     assert first.finish_reason in ("length", "stop")
     assert second.prompt_tokens and second.prompt_tokens > 400
@@ -62,7 +61,7 @@ def test_server_log_reports_kv_buffers_and_slots(embedded_server):
 
 def test_too_long_prompt_is_a_context_overflow_error(embedded_server):
     with pytest.raises(ContextOverflowError, match="exceeds the available context size"):
-        _chat(embedded_server.url, "word " * 6000)
+        _chat(embedded_server, "word " * 6000)
 
 
 def test_start_under_a_too_small_memory_cap_quotes_the_allocation_failure():
@@ -79,17 +78,30 @@ def test_start_under_a_too_small_memory_cap_quotes_the_allocation_failure():
 def test_stop_leaves_no_process_and_a_dead_server_is_server_gone():
     server = EmbeddedServer(ServerConfig(context_tokens=1024)).start()
     pid = server.pid
-    url = server.url
     assert psutil.pid_exists(pid)
     server.stop()
     assert not psutil.pid_exists(pid) or psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
     with pytest.raises(ServerGoneError, match="cannot reach"):
-        _chat(url, "hello")
+        _chat(server, "hello")
+
+
+def test_the_embedded_server_answers_only_its_own_key_and_hides_slots(embedded_server):
+    with pytest.raises(AuthError, match="HTTP 401"):
+        _chat(embedded_server, "hello", api_key="not-the-key")
+    for path, key, refused in (("/slots", embedded_server.api_key, 501), ("/metrics", embedded_server.api_key, 501),
+                               ("/props", "not-the-key", 401), ("/tokenize", "not-the-key", 401)):
+        request = urllib.request.Request(embedded_server.url + path, headers={"Authorization": f"Bearer {key}"})
+        with pytest.raises(urllib.error.HTTPError) as caught:
+            urllib.request.urlopen(request, timeout=10)
+        assert caught.value.code == refused, path
+    command_line = " ".join(psutil.Process(embedded_server.pid).cmdline())
+    assert embedded_server.api_key not in command_line  # other local users can read a command line
+    assert "--host 127.0.0.1" in command_line
 
 
 def test_server_dies_with_its_parent_even_on_kill_9(tmp_path):
     script = (
-        "import time\nfrom kvbatch.server import EmbeddedServer, ServerConfig\n"
+        "import time\nfrom kvbatch.serve.server import EmbeddedServer, ServerConfig\n"
         "s = EmbeddedServer(ServerConfig(context_tokens=1024)).start()\nprint(s.pid, flush=True)\ntime.sleep(600)\n"
     )
     parent = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True)
@@ -120,10 +132,15 @@ def test_kvbatch_serve_prints_a_url_that_answers(tmp_path):
         first = process.stdout.readline()
         assert first.startswith("llama-server ready at http://127.0.0.1:"), first
         url = first.split()[3]
+        build = process.stdout.readline()
+        assert build.startswith("  build: llama.cpp 11434.0.0, CPU: ") and "AVX2" in build, build
+        process.stdout.readline()
+        key = process.stdout.readline().split()[-1]
         with urllib.request.urlopen(url + "/health", timeout=10) as reply:
             assert reply.status == 200
         body = json.dumps({"messages": [{"role": "user", "content": "Hi"}], "max_tokens": 4}).encode()
-        request = urllib.request.Request(url + "/v1/chat/completions", body, {"Content-Type": "application/json"})
+        request = urllib.request.Request(url + "/v1/chat/completions", body,
+                                         {"Content-Type": "application/json", "Authorization": f"Bearer {key}"})
         with urllib.request.urlopen(request, timeout=60) as reply:
             assert json.loads(reply.read())["choices"][0]["message"]["content"] is not None
     finally:
@@ -143,3 +160,14 @@ def test_parse_server_log_picks_the_allocation_failure_line():
     log = parse_server_log(text)
     assert log.out_of_memory
     assert log.failure_line == "ggml_aligned_malloc: insufficient memory (attempted to allocate 960.00 MB)"
+
+
+def test_a_server_killed_by_sigill_says_to_rebuild(tmp_path):
+    fake = tmp_path / "llama-server"
+    fake.write_text("#!/bin/sh\nkill -ILL $$\n")
+    fake.chmod(0o755)
+    with pytest.raises(ServerStartError) as caught:
+        EmbeddedServer(ServerConfig(binary=fake, context_tokens=1024)).start()
+    assert caught.value.exit_signal == signal.SIGILL
+    assert "was killed by SIGILL (illegal instruction)" in str(caught.value)
+    assert "rebuild it with `make setup`" in str(caught.value)

@@ -9,49 +9,66 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
+from kvbatch import defaults
 from kvbatch.errors import KvbatchError, UserInputError
 
+KV_TYPE_CHOICES = ("f16", "q8_0", "q4_0", "bf16", "f32", "auto")
 
-def _add_server_flags(parser: argparse.ArgumentParser) -> None:
+
+def _add_server_flags(parser: argparse.ArgumentParser, *, with_context: bool) -> None:
     group = parser.add_argument_group("embedded server")
     group.add_argument("--model-path", help="GGUF file (default: Gemma 3 270M Q4_K_M from the model package)")
-    group.add_argument("--ctx", type=int, default=None, help="total context tokens (split across --parallel slots)")
-    group.add_argument("--parallel", type=int, default=None, help="parallel slots")
-    group.add_argument("--cache-type-k", default="f16")
-    group.add_argument("--cache-type-v", default="f16")
+    if with_context:
+        group.add_argument("--ctx", type=int, default=defaults.CONTEXT_TOKENS,
+                           help="total context tokens (split across --parallel slots)")  # fmt: skip
+        group.add_argument("--parallel", type=int, default=1, help="parallel slots")
+        group.add_argument("--kv-type", default="f16", choices=KV_TYPE_CHOICES[:-1], help="KV cache type")
+        group.add_argument("--port", type=int, default=None)
     group.add_argument("--swa-full", action="store_true", help="full-size cache for sliding-window layers")
     group.add_argument("--flash-attn", default="auto", choices=("on", "off", "auto"))
     group.add_argument("--memory-cap", default=None, help="hard address-space cap on the server, e.g. 1.5GiB")
     group.add_argument("--threads", type=int, default=None)
+    group.add_argument("--ctx-checkpoints", type=int, default=defaults.CTX_CHECKPOINTS,
+                       help=f"context checkpoints per slot (default {defaults.CTX_CHECKPOINTS}; the server's own: 32)")
+    group.add_argument("--gpu-layers", type=int, default=None, help="layers on the GPU (default: all, on a GPU build)")
+    group.add_argument("--server-binary", default=None, help="a llama-server of your own (default: make setup's)")
 
 
-def server_config_from_args(args: argparse.Namespace, *, context_tokens: int = 4096, parallel_slots: int = 1):
-    from kvbatch.server import ServerConfig
+def server_config_from_args(args: argparse.Namespace):
+    from kvbatch.serve.server import ServerConfig
     from kvbatch.units import parse_bytes
 
+    kv_type = getattr(args, "kv_type", "f16")
+    kv_type = "f16" if kv_type == "auto" else kv_type
     return ServerConfig(
         model_path=Path(args.model_path) if args.model_path else None,
-        context_tokens=args.ctx or context_tokens,
-        parallel_slots=args.parallel or parallel_slots,
-        cache_type_k=args.cache_type_k,
-        cache_type_v=args.cache_type_v,
+        context_tokens=getattr(args, "ctx", defaults.CONTEXT_TOKENS),
+        parallel_slots=getattr(args, "parallel", None) or 1,
+        cache_type_k=kv_type,
+        cache_type_v=kv_type,
         swa_full=args.swa_full,
         flash_attention=args.flash_attn,
         memory_cap_bytes=parse_bytes(args.memory_cap, what="--memory-cap") if args.memory_cap else None,
         threads=args.threads,
+        ctx_checkpoints=args.ctx_checkpoints,
+        gpu_layers=args.gpu_layers,
+        binary=Path(args.server_binary) if args.server_binary else None,
         port=getattr(args, "port", None),
     )
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
     """Run the embedded llama-server in the foreground until Ctrl-C."""
-    from kvbatch.server import EmbeddedServer
+    from kvbatch.serve.build import build_summary
+    from kvbatch.serve.server import EmbeddedServer
 
     server = EmbeddedServer(server_config_from_args(args))
     with server:
         log = server.log()
         print(f"llama-server ready at {server.url} (pid {server.pid}, started in {server.start_time_s:.1f} s)")
+        print(f"  build: {build_summary()['build']}")
         print(f"  OpenAI-compatible: {server.url}/v1/chat/completions   health: {server.url}/health")
+        print(f"  API key (send as 'Authorization: Bearer KEY'): {server.api_key}")
         print(f"  KV cache: {log.kv_total_bytes / 2**20:.1f} MiB; slot context: {log.slot_context_tokens or '?'}")
         print(f"  log: {server.log_path}   Ctrl-C stops it", flush=True)
         stop = {"now": False}
@@ -73,22 +90,23 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True)
 
     serve = commands.add_parser("serve", help="run the embedded llama-server and print its URL")
-    _add_server_flags(serve)
-    serve.add_argument("--port", type=int, default=None)
+    _add_server_flags(serve, with_context=True)
     serve.set_defaults(handler=cmd_serve)
 
     run = commands.add_parser("run", help="run a batch (the same command again resumes it)")
     _add_batch_flags(run)
     run.add_argument("--no-report", action="store_true", help="skip rendering the HTML run report")
+    run.add_argument("--retry-failed", action="store_true", help="send the requests in errors.jsonl again")
     run.set_defaults(handler=cmd_run)
 
     plan = commands.add_parser("plan", help="validate the input and print the plan, without running it")
     _add_batch_flags(plan)
+    plan.add_argument("--json", action="store_true", help="print the plan as JSON (plan.json's model)")
     plan.set_defaults(handler=cmd_plan)
 
     sample = commands.add_parser("sample", help="write a synthetic candidate-screening batch of any size")
     sample.add_argument("--n", type=int, default=16)
-    sample.add_argument("--out", default="data/sample/requests.jsonl")
+    sample.add_argument("--out", default=str(defaults.SAMPLE_INPUT))
     sample.add_argument("--max-tokens", type=int, default=300)
     sample.add_argument("--seed", type=int, default=1)
     sample.set_defaults(handler=cmd_sample)
@@ -98,18 +116,20 @@ def build_parser() -> argparse.ArgumentParser:
     measure.add_argument("--url", default=None, help="Ollama URL (with --backend ollama)")
     measure.add_argument("--model", default=None, help="Ollama model name (with --backend ollama)")
     measure.add_argument("--model-path", default=None, help="GGUF for the embedded server")
+    measure.add_argument("--kv-type", default=None, help="KV cache type (Ollama: default OLLAMA_KV_CACHE_TYPE)")
+    measure.add_argument("--parallel", type=int, default=None, help="Ollama's OLLAMA_NUM_PARALLEL (default: env)")
     measure.add_argument("--contexts", default="2048,8192,16384,32768", help="sweep A context sizes, comma-separated")
     measure.add_argument("--repeats", type=int, default=2)
-    measure.add_argument(
-        "--budget",
-        default="+24MiB",
-        help="memory budget for the safe-context search: 8GiB, or +24MiB above the model's own need",
-    )
-    measure.add_argument("--margin", type=float, default=0.8, help="safety margin applied to the largest context")
-    measure.add_argument("--duration", type=float, default=60, help="sustained-load seconds")
-    measure.add_argument(
-        "--only", default="kv_growth,safe_context,sustained_load", help="which notebooks to run, comma-separated"
-    )
+    measure.add_argument("--budget", default=defaults.DEMO_BUDGET,
+                         help="memory the server may use (8GiB, auto for the machine's default), or +24MiB above "
+                              "the model's own need (the 2-core demo, the default)")  # fmt: skip
+    measure.add_argument("--margin", type=float, default=defaults.SAFETY_MARGIN,
+                         help="safety margin applied to the largest context")  # fmt: skip
+    measure.add_argument("--duration", type=float, default=defaults.SUSTAINED_DURATION_S, help="sustained-load seconds")
+    measure.add_argument("--input", default=str(defaults.SAMPLE_INPUT),
+                         help="batch whose request sizes the sustained load runs (default: the shipped sample)")
+    measure.add_argument("--only", default="kv_growth,safe_context,sustained_load",
+                         help="which notebooks to run, comma-separated")  # fmt: skip
     measure.set_defaults(handler=cmd_measure)
 
     report = commands.add_parser("report", help="render (again) the HTML report of a run")
@@ -125,44 +145,46 @@ def _add_batch_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--template", default=None, help="user message template with {column} fields (table input)")
     parser.add_argument("--id-column", default=None, help="table column to use as custom_id (default: row-N)")
     parser.add_argument("--mode", default="independent", choices=("independent", "conversation"))
-    parser.add_argument(
-        "--concurrency", default="auto", help="requests in flight, or auto (measure and keep the fastest)"
-    )
+    parser.add_argument("--concurrency", default="auto",
+                        help="requests in flight per server, or auto (measure and keep the fastest)")  # fmt: skip
+    parser.add_argument("--slots", type=int, default=None, help="parallel slots (default: as many as fit)")
     parser.add_argument("--slot-ctx", type=int, default=None, help="per-slot context (default: planned)")
-    parser.add_argument("--url", default=None, help="use a running server instead of the embedded one")
-    parser.add_argument("--backend", default="openai", help="openai (any /v1 server) or ollama (native API)")
-    parser.add_argument("--model", default=None, help="model name on the external server")
-    parser.add_argument(
-        "--memory-budget", default=None, help="memory the server may use, e.g. 8GiB (default: free RAM)"
-    )
-    parser.add_argument("--safety-margin", type=float, default=0.8)
-    parser.add_argument(
-        "--measurements", default=None, help="measurement file (default: data/measurements/ for the model)"
-    )
+    parser.add_argument("--kv-type", default="f16", choices=KV_TYPE_CHOICES,
+                        help="KV cache type; auto takes the one that fits the most slots")  # fmt: skip
+    servers = parser.add_argument_group("servers")
+    servers.add_argument("--url", action="append", default=None,
+                         help="a running server instead of the embedded one (repeat for several)")  # fmt: skip
+    servers.add_argument("--endpoints", default=None, help="TOML file listing servers ([[endpoint]] tables)")
+    servers.add_argument("--backend", default="openai", help="openai (any /v1 server) or ollama (native API)")
+    servers.add_argument("--model", default=None, help="model name on the external server")
+    servers.add_argument("--parallel", type=int, default=None, help="Ollama's OLLAMA_NUM_PARALLEL (default: env)")
+    servers.add_argument("--servers", default=None, help="embedded servers to start: N, or per-gpu")
+    servers.add_argument("--ray", default=None, help="run on a Ray cluster: ADDRESS, or auto (needs the ray extra)")
+    servers.add_argument("--allow-cpu-spill", action="store_true",
+                         help="run even when Ollama puts part of the model on the CPU (slower)")  # fmt: skip
+    parser.add_argument("--memory-budget", default=None,
+                        help="memory the server may use, e.g. 8GiB (default: a GPU's x 0.9, else available RAM)")
+    parser.add_argument("--safety-margin", type=float, default=defaults.SAFETY_MARGIN)
+    parser.add_argument("--measurements", default=None,
+                        help="measurement file (default: data/measurements/ for the model)")  # fmt: skip
     parser.add_argument("--max-tokens", type=int, default=None, help="override max_tokens of every request")
     parser.add_argument("--temperature", type=float, default=None, help="override temperature of every request")
-    parser.add_argument("--max-attempts", type=int, default=4)
-    parser.add_argument(
-        "--memory-threshold",
-        default=None,
-        help="server memory above which the run reacts (ends conversation chunks early, lowers "
-        "the in-flight count), e.g. 6GiB; default: 95 %% of --memory-budget if given",
-    )
+    parser.add_argument("--max-attempts", type=int, default=defaults.MAX_ATTEMPTS,
+                        help="crashes a request may cause alone before it fails for good")  # fmt: skip
+    parser.add_argument("--max-wait", type=float, default=defaults.MAX_WAIT_S,
+                        help="seconds to wait out transient failures before stopping (default 1800)")  # fmt: skip
+    parser.add_argument("--request-timeout", type=float, default=defaults.REQUEST_TIMEOUT_S,
+                        help="seconds one request may take")  # fmt: skip
+    parser.add_argument("--memory-threshold", default=None,
+                        help="server memory above which the run reacts (ends conversation chunks early, lowers the "
+                             "in-flight count), e.g. 6GiB; default: 95 %% of --memory-budget if given")  # fmt: skip
     parser.add_argument("--no-progress", action="store_true")
-    _add_server_flags(parser)
-
-
-def _run_dir(args: argparse.Namespace) -> Path:
-    from kvbatch.runner import RUNS_DIR
-
-    if args.run is None:
-        return RUNS_DIR / Path(args.input).stem
-    candidate = Path(args.run)
-    return candidate if candidate.is_absolute() or len(candidate.parts) > 1 else RUNS_DIR / candidate
+    _add_server_flags(parser, with_context=False)
 
 
 def settings_from_args(args: argparse.Namespace):
-    from kvbatch.runner import BatchSettings
+    from kvbatch.batch.runfolder import RunFolder
+    from kvbatch.batch.settings import BatchSettings
     from kvbatch.units import parse_bytes
 
     concurrency: int | str = args.concurrency
@@ -171,70 +193,83 @@ def settings_from_args(args: argparse.Namespace):
             concurrency = int(concurrency)
         except ValueError as exc:
             raise UserInputError(f"--concurrency: {args.concurrency!r} is neither a number nor auto") from exc
-    generation = {
-        key: value
-        for key, value in (("max_tokens", args.max_tokens), ("temperature", args.temperature))
-        if value is not None
-    }
+    if args.slot_ctx is not None and args.slot_ctx < 256:
+        raise UserInputError("--slot-ctx: must be at least 256 tokens")
+    generation = {key: value for key, value in (("max_tokens", args.max_tokens), ("temperature", args.temperature))
+                  if value is not None}  # fmt: skip
+    threshold = None
+    if args.memory_threshold:
+        threshold = parse_bytes(args.memory_threshold, what="--memory-threshold")
+    elif args.memory_budget:
+        threshold = int(parse_bytes(args.memory_budget, what="--memory-budget") * 0.95)
     return BatchSettings(
         input_path=Path(args.input),
-        run_dir=_run_dir(args),
+        folder=RunFolder.named(args.run, Path(args.input)),
         system_prompt_path=Path(args.system_prompt) if args.system_prompt else None,
         template=args.template,
         id_column=args.id_column,
         mode=args.mode,
         concurrency=concurrency,
-        max_slots=args.parallel or (concurrency if isinstance(concurrency, int) else None),
+        slots=args.slots or (concurrency if isinstance(concurrency, int) else None),
         slot_context_tokens=args.slot_ctx,
-        url=args.url,
+        kv_type=args.kv_type,
+        urls=args.url or [],
+        endpoints_file=Path(args.endpoints) if args.endpoints else None,
         backend=args.backend,
         model=args.model,
+        servers=args.servers,
+        ray=args.ray,
+        parallel=args.parallel,
         server=server_config_from_args(args),
-        memory_budget_bytes=parse_bytes(args.memory_budget, what="--memory-budget") if args.memory_budget else None,
+        memory_budget=args.memory_budget,
         safety_margin=args.safety_margin,
         measurement_path=Path(args.measurements) if args.measurements else None,
         generation=generation,
         max_attempts=args.max_attempts,
+        max_wait_s=args.max_wait,
+        request_timeout_s=args.request_timeout,
+        retry_failed=getattr(args, "retry_failed", False),
         progress=not args.no_progress,
-        memory_threshold_bytes=_memory_threshold(args),
+        memory_threshold_bytes=threshold,
+        allow_cpu_spill=args.allow_cpu_spill,
     )
 
 
-def _memory_threshold(args: argparse.Namespace) -> int | None:
-    from kvbatch.units import parse_bytes
-
-    if args.memory_threshold:
-        return parse_bytes(args.memory_threshold, what="--memory-threshold")
-    if args.memory_budget:
-        return int(parse_bytes(args.memory_budget, what="--memory-budget") * 0.95)
-    return None
-
-
 def cmd_run(args: argparse.Namespace) -> int:
-    from kvbatch.runner import run_batch
+    from kvbatch.batch.runner import run_batch
 
-    settings = settings_from_args(args)
-    outcome = run_batch(settings)
+    outcome = run_batch(settings_from_args(args))
     print(outcome.message)
-    if outcome.plan is None and not outcome.summary:
+    if outcome.plan is None and outcome.summary is None:
         return 0
     if not args.no_report:
-        from kvbatch.report import render_run_report
+        from kvbatch.report.render import render_run_report
 
-        html = render_run_report(outcome.run_dir)
-        print(f"report: {html}")
+        print(f"report: {render_run_report(outcome.folder.path)}")
     return 0
 
 
 def cmd_plan(args: argparse.Namespace) -> int:
-    from kvbatch.runner import plan_only
+    from kvbatch.batch.runner import plan_only
 
-    print(plan_only(settings_from_args(args)))
+    quiet = args.json
+    prepared = plan_only(settings_from_args(args), say=(lambda *_: None) if quiet else print)
+    if quiet:
+        records = [endpoint.plan.record().model_dump() for endpoint in prepared.plans]
+        import json
+
+        print(json.dumps({**records[0], "endpoints": records} if len(records) > 1 else records[0], indent=2))
+        return 0
+    for index, endpoint in enumerate(prepared.plans):
+        if len(prepared.plans) > 1:
+            print(f"[endpoint {index}: {endpoint.spec.url or endpoint.spec.kind}]")
+        print(endpoint.plan.describe())
+    print(f"planned {prepared.plan.request_count} requests; nothing was run")
     return 0
 
 
 def cmd_sample(args: argparse.Namespace) -> int:
-    from kvbatch.sample import write_sample
+    from kvbatch.batch.sample import write_sample
 
     path = write_sample(Path(args.out), args.n, seed=args.seed, max_tokens=args.max_tokens)
     print(f"wrote {args.n} requests to {path}")
@@ -242,97 +277,31 @@ def cmd_sample(args: argparse.Namespace) -> int:
 
 
 def cmd_measure(args: argparse.Namespace) -> int:
-    """Execute the measurement notebooks with papermill, one after another, and render their HTML reports."""
-    import json
-    import time
+    from kvbatch.report.measure_reports import run_measurement_notebooks
 
-    from kvbatch.measurements import model_name
-    from kvbatch.plan import result_path
-    from kvbatch.report import NOTEBOOKS_DIR, render_notebook
-    from kvbatch.server import ServerConfig
-    from kvbatch.units import parse_bytes
-
-    if args.backend == "ollama" and not (args.url and args.model):
-        raise UserInputError("--backend ollama needs --url and --model")
     try:
         contexts = [int(c) for c in args.contexts.split(",") if c.strip()]
     except ValueError as exc:
         raise UserInputError(f"--contexts: {args.contexts!r} is not a comma-separated list of numbers") from exc
-    parse_bytes(args.budget.lstrip("+"), what="--budget")
-    common = {"backend": args.backend, "url": args.url, "model": args.model, "model_path": args.model_path}
-    name = model_name(args.backend, args.model, args.model_path)
-    steps = {
-        "kv_growth": {**common, "contexts": contexts, "repeats": args.repeats},
-        "safe_context": {**common, "budget": args.budget, "safety_margin": args.margin},
-        "sustained_load": {
-            **common,
-            "backend": "ollama" if args.backend == "ollama" else "embedded",
-            "duration_s": args.duration,
-        },
-    }
-    chosen = [step.strip() for step in args.only.split(",") if step.strip()]
-    unknown = [step for step in chosen if step not in steps]
-    if unknown:
-        raise UserInputError(f"--only: unknown notebook(s) {', '.join(unknown)}; known: {', '.join(steps)}")
-    out = result_path(name, ServerConfig())
-    for step in chosen:
-        started = time.perf_counter()
-        print(f"running notebooks/{step}.ipynb ...", flush=True)
-        html = render_notebook(
-            NOTEBOOKS_DIR / f"{step}.ipynb",
-            steps[step],
-            f"{step}-{Path(name).stem}",
-            title=f"{step.replace('_', ' ')}: {name}",
-            headline=lambda step=step: _headline(step, out),
-        )
-        print(f"  {html} ({time.perf_counter() - started:.0f} s)", flush=True)
-    result = json.loads(out.read_text()) if out.exists() else {}
-    fit = result.get("fit", {})
-    if fit:
-        print(
-            f"slope {fit['slope_bytes_per_token'] / 1024:.2f} KiB/token (predicted "
-            f"{fit['predicted_slope_bytes_per_token'] / 1024:.2f}); safe context {result.get('safe_context_tokens')}"
-            f" tokens; results: {out}"
-        )
-    print("reports: reports/index.html")
+    if args.backend == "ollama" and not (args.url and args.model):
+        raise UserInputError("--backend ollama needs --url and --model")
+    for line in run_measurement_notebooks(
+        backend=args.backend, url=args.url, model=args.model, model_path=args.model_path, kv_type=args.kv_type,
+        parallel=args.parallel, contexts=contexts, repeats=args.repeats, budget=args.budget, margin=args.margin,
+        duration_s=args.duration, input_path=args.input, only=[s.strip() for s in args.only.split(",") if s.strip()],
+    ):  # fmt: skip
+        print(line, flush=True)
     return 0
 
 
-def _headline(step: str, out: Path) -> dict[str, object]:
-    import json
-
-    if not out.exists():
-        return {}
-    data = json.loads(out.read_text())
-    if step == "kv_growth" and "fit" in data:
-        fit = data["fit"]
-        return {
-            "KiB/token": round(fit["slope_bytes_per_token"] / 1024, 3),
-            "predicted": round(fit["predicted_slope_bytes_per_token"] / 1024, 3),
-        }
-    if step == "safe_context" and "safe_context" in data:
-        safe = data["safe_context"]
-        return {
-            "safe context": safe["safe_context_tokens"],
-            "largest": safe["max_context_tokens"],
-            "loads": safe["loads"],
-        }
-    if step == "sustained_load" and "sustained" in data:
-        return {"passed": data["sustained"]["passed"], "requests": data["sustained"]["requests"]}
-    return {}
-
-
 def cmd_report(args: argparse.Namespace) -> int:
-    from kvbatch.report import newest_run, render_run_report
+    from kvbatch.batch.runfolder import RunFolder
+    from kvbatch.report.render import newest_run, render_run_report
 
-    run_dir = (
-        Path(args.run)
-        if args.run and Path(args.run).exists()
-        else (Path("data/runs") / args.run if args.run else newest_run())
-    )
-    if not (run_dir / "run.json").exists():
-        raise UserInputError(f"{run_dir} is not a run folder (no run.json); run `make batch` first")
-    print(f"report: {render_run_report(run_dir)}")
+    folder = RunFolder.named(args.run) if args.run else RunFolder(newest_run())
+    if not folder.is_run():
+        raise UserInputError(f"{folder.path} is not a run folder (no run.json); run `make batch` first")
+    print(f"report: {render_run_report(folder.path)}")
     return 0
 
 

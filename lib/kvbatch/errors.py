@@ -12,10 +12,19 @@ import re
 class KvbatchError(Exception):
     """Root of every error kvbatch raises on purpose. Keeps the HTTP status and the server's own message."""
 
-    def __init__(self, message: str, *, status_code: int | None = None, server_message: str | None = None) -> None:
+    def __init__(
+        self,
+        message: str,
+        *,
+        status_code: int | None = None,
+        server_message: str | None = None,
+        details: dict[str, object] | None = None,
+    ) -> None:
         super().__init__(message)
         self.status_code = status_code
         self.server_message = server_message if server_message is not None else message
+        self.details = details or {}
+        """Figures a failed request's line in errors.jsonl keeps beside the message (e.g. both token counts)."""
 
 
 class UserInputError(KvbatchError):
@@ -30,16 +39,43 @@ class ContextOverflowError(BadRequestError):
     """The prompt (plus room to answer) does not fit the slot's context. An error for that request alone."""
 
 
+class TruncatedPromptError(BadRequestError):
+    """The server counted far fewer prompt tokens than the request holds: it cut the prompt (Ollama does so
+    silently unless `truncate: false`, and older servers ignore that). The answer is not kept as a success."""
+
+
 class NotFoundError(KvbatchError):
-    """The model or endpoint does not exist on that server (HTTP 404)."""
+    """The model or endpoint does not exist on that server (HTTP 404). Stops the run: no request can succeed."""
 
 
-class ServerBusyError(KvbatchError):
+class AuthError(KvbatchError):
+    """The server refused our credentials (HTTP 401/403). Stops the run at once and records nothing as failed:
+    a missing or expired key must not burn the whole input."""
+
+
+class ServerLimitError(KvbatchError):
+    """The server will not give what the plan needs (a context capped below the planned one). Stops the run."""
+
+
+class TransientError(KvbatchError):
+    """Waiting will serve the request: back off and retry without spending one of its attempts."""
+
+
+class ServerBusyError(TransientError):
     """The server's queue is full (HTTP 503 / 429): slow down and retry."""
 
 
-class ServerGoneError(KvbatchError):
+class MalformedReplyError(TransientError):
+    """The server answered 2xx with a body that is not the expected JSON (a proxy page, a cut-off reply)."""
+
+
+class ServerGoneError(TransientError):
     """The server crashed, was killed or cannot be reached: wait for health, restart if we own it, retry."""
+
+
+class ServerUnreachableError(ServerGoneError):
+    """Nothing accepted the connection: the server was already down when the request started, so the request
+    cannot be to blame for it."""
 
 
 class OutOfMemoryError(ServerGoneError):
@@ -49,10 +85,19 @@ class OutOfMemoryError(ServerGoneError):
 class ServerStartError(KvbatchError):
     """A server we manage did not come up. The message quotes its own failure line."""
 
-    def __init__(self, message: str, *, failure_line: str | None = None, out_of_memory: bool = False) -> None:
+    def __init__(
+        self,
+        message: str,
+        *,
+        failure_line: str | None = None,
+        out_of_memory: bool = False,
+        exit_signal: int | None = None,
+    ) -> None:
         super().__init__(message, server_message=failure_line)
         self.failure_line = failure_line
         self.out_of_memory = out_of_memory
+        self.exit_signal = exit_signal
+        """The signal that killed the server (SIGILL: built for instructions this CPU does not run)."""
 
 
 _OOM_MARKERS = (
@@ -65,6 +110,7 @@ _OOM_MARKERS = (
     "cannot allocate memory",
     "bad_alloc",
     "thread creation failed",
+    "signal: killed",  # Ollama: the kernel's OOM killer ended its runner
 )
 _OVERFLOW_MARKERS = (
     "exceeds the available context size",
@@ -89,12 +135,24 @@ def classify_http_error(status_code: int, message: str, *, url: str = "") -> Kvb
     text = f"HTTP {status_code}{where}: {message}"
     if status_code in (400, 413, 422) and any(marker in lowered for marker in _OVERFLOW_MARKERS):
         return ContextOverflowError(text, status_code=status_code, server_message=message)
+    if status_code in (401, 403):
+        return AuthError(
+            f"{text}; check the API key (kvbatch reads it from the KVBATCH_API_KEY environment variable)",
+            status_code=status_code,
+            server_message=message,
+        )
     if status_code == 404:
-        return NotFoundError(text, status_code=status_code, server_message=message)
-    if status_code in (429, 503):
+        hint = f"; pull it first (`ollama pull {_model_in(message)}`)" if "not found" in lowered and "model" in lowered else ""
+        return NotFoundError(text + hint, status_code=status_code, server_message=message)
+    if status_code in (408, 429, 502, 503, 504):
         return ServerBusyError(text, status_code=status_code, server_message=message)
     if status_code >= 500:
         if looks_like_oom(message):
             return OutOfMemoryError(text, status_code=status_code, server_message=message)
         return ServerGoneError(text, status_code=status_code, server_message=message)
     return BadRequestError(text, status_code=status_code, server_message=message)
+
+
+def _model_in(message: str) -> str:
+    match = re.search(r"model ['\"]?([\w.:/-]+)['\"]? not found", message)
+    return match.group(1) if match else "MODEL"

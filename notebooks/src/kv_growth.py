@@ -6,13 +6,13 @@
 # %% [parameters]
 backend = "embedded"  # "embedded" (llama-server started here) or "ollama" (a running Ollama at `url`)
 url = None
-model = None  # Ollama model name, e.g. "gemma3:270m"
+model = None  # Ollama model name, e.g. "gemma3:12b"
 model_path = None  # GGUF for the embedded server (default: Gemma 3 270M Q4_K_M)
+kv_type = "f16"
+parallel = 1  # Ollama's OLLAMA_NUM_PARALLEL (it allocates num_ctx x parallel)
 contexts = [2048, 8192, 16384, 32768]
 repeats = 2
-cache_type_k = "f16"
-cache_type_v = "f16"
-swa_full_variants = [False, True]  # the sliding-window cache as shipped, and with --swa-full
+swa_full_variants = [False, True]  # the sliding-window cache as shipped, and with --swa-full (embedded only)
 fill_context = 4096
 fill_fractions = [0.1, 0.25, 0.5, 0.75, 0.95]
 probe = "auto"
@@ -26,23 +26,31 @@ import numpy as np
 import pandas as pd
 from IPython.display import Markdown, display
 
-from kvbatch import measurements as M
-from kvbatch.server import ServerConfig
+from kvbatch.measure import steps
+from kvbatch.measure.kvmodel import KvCacheTypes
+from kvbatch.measure.result import model_identity
+from kvbatch.report.display import size, table
+from kvbatch.serve.server import ServerConfig
 
-arch = M.architecture(backend, url=url, model=model, model_path=model_path)
-name = M.model_name(backend, model, model_path)
-display(Markdown(f"**Model** `{name}`: {arch.block_count} layers ({len(arch.global_layers)} global), "
+arch = steps.architecture(backend, url=url, model=model, model_path=model_path)
+identity = model_identity(backend, model, model_path)
+display(Markdown(f"**Model** `{identity}`: {arch.block_count} layers ({len(arch.global_layers)} global), "
                  f"{arch.head_count_kv} KV heads x {arch.key_length}, sliding window {arch.sliding_window}, "
                  f"trained context {arch.context_length_trained}."))
 
 # %%
 runs = {}
 for swa_full in (swa_full_variants if backend == "embedded" else [False]):
-    config = ServerConfig(model_path=Path(model_path) if model_path else None, cache_type_k=cache_type_k,
-                          cache_type_v=cache_type_v, swa_full=swa_full)
-    loader = M.make_loader(backend, url=url, model=model, config=config, probe=probe)
-    out = M.result_path(name, config, Path(out_dir))
-    runs[swa_full] = M.kv_growth(loader, arch, config, contexts, repeats, fill_context, fill_fractions, out)
+    types = KvCacheTypes(kv_type, kv_type, swa_full=swa_full)
+    config = ServerConfig(model_path=Path(model_path) if model_path else None, cache_type_k=kv_type,
+                          cache_type_v=kv_type, swa_full=swa_full)
+    loader = steps.make_loader(backend, url=url, model=model, config=config, probe=probe, parallel=parallel)
+    out = steps.result_file(backend, model, model_path, types, out_dir)
+    try:
+        runs[swa_full] = steps.kv_growth(loader, arch, types, contexts, repeats, fill_context, fill_fractions, out,
+                                         backend=backend, model=identity, parallel=parallel)
+    finally:
+        loader.close()
     runs[swa_full]["out"] = out
 
 # %% [markdown]
@@ -54,7 +62,7 @@ rows = []
 for ax, (swa_full, run) in zip(axes[0], runs.items()):
     points, fit = run["points_allocated"], run["fit"]
     x = np.linspace(0, max(contexts) * 1.05, 50)
-    ax.plot(points["context_tokens"], points["used_bytes"] / 2**20, "o", label=f"measured ({run['section']['probe']})")
+    ax.plot(points["context_tokens"], points["used_bytes"] / 2**20, "o", label=f"measured ({points['probe'].iloc[0]})")
     ax.plot(x, fit.predict(x) / 2**20, "-", label=f"fit: {fit.slope_bytes_per_token / 1024:.2f} KiB/token")
     ax.plot(x, (fit.base_bytes + run["predicted_slope"] * x) / 2**20, "--",
             label=f"architecture: {run['predicted_slope'] / 1024:.2f} KiB/token")
@@ -62,15 +70,26 @@ for ax, (swa_full, run) in zip(axes[0], runs.items()):
            xlabel="allocated context (tokens)", ylabel="MiB")
     ax.legend()
     low, high = fit.slope_ci95
+    log_fit = run["fits"].get("kv_log_bytes")
     rows.append({"configuration": "--swa-full" if swa_full else "sliding window",
-                 "measured KiB/token": round(fit.slope_bytes_per_token / 1024, 3),
+                 "measured KiB/token": f"{fit.slope_bytes_per_token / 1024:.3f}",
                  "95% CI": f"{low / 1024:.3f} .. {high / 1024:.3f}",
-                 "predicted KiB/token": round(run["predicted_slope"] / 1024, 3),
-                 "measured vs predicted": f"{run['section']['slope_vs_predicted']:+.1%}",
-                 "base MiB": round(fit.base_bytes / 2**20, 1), "R²": round(fit.r_squared, 5),
-                 "KV from server log KiB/token": round((run["section"]["log_kv_slope_bytes_per_token"] or 0) / 1024, 3)})
+                 "predicted KiB/token": f"{run['predicted_slope'] / 1024:.3f}",
+                 "measured vs predicted": f"{fit.slope_bytes_per_token / run['predicted_slope'] - 1:+.1%}",
+                 "base": size(fit.base_bytes), "R²": f"{fit.r_squared:.5f}",
+                 "repeats agree within": f"{run['spread']:.2%}",
+                 "KV from server log KiB/token": f"{log_fit.slope_bytes_per_token / 1024:.3f}" if log_fit else "–"})
 fig.tight_layout()
-pd.DataFrame(rows)
+table(pd.DataFrame(rows))
+
+# %% [markdown]
+# ### What the fit flags
+
+# %%
+flags = [f"- **{'--swa-full' if swa_full else 'sliding window'}**: {note}"
+         for swa_full, run in runs.items() for note in run["findings"]]
+display(Markdown("\n".join(flags) if flags else "Nothing: repeats agree within 2 %, R² is above 0.99, no point is an "
+                 "outlier, and the slope is within 10 % of the architecture's prediction."))
 
 # %% [markdown]
 # ## Sweep B: memory vs tokens actually in use (one allocation)
@@ -85,9 +104,10 @@ ax.set(title=f"Memory while filling a {fill_context}-token context", xlabel="tok
 ax.set_ylim(bottom=0)
 ax.legend()
 for swa_full, run in runs.items():
-    growth = run["section"]["in_use_growth_bytes"]
+    points = run["points_in_use"]
+    growth = float(points["used_bytes"].iloc[-1] - points["used_bytes"].iloc[0])
     display(Markdown(
-        f"**{'--swa-full' if swa_full else 'sliding window'}:** filling {run['section']['in_use_max_tokens']} of "
+        f"**{'--swa-full' if swa_full else 'sliding window'}:** filling {int(points['tokens_in_use'].max())} of "
         f"{fill_context} tokens changed memory by **{growth / 2**20:+.1f} MiB**, while allocating the same "
         f"{fill_context} tokens costs {run['fit'].slope_bytes_per_token * fill_context / 2**20:.1f} MiB."))
 
@@ -99,6 +119,7 @@ for swa_full, run in runs.items():
 # cache, not cramming requests into one conversation.
 #
 # What little does grow while a sliding-window model fills its context is not the KV cache: llama-server saves
-# *context checkpoints* of the sliding-window cache while it processes a long prompt (up to `--ctx-checkpoints`,
-# 32 by default, per slot), so that a later request can reuse a prefix. Each is a copy of the sliding-window
-# cache (15 MiB for Gemma 3 270M at one slot). With `--swa-full` no checkpoint is needed and the line is flat.
+# *context checkpoints* of the sliding-window cache while it processes a long prompt, so that a later request can
+# reuse a prefix. Each is a copy of one slot's window (7.5 MiB for Gemma 3 270M, 320 MiB for the 12B). kvbatch
+# caps them at 3 per slot (`--ctx-checkpoints`; the server's own default is 32) and the plan prices them.
+# With `--swa-full` no checkpoint is needed and the line is flat.

@@ -1,6 +1,7 @@
 # %% [markdown]
 # # kvbatch run report
-# Throughput and memory over time, prefix-cache hits, prompt tokens saved, the plan, and the requests that failed.
+# Throughput and memory over time, prefix-cache hits, prompt tokens saved, the plan (and its estimate against what
+# happened), the servers, and the requests that failed.
 
 # %% [parameters]
 run_dir = "data/runs/requests"
@@ -13,25 +14,41 @@ import pandas as pd
 from IPython.display import Markdown, display
 
 from kvbatch import results as R
+from kvbatch.report.display import clock, duration, integer_axis, key_values, share, size, table
 
 run = Path(run_dir)
 summary = R.load_json(run, "summary.json")
-plan = R.load_json(run, "plan.json").get("plan", {})
+plan = R.load_json(run, "plan.json")
 metrics = R.load_metrics(run)
 memory = R.load_memory(run)
 errors = R.load_errors(run)
 events = R.load_events(run)
-display(Markdown(f"**Run** `{run}`: {summary.get('completed_total')} done, {summary.get('failed_total')} failed for good, "
-                 f"{summary.get('requests_per_s')} requests/s in this invocation ({summary.get('elapsed_s')} s)."))
+display(Markdown(f"**Run** `{run}`: {summary.get('completed_total')} done, {summary.get('failed_total')} failed for "
+                 f"good, {summary.get('requests_per_s')} requests/s in this invocation "
+                 f"({duration(summary.get('elapsed_s'))})."))
 
 # %% [markdown]
 # ## Summary
 
 # %%
-keys = ["requests_in_input", "completed_total", "failed_total", "retries", "elapsed_s", "requests_per_s", "mode",
-        "parallel_slots", "prompt_tokens", "cached_prompt_tokens", "cache_share_of_prompt_tokens",
-        "system_prompt_share_served_from_cache", "completion_tokens", "memory_peak_bytes", "memory_probe"]
-pd.DataFrame({"value": [summary.get(k) for k in keys]}, index=keys)
+key_values([
+    ("requests in the input", f"{summary.get('requests_in_input', 0):,}"),
+    ("done (all invocations)", f"{summary.get('completed_total', 0):,}"),
+    ("failed for good", f"{summary.get('failed_total', 0):,}"),
+    ("retries", f"{summary.get('retries', 0):,}"),
+    ("time waiting out faults and recoveries", duration(summary.get("waited_s"))),
+    ("time (this invocation)", duration(summary.get("elapsed_s"))),
+    ("estimated by the plan", duration(summary.get("estimated_s"))),
+    ("re-estimated from the run's own rate", duration(summary.get("re_estimated_s"))),
+    ("mode", summary.get("mode")),
+    ("slots x context per slot", f"{summary.get('parallel_slots')} x {summary.get('slot_context_tokens')}"),
+    ("prompt tokens sent", f"{summary.get('prompt_tokens', 0):,}"),
+    ("of which from the prefix cache", share(summary.get("cache_share_of_prompt_tokens"))),
+    ("system prompt served from the cache", share(summary.get("system_prompt_share_served_from_cache"))),
+    ("answers that reached max_tokens", f"{summary.get('answers_cut_at_max_tokens', 0):,}"),
+    ("memory peak", f"{size(summary.get('memory_peak_bytes'))} ({summary.get('memory_probe') or 'no probe'})"),
+    ("planned memory", size((plan.get("memory") or {}).get("total_bytes"))),
+])
 
 # %% [markdown]
 # ## Throughput and memory over time
@@ -43,54 +60,96 @@ ax1.step(rate["t_s"], rate["requests_per_s"], where="post")
 ax1.set(title="Requests finished per second (10 s bins)", xlabel="seconds since start", ylabel="requests/s")
 if not memory.empty:
     t0 = memory["t_unix_s"].min()
-    ax2.plot(memory["t_unix_s"] - t0, memory["used_bytes"] / 2**20)
+    for endpoint, series in memory.groupby(memory.get("endpoint", pd.Series("server", index=memory.index))):
+        ax2.plot(series["t_unix_s"] - t0, series["used_bytes"] / 2**20, label=str(endpoint))
+    if (plan.get("memory") or {}).get("total_bytes"):
+        ax2.axhline(plan["memory"]["total_bytes"] / 2**20, color="tab:gray", ls=":", label="plan")
     ax2.set(title=f"Server memory ({memory['probe'].iloc[-1]})", xlabel="seconds since start", ylabel="MiB")
+    ax2.set_ylim(bottom=0)
+    ax2.legend()
 else:
     ax2.set_title("no memory samples (no probe for this server)")
 fig.tight_layout()
 
 # %% [markdown]
+# ## Servers
+
+# %%
+endpoints = pd.DataFrame(summary.get("per_endpoint", []))
+if not endpoints.empty:
+    endpoints["server"] = endpoints["server"].map(lambda s: s.get("build") or s.get("url") or "")
+    display(table(endpoints[["label", "server", "completed", "failed", "retries", "recoveries", "requests_per_s",
+                             "cache_share_of_prompt_tokens", "out_of_pool_s"]],
+                  share_columns=["cache_share_of_prompt_tokens"], duration_columns=["out_of_pool_s"],
+                  rename={"cache_share_of_prompt_tokens": "from cache", "out_of_pool_s": "out of the pool",
+                          "requests_per_s": "requests/s"}))
+
+# %% [markdown]
 # ## Prefix cache: hits and prompt tokens saved
 
 # %%
-per_prefix = pd.DataFrame(summary.get("per_prefix", {})).T
+per_prefix = pd.DataFrame(summary.get("per_prefix", {})).T.reset_index(names="prefix")
 if not per_prefix.empty:
-    per_prefix["cache_share"] = per_prefix["cached_tokens"] / per_prefix["prompt_tokens"].where(per_prefix["prompt_tokens"] > 0)
+    per_prefix["from cache"] = per_prefix["cached_tokens"] / per_prefix["prompt_tokens"].where(per_prefix["prompt_tokens"] > 0)
 without_cache = summary.get("prompt_tokens") or 0
 evaluated = without_cache - (summary.get("cached_prompt_tokens") or 0)
 display(Markdown(f"Prompt tokens evaluated: **{evaluated:,}** of {without_cache:,} sent "
                  f"(**{(without_cache - evaluated):,}** served from the prefix cache). "
                  f"Planned: {plan.get('prompt_tokens_evaluated', 0):,} of {plan.get('prompt_tokens_without_cache', 0):,}."))
-per_prefix
+table(per_prefix, share_columns=["from cache"]) if not per_prefix.empty else None
 
 # %%
 if not metrics.empty and metrics["cached_tokens"].notna().any():
     fig, ax = plt.subplots(figsize=(12, 3.2))
-    ax.plot(range(len(metrics)), metrics["cached_tokens"], ".", label="cached prompt tokens")
-    ax.plot(range(len(metrics)), metrics["prompt_tokens"], ".", alpha=0.5, label="prompt tokens")
+    ax.plot(range(1, len(metrics) + 1), metrics["cached_tokens"], ".", label="cached prompt tokens")
+    ax.plot(range(1, len(metrics) + 1), metrics["prompt_tokens"], ".", alpha=0.5, label="prompt tokens")
     ax.set(title="Cached vs total prompt tokens per request (in completion order)", xlabel="request", ylabel="tokens")
+    integer_axis(ax.xaxis)
     ax.legend()
 
 # %% [markdown]
 # ## The plan
 
 # %%
-pd.DataFrame({"value": [str(v) for v in plan.values()]}, index=list(plan.keys()))
+memory_plan = plan.get("memory") or {}
+key_values([
+    ("slots x context per slot", f"{plan.get('parallel_slots')} x {plan.get('slot_context_tokens')} tokens"),
+    ("KV cache type", plan.get("kv_cache_type")),
+    ("KV cache (global + sliding window)", size(plan.get("kv_cache_bytes"))),
+    ("base (weights, buffers)", size(memory_plan.get("base_bytes"))),
+    ("context checkpoints", size(memory_plan.get("checkpoint_bytes"))),
+    ("budget", plan.get("budget") or "–"),
+    ("system prompt", f"{plan.get('system_prompt_tokens')} tokens"),
+    ("largest request (p99)", f"{plan.get('request_tokens_p99')} tokens"),
+    ("prompt tokens saved (planned)", share(plan.get("prompt_tokens_saved_share"))),
+    ("estimated time", f"{duration(plan.get('estimated_seconds'))} ({plan.get('estimate_basis')})"),
+    ("limits from", plan.get("limits_source")),
+    ("measurement", plan.get("measurement_file") or plan.get("measurement_reason") or "–"),
+    ("server", ", ".join(f"{k}={v}" for k, v in (plan.get("server") or {}).items() if v is not None)),
+])
 
 # %% [markdown]
 # ## Events (recoveries, back-offs, concurrency trials, memory reactions)
 
 # %%
-events if not events.empty else Markdown("No events.")
+if events.empty:
+    display(Markdown("No events."))
+else:
+    shown = events.copy()
+    shown["time"] = shown["t_unix_s"].map(clock)
+    details = [c for c in shown.columns if c not in ("t_unix_s", "time", "event")]
+    shown["details"] = shown[details].apply(lambda row: "; ".join(f"{k}: {v}" for k, v in row.items()
+                                                                  if pd.notna(v) and v != ""), axis=1)
+    display(table(shown[["time", "event", "details"]]))
 
 # %% [markdown]
 # ## Requests that failed for good
 
 # %%
-errors if not errors.empty else Markdown("No request failed.")
+table(errors) if not errors.empty else Markdown("No request failed.")
 
 # %% [markdown]
 # ## A few answers (text is escaped)
 
 # %%
-R.load_results(run).head(5)[["custom_id", "finish_reason", "completion_tokens", "answer"]]
+table(R.load_results(run).head(5)[["custom_id", "finish_reason", "completion_tokens", "answer"]])

@@ -1,22 +1,25 @@
 # %% [markdown]
 # # Safe context under a memory budget
-# The largest context that loads *and* serves a request filling it, found by bisection between a floor and the
-# model's trained context. The budget is enforced for real: a hard address-space cap (RLIMIT_AS) on the server
-# on a CPU machine, the card's memory on a GPU. A failed start, an out-of-memory error or a crash is "too big".
+# The largest context that loads *and* serves a request filling it, found by galloping from the fitted line's
+# guess and then bisecting between a floor and the model's trained context. The budget is the memory the server
+# may use, enforced for real: a hard address-space cap (RLIMIT_AS) on the server on a CPU machine, the card's
+# memory on a GPU. A failed allocation, an out-of-memory error, a crash while serving, memory above the budget,
+# or (Ollama on a GPU) layers moved to the CPU is "too big"; any other failure stops the search with its reason.
+# The safe context is the largest that worked times the margin, always below it.
 
 # %% [parameters]
 backend = "embedded"
 url = None
 model = None
 model_path = None
-budget = "+24MiB"  # the memory the server may use ("8GiB"), or headroom above the model's own need ("+24MiB")
+kv_type = "f16"
+parallel = 1
+budget = "+24MiB"  # the memory the server may use ("8GiB", "auto"), or the demo: headroom above the model's need
 safety_margin = 0.8
 floor_tokens = 1024
 ceiling_tokens = None  # default: the model's trained context
 step_tokens = 256
 fill_fraction = 1.0
-cache_type_k = "f16"
-cache_type_v = "f16"
 swa_full = False
 out_dir = "data/measurements"
 
@@ -24,29 +27,36 @@ out_dir = "data/measurements"
 from pathlib import Path
 
 import matplotlib.pyplot as plt
-import pandas as pd
 from IPython.display import Markdown, display
 
-from kvbatch import measurements as M
-from kvbatch.measure import max_loads
-from kvbatch.server import ServerConfig
+from kvbatch.measure import steps
+from kvbatch.measure.experiments import max_loads
+from kvbatch.measure.kvmodel import KvCacheTypes
+from kvbatch.measure.result import model_identity
+from kvbatch.report.display import duration, integer_axis, table
+from kvbatch.serve.server import ServerConfig
 
-arch = M.architecture(backend, url=url, model=model, model_path=model_path)
-name = M.model_name(backend, model, model_path)
-config = ServerConfig(model_path=Path(model_path) if model_path else None, cache_type_k=cache_type_k,
-                      cache_type_v=cache_type_v, swa_full=swa_full)
-out = M.result_path(name, config, Path(out_dir))
-loader = M.make_loader(backend, url=url, model=model, config=config)
-search = M.safe_context(loader, arch, budget, margin=safety_margin, floor_tokens=floor_tokens,
-                        step_tokens=step_tokens, fill_fraction=fill_fraction, out=out, ceiling_tokens=ceiling_tokens)
-budget_text = search["budget_text"]
+arch = steps.architecture(backend, url=url, model=model, model_path=model_path)
+identity = model_identity(backend, model, model_path)
+types = KvCacheTypes(kv_type, kv_type, swa_full=swa_full)
+config = ServerConfig(model_path=Path(model_path) if model_path else None, cache_type_k=kv_type, cache_type_v=kv_type,
+                      swa_full=swa_full)
+out = steps.result_file(backend, model, model_path, types, out_dir)
+loader = steps.make_loader(backend, url=url, model=model, config=config, parallel=parallel)
+try:
+    search = steps.safe_context(loader, arch, budget, margin=safety_margin, floor_tokens=floor_tokens,
+                                step_tokens=step_tokens, fill_fraction=fill_fraction, out=out, backend=backend,
+                                model=identity, types=types, ceiling_tokens=ceiling_tokens)
+finally:
+    loader.close()
 result = search["result"]
-ceiling = search["section"]["ceiling_tokens"]
 display(Markdown(
-    f"Budget **{budget_text}** ({search['section']['enforced_by']}): the largest context that "
-    f"loaded and served a full request is **{result.max_context_tokens} tokens**; with a {safety_margin:.0%} margin "
-    f"the safe context is **{result.safe_context_tokens} tokens**. It took **{result.loads} loads** "
-    f"(bound: {max_loads(floor_tokens, ceiling, step_tokens)})."))
+    f"Budget **{search['budget'].text}** ({search['enforced_by']}): the largest context that loaded and served a "
+    f"full request is **{result.max_context_tokens} tokens**; with a {safety_margin:.0%} margin the safe context is "
+    f"**{result.safe_context_tokens} tokens**. It took **{result.loads} loads** (bound: "
+    f"{max_loads(floor_tokens, search['ceiling'], step_tokens)})."
+    + ("\n\n*The budget is the 2-core demo: the plan of a run never takes it as yours.*"
+       if search["budget"].is_demo else "")))
 
 # %%
 probes = search["probes"]
@@ -57,5 +67,8 @@ if result.max_context_tokens:
     ax.axhline(result.max_context_tokens, color="tab:green", ls="--", label="largest that fits")
     ax.axhline(result.safe_context_tokens, color="tab:blue", ls=":", label="safe (with margin)")
 ax.set(title="Probes in order (green: loaded and served, red: too big)", xlabel="load #", ylabel="context tokens")
+integer_axis(ax.xaxis)
 ax.legend()
-probes
+shown = probes.assign(load=range(1, len(probes) + 1), result=probes["fits"].map({True: "fits", False: "too big"}))
+table(shown[["load", "context_tokens", "result", "reason", "seconds"]], duration_columns=["seconds"],
+      rename={"context_tokens": "context (tokens)", "seconds": "time"})

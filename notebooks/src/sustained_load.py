@@ -1,62 +1,107 @@
 # %% [markdown]
-# # Sustained load at the planned configuration
-# Requests for a set time at the configuration the measurements give; memory sampled every second and
-# throughput counted per interval. It passes only if memory does not drift and throughput holds.
+# # Sustained load: does the plan hold?
+# Requests of the batch's own sizes (by default the shipped sample's shape) run for a set time at the plan's slots
+# and per-slot context, one worker per slot. Memory is compared with the budget every interval. The verdict is
+# FAILED on any request error, on memory above the budget, or on a drift above max(1 %, 64 MiB) over the second half.
 
 # %% [parameters]
-backend = "embedded"  # embedded, or "openai" / "ollama" with `url`
+backend = "embedded"  # embedded, or "ollama" with `url` and `model`
 url = None
 model = None
 model_path = None
+kv_type = "f16"
+parallel = 1
+input_path = "data/sample/requests.jsonl"  # the batch whose request sizes (and plan) are tested
+budget = None  # the memory the server may use (default: the machine's, as the plan takes it)
+slots = None  # default: the plan's
+slot_context_tokens = None  # default: the plan's
 duration_s = 60
-in_flight = 1
 interval_s = 15
-context_tokens = None  # default: the safe context measured for this model, else 4096
-max_tokens = 32
-drift_tolerance = 0.05
-cache_type_k = "f16"
-cache_type_v = "f16"
-swa_full = False
 out_dir = "data/measurements"
 
 # %%
-import json
+import itertools
+from dataclasses import replace
 from pathlib import Path
 
 import matplotlib.pyplot as plt
 from IPython.display import Markdown, display
 
-from kvbatch import measurements as M
-from kvbatch.sample import candidate_message, system_prompt
-from kvbatch.server import ServerConfig
-import random
+from kvbatch.aio import run_sync
+from kvbatch.batch.runfolder import RunFolder
+from kvbatch.batch.runner import load_input, plan_only
+from kvbatch.batch.settings import BatchSettings
+from kvbatch.measure import steps
+from kvbatch.measure.budget import resolve_budget
+from kvbatch.measure.kvmodel import KvCacheTypes
+from kvbatch.measure.result import model_identity
+from kvbatch.measure.sustained import sustained_load
+from kvbatch.report.display import integer_axis, size
+from kvbatch.serve.backends import get_backend
+from kvbatch.serve.probes import OllamaPsProbe, probe_for_server
+from kvbatch.serve.server import EmbeddedServer, ServerConfig
 
-name = M.model_name("ollama" if backend == "ollama" else "embedded", model, model_path)
-config = ServerConfig(model_path=Path(model_path) if model_path else None, cache_type_k=cache_type_k,
-                      cache_type_v=cache_type_v, swa_full=swa_full)
-out = M.result_path(name, config, Path(out_dir))
-saved = json.loads(out.read_text()) if out.exists() else {}
-context = context_tokens or saved.get("safe_context_tokens") or 4096
-config = ServerConfig(**{**config.__dict__, "context_tokens": int(context), "parallel_slots": in_flight})
-body = {"messages": [{"role": "system", "content": system_prompt(600)},
-                     {"role": "user", "content": candidate_message(random.Random(3), 100)}],
-        "max_tokens": max_tokens, "temperature": 0}
-run = M.sustained(config, body, duration_s=duration_s, in_flight=in_flight, interval_s=interval_s, out=out,
-                  url=url, backend_name="ollama" if backend == "ollama" else "openai", model=model,
-                  drift_tolerance=drift_tolerance)
-result = run["result"]
-verdict = "PASSED" if result.passed else "FAILED: " + "; ".join(result.reasons)
-display(Markdown(f"**{verdict}** at context {context} x {in_flight} in flight: {result.requests} requests in "
-                 f"{result.duration_s:.0f} s; memory drift {result.memory_drift_share:+.2%}; slowest interval "
-                 f"{result.throughput_floor_share:.0%} of the median."))
+types = KvCacheTypes(kv_type, kv_type)
+identity = model_identity(backend, model, model_path)
+out = steps.result_file(backend, model, model_path, types, out_dir)
+settings = BatchSettings(
+    input_path=Path(input_path), folder=RunFolder(Path("data/runs/sustained-load")), kv_type=kv_type,
+    urls=[url] if backend == "ollama" else [], backend="ollama" if backend == "ollama" else "openai", model=model,
+    parallel=parallel, memory_budget=budget, slots=slots, slot_context_tokens=slot_context_tokens,
+    server=ServerConfig(model_path=Path(model_path) if model_path else None, cache_type_k=kv_type,
+                        cache_type_v=kv_type),
+)
+prepared = plan_only(settings, say=lambda *_: None)
+plan = prepared.plan
+layout = plan.layout
+display(Markdown(f"**Plan under test** ({settings.input_path}): {layout.describe()}, KV cache {plan.kv_types.label}; "
+                 f"predicted memory {size(plan.memory.counted_bytes) if plan.memory else 'not modelled'}; "
+                 f"budget {plan.budget.text if plan.budget else 'none'}."))
+report, requests_fn = load_input(settings)
+bodies = [request.body for request in itertools.islice(requests_fn(frozenset()), max(4 * layout.slots, 16))]
+budget_bytes = plan.budget.bytes if plan.budget else None
+
+
+async def measure_at(backend_obj, probe):
+    return await sustained_load(backend_obj, probe, bodies, slots=layout.slots, duration_s=duration_s,
+                                interval_s=interval_s, budget_bytes=budget_bytes)
+
+
+if backend == "ollama":
+    async def go():
+        async with get_backend("ollama", url, model=model, layout=layout) as ollama:
+            return await measure_at(ollama, OllamaPsProbe(ollama, field="size_vram" if plan.budget and plan.budget.on_gpu
+                                                                   else "size"))
+    outcome = run_sync(go())
+    flags = {"url": url, "model": model}
+else:
+    config = replace(prepared.plans[0].config, context_tokens=layout.total_context_tokens, parallel_slots=layout.slots)
+    with EmbeddedServer(config) as server:
+        async def go():
+            async with get_backend("openai", server.url, api_key=server.api_key, slot_pinning=True) as llama:
+                return await measure_at(llama, probe_for_server(server.pid, server.log_text))
+        outcome = run_sync(go())
+        flags = server.config.flags()
+steps.save_sustained(out, outcome, backend=backend, model=identity, types=types, layout=layout)
+verdict = "PASSED" if outcome.passed else "FAILED: " + "; ".join(outcome.reasons)
+display(Markdown(f"**{verdict}**. {outcome.requests} requests in {outcome.duration_s:.0f} s at {layout.describe()}; "
+                 f"memory peak {size(outcome.memory_peak_bytes)} (budget {size(budget_bytes)}), "
+                 f"drift over the second half {size(outcome.memory_drift_bytes)}; {len(outcome.errors)} request "
+                 "error(s)."))
 
 # %%
 fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(12, 3.6))
-memory = run["memory"]
-ax1.plot(memory["t_s"], memory["used_bytes"] / 2**20)
+if outcome.memory_series:
+    ax1.plot([t for t, _ in outcome.memory_series], [m / 2**20 for _, m in outcome.memory_series], label="server")
+if budget_bytes and outcome.memory_series and budget_bytes < 4 * max(m for _, m in outcome.memory_series):
+    ax1.axhline(budget_bytes / 2**20, color="tab:red", ls="--", label="budget")
+if plan.memory:
+    ax1.axhline(plan.memory.counted_bytes / 2**20, color="tab:gray", ls=":", label="plan's prediction")
 ax1.set(title="Server memory under load", xlabel="seconds", ylabel="MiB")
 ax1.set_ylim(bottom=0)
-ax2.bar([i * interval_s for i in range(len(result.requests_per_interval))],
-        [n / interval_s for n in result.requests_per_interval], width=interval_s * 0.8, align="edge")
-ax2.set(title=f"Throughput per {interval_s} s interval", xlabel="seconds", ylabel="requests/s")
+ax1.legend()
+ax2.bar([i * interval_s for i in range(len(outcome.requests_per_interval))], outcome.requests_per_interval,
+        width=interval_s * 0.8, align="edge")
+ax2.set(title=f"Requests finished per {interval_s} s interval", xlabel="seconds", ylabel="requests")
+integer_axis(ax2.yaxis)
 fig.tight_layout()

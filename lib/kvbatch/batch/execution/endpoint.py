@@ -1,0 +1,129 @@
+"""One server in the pool: its supervisor (and so its backend and slot layout), a gate on the requests in flight,
+one recovery at a time, and its health. In a pool of several, an endpoint that cannot be brought back is taken
+out, probed with back-off, and re-admitted; its requests go back to the feed for the others."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from dataclasses import asdict
+
+from kvbatch import defaults
+from kvbatch.batch.execution.gate import Gate
+from kvbatch.batch.execution.recorder import Recorder
+from kvbatch.batch.monitor import MemoryMonitor
+from kvbatch.errors import KvbatchError, ServerGoneError
+from kvbatch.serve.supervisor import Supervisor, backoff_delays
+
+POOL_GRACE_S = 30.0
+"""In a pool, an endpoint not healthy within this long is taken out (the others carry on) and probed."""
+
+
+class EndpointOut(Exception):
+    """The endpoint was taken out of the pool: hand the request back for another endpoint."""
+
+
+class Endpoint:
+    def __init__(
+        self, supervisor: Supervisor, *, label: str, recorder: Recorder, pooled: bool,
+        max_wait_s: float = defaults.MAX_WAIT_S,
+    ) -> None:  # fmt: skip
+        self.supervisor = supervisor
+        self.label = label
+        self.recorder = recorder
+        self.pooled = pooled
+        self.max_wait_s = max_wait_s
+        self.in_flight_cap = supervisor.layout.slots
+        """Lowered (never raised) after an out-of-memory, so no later phase undoes the halving."""
+        self.gate = Gate(self.in_flight_cap)
+        self.generation = 0
+        self.ready = asyncio.Event()
+        self.ready.set()
+        self.out = False
+        self.back = asyncio.Event()
+        self.back.set()
+        self.fatal: KvbatchError | None = None
+        self.first_reply_checked = False
+        self.monitor: MemoryMonitor | None = None
+        self._lock = asyncio.Lock()
+        self._out_since: float | None = None
+        self._readmit: asyncio.Task | None = None
+
+    @property
+    def backend(self):
+        return self.supervisor.backend
+
+    @property
+    def slots(self) -> int:
+        return self.supervisor.layout.slots
+
+    async def set_in_flight(self, wanted: int) -> int:
+        limit = max(1, min(wanted, self.in_flight_cap, self.slots))
+        await self.gate.set_limit(limit)
+        return limit
+
+    async def recover(self, cause: KvbatchError, generation_seen: int) -> None:
+        """Bring the server back after `cause` (once per failure, whichever worker saw it first)."""
+        async with self._lock:
+            if self.generation != generation_seen or self.out:
+                return
+            self.ready.clear()
+            try:
+                recovery = await self._recover_once(cause)
+            except KvbatchError as exc:
+                self.generation += 1
+                if not self.pooled:
+                    self.fatal = exc
+                    self.ready.set()
+                    raise
+                self._take_out(exc)
+                return
+            self.generation += 1
+            if recovery.out_of_memory:
+                self.in_flight_cap = max(1, min(self.in_flight_cap, self.gate.limit) // 2)
+            await self.set_in_flight(self.gate.limit)
+            self.recorder.stats.endpoint(self.label).recoveries += 1
+            self.recorder.event("recovery", endpoint=self.label, **asdict(recovery), in_flight_limit=self.gate.limit,
+                                slots=self.slots, slot_context=self.supervisor.layout.slot_context_tokens)
+            self.ready.set()
+
+    async def _recover_once(self, cause: KvbatchError):
+        if not self.pooled:
+            return await self.supervisor.recover(cause)
+        try:
+            return await asyncio.wait_for(self.supervisor.recover(cause), POOL_GRACE_S)
+        except asyncio.TimeoutError as exc:
+            raise ServerGoneError(f"{self.label} was not back within {POOL_GRACE_S:.0f} s") from exc
+
+    def _take_out(self, cause: KvbatchError) -> None:
+        self.out = True
+        self.back.clear()
+        self._out_since = time.monotonic()
+        self.recorder.event("endpoint_out", endpoint=self.label, cause=str(cause)[:300])
+        self.ready.set()  # workers wake, see `out`, and hand their requests back
+        self._readmit = asyncio.create_task(self._probe_until_back())
+
+    async def _probe_until_back(self) -> None:
+        for delay in backoff_delays(1.0, defaults.BACKOFF_CAP_S):
+            await asyncio.sleep(delay)
+            try:
+                healthy = await self.backend.health()
+                if healthy:
+                    await asyncio.wait_for(self.supervisor.recover(ServerGoneError("re-admission")), POOL_GRACE_S)
+            except (KvbatchError, asyncio.TimeoutError):
+                healthy = False
+            if healthy:
+                break
+        assert self._out_since is not None
+        self.recorder.stats.endpoint(self.label).out_s += time.monotonic() - self._out_since
+        self.recorder.event("endpoint_back", endpoint=self.label, out_s=round(time.monotonic() - self._out_since, 1))
+        self.out = False
+        self.back.set()
+
+    def out_for_s(self) -> float:
+        return time.monotonic() - self._out_since if self.out and self._out_since else 0.0
+
+    async def close(self) -> None:
+        if self._readmit is not None:
+            self._readmit.cancel()
+        await self.supervisor.close()

@@ -1,0 +1,182 @@
+"""The batch executor: independent prefix-cached requests (default) or one conversation per chunk, over one or
+more endpoints, with bounded concurrency, exactly-once journaling, recovery, and memory monitoring.
+
+Async core: per endpoint, one worker per slot pulls from a shared feed; each endpoint's gate bounds its requests
+in flight; one recovery at a time per endpoint pauses its workers, then the failed requests are retried.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+
+from kvbatch import defaults
+from kvbatch.batch.execution.endpoint import Endpoint
+from kvbatch.batch.execution.gate import Feed
+from kvbatch.batch.execution.guard import TruncationGuard
+from kvbatch.batch.execution.policy import SuspectTracker
+from kvbatch.batch.execution.recorder import Recorder
+from kvbatch.batch.execution.sender import RunStopped, Sender
+from kvbatch.batch.execution.stats import RunStats
+from kvbatch.batch.execution.strategies import Quota, Workers
+from kvbatch.batch.execution.trials import ConcurrencyTrials
+from kvbatch.batch.journal import Journal
+from kvbatch.batch.monitor import MemoryMonitor
+from kvbatch.batch.progress import Progress
+from kvbatch.batch.requests import BatchRequest
+from kvbatch.batch.runfolder import RunFolder
+from kvbatch.serve.supervisor import Supervisor
+
+
+@dataclass
+class RunOptions:
+    mode: str = "independent"
+    concurrency: int | str = "auto"
+    trials: ConcurrencyTrials = field(default_factory=ConcurrencyTrials)
+    chunk_size: int = 1
+    max_attempts: int = defaults.MAX_ATTEMPTS
+    max_wait_s: float = defaults.MAX_WAIT_S
+    request_timeout_s: float = defaults.REQUEST_TIMEOUT_S
+    memory_threshold_bytes: int | None = None
+    memory_interval_s: float = defaults.MEMORY_SAMPLE_S
+    progress: bool = True
+    estimated_seconds: float | None = None
+    """The plan's estimate, which the run re-makes from its own rate after its first minutes."""
+
+
+class Executor:
+    """Runs requests through supervised servers into a journal. Construct, then `await run(requests)`."""
+
+    def __init__(
+        self,
+        journal: Journal,
+        supervisors: list[Supervisor],
+        options: RunOptions,
+        *,
+        folder: RunFolder,
+        prefix_tokens: dict[str, int] | None = None,
+        total: int | None = None,
+        guard: TruncationGuard | None = None,
+    ) -> None:
+        self.journal = journal
+        self.supervisors = supervisors
+        self.options = options
+        self.folder = folder
+        self.prefix_tokens = prefix_tokens or {}
+        self.total = total
+        self.guard = guard
+        self.stats = RunStats()
+        self.endpoints: list[Endpoint] = []
+        self.recorder: Recorder | None = None
+        self.re_estimate_s: float | None = None
+
+    def _labels(self) -> list[str]:
+        if len(self.supervisors) == 1:
+            return [self.supervisors[0].label]
+        return [f"{s.label}-{i}" for i, s in enumerate(self.supervisors)]
+
+    async def _phase(self, workers: Workers, in_flight: dict[Endpoint, int], limit: int | None) -> tuple[int, float]:
+        """Run up to `limit` requests (all when None) with `in_flight[e]` workers on each endpoint. Returns
+        (requests done after every slot was warm, seconds since then): the steady rate."""
+        quota = Quota(limit)
+        tasks: list[asyncio.Task] = []
+        warm_events: list[asyncio.Event] = []
+        for endpoint, wanted in in_flight.items():
+            count = await endpoint.set_in_flight(wanted)
+            previous: asyncio.Event | None = None
+            for slot in range(count):
+                mine = asyncio.Event()
+                warm_events.append(mine)
+                if self.options.mode == "conversation":
+                    tasks.append(asyncio.create_task(workers.conversation(endpoint, slot, quota)))
+                else:
+                    tasks.append(asyncio.create_task(workers.independent(endpoint, slot, quota, previous, mine)))
+                previous = mine
+        warm_mark: list[tuple[float, int]] = []
+        if self.options.mode == "conversation":
+            warm_mark.append((time.perf_counter(), self.stats.finished))
+
+        async def mark_when_warm() -> None:
+            for event in warm_events:
+                await event.wait()
+            warm_mark.append((time.perf_counter(), self.stats.finished))
+
+        marker = asyncio.create_task(mark_when_warm())
+        try:
+            done, pending = await asyncio.wait(tasks, return_when=asyncio.FIRST_EXCEPTION)
+            for task in pending:
+                task.cancel()
+            await asyncio.gather(*pending, return_exceptions=True)
+            for task in done:
+                if task.exception() is not None:
+                    raise task.exception()
+        finally:
+            marker.cancel()
+            self.recorder.sync(force=True)
+        if not warm_mark:
+            return 0, 0.0
+        mark_time, mark_count = warm_mark[0]
+        return self.stats.finished - mark_count, time.perf_counter() - mark_time
+
+    async def _on_memory_high(self, endpoint: Endpoint, used_bytes: int) -> None:
+        if endpoint.gate.limit > 1:
+            endpoint.in_flight_cap = endpoint.gate.limit - 1
+            await endpoint.set_in_flight(endpoint.in_flight_cap)
+        self.recorder.event("memory_high", endpoint=endpoint.label, used_bytes=used_bytes,
+                            action=f"in-flight limit now {endpoint.gate.limit}")  # fmt: skip
+
+    async def _re_estimate(self, progress: Progress) -> None:
+        """After the first minutes, re-make the time estimate from the run's own rate (the ETA the progress shows)."""
+        await asyncio.sleep(defaults.ESTIMATE_REFRESH_S)
+        if progress.rate() and self.total:
+            self.re_estimate_s = progress.elapsed_s() + (self.total - progress.done) / progress.rate()
+            self.recorder.event("estimate", total_s=round(self.re_estimate_s, 1),
+                                plan_estimate_s=self.options.estimated_seconds)  # fmt: skip
+
+    async def run(self, requests: Iterator[BatchRequest]) -> RunStats:
+        feed = Feed(requests)
+        progress = Progress(total=self.total, enabled=self.options.progress)
+        self.recorder = recorder = Recorder(self.journal, self.folder, self.stats, progress,
+                                            prefix_tokens=self.prefix_tokens)  # fmt: skip
+        pooled = len(self.supervisors) > 1
+        self.endpoints = [
+            Endpoint(s, label=label, recorder=recorder, pooled=pooled, max_wait_s=self.options.max_wait_s)
+            for s, label in zip(self.supervisors, self._labels(), strict=True)
+        ]
+        sender = Sender(recorder, self.guard, tracker=SuspectTracker(self.options.max_attempts),
+                        max_wait_s=self.options.max_wait_s, request_timeout_s=self.options.request_timeout_s)
+        workers = Workers(feed, sender, recorder, chunk_size=self.options.chunk_size)
+        background = [asyncio.create_task(self._re_estimate(progress))]
+        for endpoint in self.endpoints:
+            endpoint.monitor = MemoryMonitor(
+                endpoint.supervisor, self.folder.memory, label=endpoint.label,
+                interval_s=self.options.memory_interval_s, threshold_bytes=self.options.memory_threshold_bytes,
+                on_high=lambda used, e=endpoint: self._on_memory_high(e, used),
+            )  # fmt: skip
+            background.append(asyncio.create_task(endpoint.monitor.run()))
+        try:
+            if self.options.concurrency == "auto" and not pooled:
+                only = self.endpoints[0]
+
+                async def phase(count: int, limit: int | None) -> tuple[int, float]:
+                    return await self._phase(workers, {only: count}, limit)
+
+                chosen = await self.options.trials.choose(phase, feed, slots=only.slots, total=self.total,
+                                                          recorder=recorder)  # fmt: skip
+                in_flight = {only: chosen}
+            elif self.options.concurrency == "auto":
+                in_flight = {e: e.slots for e in self.endpoints}
+            else:
+                in_flight = {e: int(self.options.concurrency) for e in self.endpoints}
+            await self._phase(workers, in_flight, None)
+        except RunStopped as stopped:
+            raise stopped.error from None
+        finally:
+            for task in background:
+                task.cancel()
+            await asyncio.gather(*background, return_exceptions=True)
+            recorder.close()
+            progress.close()
+        return self.stats

@@ -1,0 +1,113 @@
+"""The one writer of a run's records while it executes: journal lines (results and errors), per-request metrics,
+events, the progress display, and the fsync cadence."""
+
+from __future__ import annotations
+
+import json
+import time
+from typing import Any
+
+from kvbatch import defaults
+from kvbatch.batch.execution.stats import PrefixStats, RunStats
+from kvbatch.batch.journal import Journal
+from kvbatch.batch.progress import Progress
+from kvbatch.batch.requests import BatchRequest
+from kvbatch.batch.runfolder import RunFolder
+from kvbatch.errors import KvbatchError
+from kvbatch.serve.backends import ChatResult
+
+
+class Recorder:
+    def __init__(
+        self,
+        journal: Journal,
+        folder: RunFolder,
+        stats: RunStats,
+        progress: Progress,
+        *,
+        prefix_tokens: dict[str, int],
+        fsync_every: int = defaults.FSYNC_EVERY_RESULTS,
+    ) -> None:
+        self.journal = journal
+        self.folder = folder
+        self.stats = stats
+        self.progress = progress
+        self.prefix_tokens = prefix_tokens
+        self.fsync_every = fsync_every
+        self._since_sync = 0
+        self._metrics = open(folder.metrics, "a", encoding="utf-8")  # noqa: SIM115 (closed in close())
+
+    def event(self, kind: str, **details: Any) -> None:
+        record = {"t_unix_s": time.time(), "event": kind, **details}
+        with open(self.folder.events, "a", encoding="utf-8") as handle:
+            handle.write(json.dumps(record, default=str) + "\n")
+        shown = ", ".join(f"{key}={value}" for key, value in details.items() if key != "cause")
+        self.progress.note(f"{kind}: {shown}")
+
+    def sync(self, force: bool = False) -> None:
+        self._since_sync += 0 if force else 1
+        if force or self._since_sync >= self.fsync_every:
+            self.journal.sync()
+            self._metrics.flush()
+            self._since_sync = 0
+
+    def success(
+        self, request: BatchRequest, result: ChatResult, *, attempts: int, slot: int | None, endpoint: str,
+        waited_s: float,
+    ) -> None:  # fmt: skip
+        self.journal.record_result(request.custom_id, result.response_body)
+        stats = self.stats
+        stats.completed += 1
+        prompt = result.prompt_tokens or 0
+        cached = result.cached_prompt_tokens
+        stats.prompt_tokens += prompt
+        stats.completion_tokens += result.completion_tokens or 0
+        stats.truncated_answers += result.finish_reason == "length"
+        stats.waited_s += waited_s
+        if cached is not None:
+            stats.cached_tokens += cached
+            stats.cached_tokens_known += 1
+        per_endpoint = stats.endpoint(endpoint)
+        per_endpoint.completed += 1
+        per_endpoint.prompt_tokens += prompt
+        per_endpoint.cached_tokens += cached or 0
+        per_endpoint.completion_tokens += result.completion_tokens or 0
+        per_endpoint.busy_s += result.latency_s
+        prefix = stats.per_prefix.setdefault(request.prefix_key, PrefixStats())
+        prefix.requests += 1
+        prefix.prompt_tokens += prompt
+        prefix.cached_tokens += cached or 0
+        prefix_tokens = self.prefix_tokens.get(request.prefix_key)
+        if cached is not None and prefix_tokens:
+            prefix.prefix_tokens += prefix_tokens
+            prefix.prefix_cached_tokens += min(cached, prefix_tokens)
+            prefix.misses += cached < prefix_tokens * 0.9
+        self._metrics.write(json.dumps({
+            "custom_id": request.custom_id,
+            "t_done_unix_s": round(time.time(), 3),
+            "latency_s": round(result.latency_s, 4),
+            "waited_s": round(waited_s, 4),
+            "prompt_tokens": result.prompt_tokens,
+            "cached_tokens": cached,
+            "completion_tokens": result.completion_tokens,
+            "finish_reason": result.finish_reason,
+            "prefix": request.prefix_key,
+            "endpoint": endpoint,
+            "slot": slot,
+            "attempts": attempts,
+        }) + "\n")  # fmt: skip
+        self.progress.update(ok=True, cache_share=stats.cache_share())
+        self.sync()
+
+    def failure(self, request: BatchRequest, error: KvbatchError, *, attempts: int, endpoint: str,
+                details: dict[str, Any] | None = None) -> None:  # fmt: skip
+        self.journal.record_error(request.custom_id, type(error).__name__, error.server_message or str(error),
+                                  attempts=attempts, status_code=error.status_code, details=details)  # fmt: skip
+        self.stats.failed += 1
+        self.stats.endpoint(endpoint).failed += 1
+        self.progress.update(ok=False, cache_share=self.stats.cache_share())
+        self.sync()
+
+    def close(self) -> None:
+        self.journal.sync()
+        self._metrics.close()

@@ -1,0 +1,231 @@
+"""The run's checkpoint: append-only result files that are also the journal, plus a versioned fingerprint.
+
+`results.jsonl` and `errors.jsonl` are only ever appended to, one whole line per write(2), and fsynced at least
+once per chunk. On resume every `custom_id` already in either file is skipped, so each request has exactly one
+line in total; a torn last line (a crash mid-write) is cut off before appending, by the one process that holds
+the folder's lock. `--retry-failed` moves the failed requests' lines to `errors-history.jsonl` first.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+import uuid
+from pathlib import Path
+from typing import Any
+
+from pydantic import BaseModel
+
+from kvbatch.batch.runfolder import RunFolder, write_durably
+from kvbatch.errors import UserInputError
+
+JOURNAL_VERSION = 2
+_CUSTOM_ID_KEY = '"custom_id": '
+_decoder = json.JSONDecoder()
+
+
+def _repair_torn_tail(path: Path) -> int:
+    """Cut a last line that has no newline (a write interrupted by a crash). Returns the bytes cut."""
+    if not path.exists() or path.stat().st_size == 0:
+        return 0
+    with open(path, "rb+") as handle:
+        size = handle.seek(0, os.SEEK_END)
+        block = min(size, 1 << 20)
+        handle.seek(size - block)
+        tail = handle.read(block)
+        if tail.endswith(b"\n"):
+            return 0
+        cut_at = tail.rfind(b"\n")
+        keep = size - block + cut_at + 1 if cut_at >= 0 else 0
+        if cut_at < 0 and block < size:
+            handle.seek(0)  # longer than 1 MiB without a newline: walk back further
+            keep = handle.read(size).rfind(b"\n") + 1
+        handle.truncate(keep)
+        return size - keep
+
+
+def completed_ids(path: Path) -> set[str]:
+    """Every `custom_id` in a result file. Reads only the id of each line (it is written near the front)."""
+    done: set[str] = set()
+    if not path.exists():
+        return done
+    with open(path, encoding="utf-8") as handle:
+        for line in handle:
+            at = line.find(_CUSTOM_ID_KEY)
+            if at < 0:
+                continue
+            try:
+                value, _ = _decoder.raw_decode(line, at + len(_CUSTOM_ID_KEY))
+            except json.JSONDecodeError:
+                continue
+            done.add(value)
+    return done
+
+
+class Fingerprint(BaseModel):
+    """What makes two invocations the same run. A resume with a different one is refused, naming what changed."""
+
+    input_hash: str
+    """`sha256:` of the input bytes (a table: with its system prompt, template and id column)."""
+    model: str
+    """Backend, model identity and KV cache types, e.g. `embedded:gemma3-270m.gguf:f16-f16`."""
+    system_prompt_hash: str
+    generation: dict[str, Any]
+    mode: str
+
+    def differences(self, stored: dict[str, Any]) -> list[str]:
+        mine = self.model_dump()
+        return [f"{key}: was {stored.get(key)!r}, now {mine[key]!r}" for key in mine if stored.get(key) != mine[key]]
+
+
+class RunRecord(BaseModel):
+    """run.json."""
+
+    journal_version: int = JOURNAL_VERSION
+    created_unix_s: float
+    fingerprint: Fingerprint
+
+
+class Journal:
+    """Appends result and error lines for one run folder. Open with `Journal.open(folder, fingerprint)` while
+    holding the folder's lock."""
+
+    def __init__(self, folder: RunFolder) -> None:
+        self.folder = folder
+        self.results_path = folder.results
+        self.errors_path = folder.errors
+        self._fds: dict[str, int] = {}
+        self._unsynced = 0
+        self.done: set[str] = set()
+        self.failed: set[str] = set()
+        self.resumed = False
+        self.repaired_bytes = 0
+
+    @classmethod
+    def open(cls, folder: RunFolder | Path, fingerprint: Fingerprint) -> Journal:
+        folder = folder if isinstance(folder, RunFolder) else RunFolder(Path(folder))
+        folder.path.mkdir(parents=True, exist_ok=True)
+        journal = cls(folder)
+        if folder.run_file.exists():
+            try:
+                stored = json.loads(folder.run_file.read_text("utf-8"))
+            except json.JSONDecodeError as exc:
+                raise UserInputError(f"{folder.run_file}: not valid JSON ({exc}); it is not a run folder") from exc
+            if stored.get("journal_version", 0) > JOURNAL_VERSION:
+                raise UserInputError(
+                    f"{folder.run_file}: written by a newer kvbatch (journal version "
+                    f"{stored.get('journal_version')}); upgrade kvbatch to resume it"
+                )
+            changed = fingerprint.differences(stored.get("fingerprint", {}))
+            if changed:
+                raise UserInputError(
+                    f"{folder.path} holds a run with a different fingerprint, so it cannot be resumed with this "
+                    f"command ({'; '.join(changed)}). Use another --run name, or restore the original settings."
+                )
+            journal.resumed = True
+        elif folder.has_output():
+            raise UserInputError(
+                f"{folder.path} has results but no {folder.run_file.name}, so nothing says which run they belong "
+                "to; move them away or use another --run name"
+            )
+        else:
+            record = RunRecord(created_unix_s=time.time(), fingerprint=fingerprint)
+            write_durably(folder.run_file, record.model_dump_json(indent=2))
+        for path in (journal.results_path, journal.errors_path):
+            journal.repaired_bytes += _repair_torn_tail(path)
+        journal.failed = completed_ids(journal.errors_path)
+        journal.done = completed_ids(journal.results_path) | journal.failed
+        return journal
+
+    def retry_failed(self) -> int:
+        """Make the requests in errors.jsonl due again: their lines move to errors-history.jsonl (kept, with the
+        time they were retried), and errors.jsonl is replaced without them. Returns how many."""
+        if not self.failed:
+            return 0
+        self.close()
+        lines = self.errors_path.read_text("utf-8").splitlines(keepends=True)
+        with open(self.folder.errors_history, "a", encoding="utf-8") as history:
+            for line in lines:
+                record = json.loads(line)
+                record["retried_unix_s"] = time.time()
+                history.write(json.dumps(record, ensure_ascii=False) + "\n")
+            history.flush()
+            os.fsync(history.fileno())
+        write_durably(self.errors_path, "")
+        count = len(self.failed)
+        self.done -= self.failed
+        self.failed = set()
+        return count
+
+    def _fd(self, path: Path) -> int:
+        key = str(path)
+        if key not in self._fds:
+            self._fds[key] = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+        return self._fds[key]
+
+    def _append(self, path: Path, record: dict[str, Any]) -> None:
+        data = (json.dumps(record, ensure_ascii=False) + "\n").encode("utf-8", "surrogatepass")
+        os.write(self._fd(path), data)  # one write(2) per line: a kill leaves whole lines, or a torn last one
+        self._unsynced += 1
+
+    def record_result(self, custom_id: str, response_body: dict[str, Any], *, status_code: int = 200) -> None:
+        """One success line in the OpenAI Batch output format."""
+        self._append(
+            self.results_path,
+            {
+                "id": f"batch_req_{uuid.uuid4().hex[:24]}",
+                "custom_id": custom_id,
+                "response": {
+                    "status_code": status_code,
+                    "request_id": f"req_{uuid.uuid4().hex[:24]}",
+                    "body": response_body,
+                },
+                "error": None,
+            },
+        )
+        self.done.add(custom_id)
+
+    def record_error(
+        self,
+        custom_id: str,
+        code: str,
+        message: str,
+        *,
+        attempts: int,
+        status_code: int | None = None,
+        details: dict[str, Any] | None = None,
+    ) -> None:
+        """One line for a request that failed for good: the reason and how many attempts it had."""
+        error: dict[str, Any] = {"code": code, "message": message}
+        if details:
+            error.update(details)
+        self._append(
+            self.errors_path,
+            {
+                "id": f"batch_req_{uuid.uuid4().hex[:24]}",
+                "custom_id": custom_id,
+                "response": {"status_code": status_code, "body": None} if status_code else None,
+                "error": error,
+                "attempts": attempts,
+            },
+        )
+        self.done.add(custom_id)
+        self.failed.add(custom_id)
+
+    def sync(self) -> None:
+        """fsync both files; called at least once per chunk and at the end."""
+        for fd in self._fds.values():
+            os.fsync(fd)
+        self._unsynced = 0
+
+    @property
+    def unsynced(self) -> int:
+        return self._unsynced
+
+    def close(self) -> None:
+        if self._fds:
+            self.sync()
+        for fd in self._fds.values():
+            os.close(fd)
+        self._fds.clear()

@@ -1,0 +1,82 @@
+"""Background memory sampling during a run: a time series on disk, and a reaction above a threshold.
+
+The supervisor says which probe follows its server (NVML per process on a GPU, RSS on a CPU, Ollama's /api/ps);
+the probe is asked again after a restart (a new PID), so the series follows the server."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+
+from kvbatch import defaults
+from kvbatch.errors import KvbatchError
+from kvbatch.serve.probes import MemoryProbe
+from kvbatch.serve.supervisor import Supervisor
+
+
+class MemoryMonitor:
+    """Samples the supervised server's memory every `interval_s` into a CSV (t, bytes, probe, endpoint)."""
+
+    def __init__(
+        self,
+        supervisor: Supervisor,
+        csv_path: Path,
+        *,
+        label: str = "server",
+        interval_s: float = defaults.MEMORY_SAMPLE_S,
+        threshold_bytes: int | None = None,
+        on_high: Callable[[int], Awaitable[None]] | None = None,
+    ) -> None:
+        self.supervisor = supervisor
+        self.csv_path = csv_path
+        self.label = label
+        self.interval_s = interval_s
+        self.threshold_bytes = threshold_bytes
+        self.on_high = on_high
+        self.peak_bytes = 0
+        self.above = False
+        """True while the last sample was above the threshold."""
+        self.probe_name: str | None = None
+        self._probe: MemoryProbe | None = None
+        self._probe_pid: int | None = None
+        self._probed = False
+
+    def _current_probe(self) -> MemoryProbe | None:
+        pid = self.supervisor.pid
+        if not self._probed or pid != self._probe_pid:
+            try:
+                self._probe = self.supervisor.memory_probe()
+            except KvbatchError:
+                self._probe = None
+            self._probe_pid = pid
+            self._probed = True
+            self.probe_name = self._probe.name if self._probe else None
+        return self._probe
+
+    async def sample(self) -> int | None:
+        probe = self._current_probe()
+        if probe is None:
+            return None
+        try:
+            used = await probe.aread()
+        except Exception:  # a probe read while the server restarts; the next sample will do
+            return None
+        self.peak_bytes = max(self.peak_bytes, used)
+        new_file = not self.csv_path.exists()
+        with open(self.csv_path, "a", encoding="utf-8") as handle:
+            if new_file:
+                handle.write("t_unix_s,used_bytes,probe,endpoint\n")
+            handle.write(f"{time.time():.3f},{used},{probe.name},{self.label}\n")
+        return used
+
+    async def run(self) -> None:
+        while True:
+            used = await self.sample()
+            if used is not None and self.threshold_bytes:
+                crossed = used > self.threshold_bytes and not self.above
+                self.above = used > self.threshold_bytes
+                if crossed and self.on_high:
+                    await self.on_high(used)  # once per crossing: lower the in-flight count, log it
+            await asyncio.sleep(self.interval_s)

@@ -1,0 +1,295 @@
+"""One batch run end to end: validate the input, take the run folder, plan (before anything is written), start or
+reach the servers, execute, summarize. The CLI and `make batch` call `run_batch`."""
+
+from __future__ import annotations
+
+import asyncio
+import tempfile
+import time
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+from kvbatch.aio import run_sync
+from kvbatch.batch.endpoints import EndpointSpec, endpoint_specs
+from kvbatch.batch.execution.executor import Executor, RunOptions
+from kvbatch.batch.execution.guard import TruncationGuard
+from kvbatch.batch.execution.stats import RunStats
+from kvbatch.batch.journal import Fingerprint, Journal, completed_ids
+from kvbatch.batch.openai_batch import iter_openai_batch, load_index, save_index, scan_openai_batch
+from kvbatch.batch.plan import Plan
+from kvbatch.batch.prepare import EndpointPlan, Prepared, model_identity, prepare
+from kvbatch.batch.requests import InputReport
+from kvbatch.batch.runfolder import RunFolder, RunLock, write_json
+from kvbatch.batch.settings import BatchSettings
+from kvbatch.batch.summary import EndpointSummary, Summary
+from kvbatch.batch.table import TableInput
+from kvbatch.errors import UserInputError
+from kvbatch.serve.backends import backend_class
+from kvbatch.serve.supervisor import EmbeddedSupervisor, ExternalSupervisor, OllamaSupervisor, Supervisor
+
+
+@dataclass
+class RunOutcome:
+    folder: RunFolder
+    plan: Plan | None
+    stats: RunStats | None
+    summary: Summary | None
+    message: str
+
+
+def refused_fields(specs: list[EndpointSpec]) -> dict[str, str]:
+    """Body fields some server of this run cannot honour (refused at validation, never dropped silently)."""
+    refused: dict[str, str] = {}
+    for spec in specs:
+        if spec.kind == "external":
+            refused.update(backend_class(spec.backend).refused_fields)
+    return refused
+
+
+def load_input(settings: BatchSettings, refused: dict[str, str] | None = None) -> tuple[InputReport, Any]:
+    """Scan (validate and index) the input; return the report and a function giving the requests to run, with the
+    generation overrides and a `max_tokens` for every request that sets none."""
+    overrides = dict(settings.generation)
+
+    def complete(body: dict[str, Any]) -> dict[str, Any]:
+        body = {**body, **overrides}
+        if "max_tokens" not in body and "max_completion_tokens" not in body:
+            body["max_tokens"] = settings.default_max_tokens
+        return body
+
+    if settings.is_table:
+        if settings.template is None or settings.system_prompt_path is None:
+            raise UserInputError("a table input needs both --system-prompt FILE and --template TEXT")
+        table = TableInput(settings.input_path, settings.system_prompt_path, settings.template, settings.id_column)
+        report = table.scan()
+
+        def table_requests(done):
+            for request in table.iter_requests(report, done):
+                yield replace(request, body=complete(request.body))
+
+        return report, table_requests
+    report = load_index(settings.folder.index, settings.input_path)
+    report = report or scan_openai_batch(settings.input_path, refused=refused)
+
+    def requests(done):
+        for request in iter_openai_batch(report, done):
+            yield replace(request, body=complete(request.body))
+
+    return report, requests
+
+
+def load_valid_input(settings: BatchSettings, say, refused: dict[str, str] | None = None):
+    """load_input, then refuse an invalid input (every problem listed) and say the notes."""
+    report, requests_fn = load_input(settings, refused)
+    report.raise_if_invalid()
+    for note in report.notes:
+        say(f"note: {note}")
+    return report, requests_fn
+
+
+def _specs(settings: BatchSettings) -> list[EndpointSpec]:
+    return endpoint_specs(urls=settings.urls, endpoints_file=settings.endpoints_file, backend=settings.backend,
+                          model=settings.model, servers=settings.servers, ray=settings.ray)  # fmt: skip
+
+
+def _describe(prepared: Prepared) -> str:
+    if len(prepared.plans) == 1:
+        return prepared.plan.describe()
+    parts = []
+    for index, endpoint in enumerate(prepared.plans):
+        where = endpoint.spec.url or (f"GPU {endpoint.spec.gpu}" if endpoint.spec.gpu is not None else "embedded")
+        parts.append(f"[endpoint {index}: {where}]\n{endpoint.plan.describe()}")
+    return "\n".join(parts)
+
+
+async def plan_only_async(settings: BatchSettings, *, say=print) -> Prepared:
+    specs = _specs(settings)
+    report, requests_fn = load_valid_input(settings, say, refused_fields(specs))
+    if report.request_count == 0:
+        raise UserInputError(f"nothing to plan: {settings.input_path} holds no requests")
+    with tempfile.TemporaryDirectory() as scratch:
+        prepared = await prepare(settings, report, requests_fn, specs, Path(scratch))
+    for endpoint in prepared.plans:
+        if endpoint.backend is not None:
+            await endpoint.backend.aclose()
+    return prepared
+
+
+def plan_only(settings: BatchSettings, *, say=print) -> Prepared:
+    """Validate the input and make the plan; run nothing."""
+    return run_sync(plan_only_async(settings, say=say))
+
+
+def _supervisors(settings: BatchSettings, prepared: Prepared, folder: RunFolder) -> list[Supervisor]:
+    supervisors: list[Supervisor] = []
+    embedded = [p for p in prepared.plans if p.spec.kind == "embedded"]
+    for index, endpoint in enumerate(prepared.plans):
+        plan = endpoint.plan
+        smallest = min(prepared.sizes.longest_request_tokens, plan.layout.slot_context_tokens)
+        if endpoint.spec.kind == "embedded":
+            log = folder.server_log if len(embedded) == 1 else folder.path / f"server-{index}.log"
+            assert endpoint.config is not None
+            supervisors.append(EmbeddedSupervisor(endpoint.config, plan.layout, min_slot_context=smallest,
+                                                  log_path=log, request_timeout_s=settings.request_timeout_s))
+        elif endpoint.spec.kind == "ray":
+            from kvbatch.batch.ray_pool import ray_supervisors
+
+            supervisors.extend(ray_supervisors(endpoint, settings, prepared.sizes))
+        elif endpoint.spec.backend == "ollama":
+            assert endpoint.backend is not None
+            on_gpu = bool(plan.budget and plan.budget.on_gpu)
+            supervisors.append(OllamaSupervisor(endpoint.backend, plan.layout, min_slot_context=smallest,
+                                                max_wait_s=settings.max_wait_s, gpu_budget=on_gpu,
+                                                allow_cpu_spill=settings.allow_cpu_spill))  # fmt: skip
+        else:
+            assert endpoint.backend is not None
+            supervisors.append(ExternalSupervisor(endpoint.backend, plan.layout, max_wait_s=settings.max_wait_s))
+    return supervisors
+
+
+def _fingerprint(settings: BatchSettings, report: InputReport, specs: list[EndpointSpec]) -> Fingerprint:
+    return Fingerprint(
+        input_hash=report.input_hash,
+        model=model_identity(settings, specs[0]),
+        system_prompt_hash=report.system_prompt_hash(),
+        generation={"overrides": settings.generation, "default_max_tokens": settings.default_max_tokens},
+        mode=settings.mode,
+    )
+
+
+async def run_batch_async(settings: BatchSettings, *, say=print) -> RunOutcome:
+    specs = _specs(settings)
+    report, requests_fn = load_valid_input(settings, say, refused_fields(specs))
+    folder = settings.folder
+    if report.request_count == 0:
+        return RunOutcome(folder, None, None, None, f"nothing to do: {settings.input_path} holds no requests")
+    with RunLock(folder):
+        fingerprint = _fingerprint(settings, report, specs)
+        if folder.is_run():
+            Journal.open(folder, fingerprint).close()  # refuses a different run before any planning
+        failed = completed_ids(folder.errors)
+        done = completed_ids(folder.results) | (set() if settings.retry_failed else failed)
+        remaining = report.request_count - len(done)
+        if remaining <= 0:
+            summary = Summary.model_validate_json(folder.summary.read_text()) if folder.summary.exists() else None
+            return RunOutcome(folder, None, None, summary, f"all {report.request_count} requests are already done")
+        with tempfile.TemporaryDirectory() as scratch:
+            prepared = await prepare(settings, report, requests_fn, specs, Path(scratch))
+        say(_describe(prepared))
+        journal = Journal.open(folder, fingerprint)  # writes run.json only now: a plan error leaves no run behind
+        if journal.resumed:
+            say(f"resuming {folder.path}: {len(journal.done)} of {report.request_count} already done"
+                + (f" (cut a torn last line of {journal.repaired_bytes} bytes)" if journal.repaired_bytes else ""))
+        if settings.retry_failed:
+            say(f"sending again {journal.retry_failed()} request(s) from errors.jsonl (kept in errors-history.jsonl)")
+        if not settings.is_table and load_index(folder.index, settings.input_path) is None:
+            save_index(report, folder.index)
+        supervisors = _supervisors(settings, prepared, folder)
+        _write_plan(folder, prepared, supervisors)
+        return await _execute(settings, report, requests_fn, prepared, supervisors, journal,
+                              report.request_count - len(journal.done))  # fmt: skip
+
+
+def _write_plan(folder: RunFolder, prepared: Prepared, supervisors: list[Supervisor]) -> None:
+    records = []
+    for endpoint, supervisor in zip(prepared.plans, supervisors, strict=False):
+        record = endpoint.plan.record()
+        record.server = supervisor.flags()
+        records.append(record.model_dump())
+    data = {**records[0], "endpoints": records} if len(records) > 1 else records[0]
+    write_json(folder.plan, data)
+
+
+async def _execute(settings: BatchSettings, report: InputReport, requests_fn, prepared: Prepared,
+                   supervisors: list[Supervisor], journal: Journal, remaining: int) -> RunOutcome:  # fmt: skip
+    plan = prepared.plan
+    calibration = prepared.calibration
+    options = RunOptions(
+        mode=settings.mode,
+        concurrency=settings.concurrency,
+        chunk_size=plan.chunk_size,
+        max_attempts=settings.max_attempts,
+        max_wait_s=settings.max_wait_s,
+        request_timeout_s=settings.request_timeout_s,
+        memory_threshold_bytes=settings.memory_threshold_bytes,
+        progress=settings.progress,
+        estimated_seconds=plan.estimated_seconds,
+    )
+    guard = TruncationGuard(calibration.prefix_tokens, calibration.chars_per_token, exact=calibration.exact)
+    executor = Executor(journal, supervisors, options, folder=settings.folder, total=remaining, guard=guard,
+                        prefix_tokens=calibration.prefix_tokens)  # fmt: skip
+    started = time.time()
+    try:
+        for supervisor in supervisors:
+            for backoff in await supervisor.start():
+                _event(settings.folder, "start_backoff", endpoint=supervisor.label, **backoff.__dict__)
+        stats = await executor.run(requests_fn(frozenset(journal.done)))
+    finally:
+        await asyncio.gather(*(s.close() for s in supervisors), return_exceptions=True)
+        journal.close()
+    summary = _summary(report, prepared, stats, executor, started, settings.folder, remaining)
+    write_json(settings.folder.summary, summary.model_dump())
+    message = (
+        f"{summary.completed_total} of {report.request_count} requests done, {summary.failed_total} failed for "
+        f"good; results: {settings.folder.results}"
+    )
+    return RunOutcome(settings.folder, plan, stats, summary, message)
+
+
+def _event(folder: RunFolder, kind: str, **details: Any) -> None:
+    import json
+
+    with open(folder.events, "a", encoding="utf-8") as handle:
+        handle.write(json.dumps({"t_unix_s": time.time(), "event": kind, **details}, default=str) + "\n")
+
+
+def _summary(report: InputReport, prepared: Prepared, stats: RunStats, executor: Executor, started: float,
+             folder: RunFolder, remaining: int) -> Summary:  # fmt: skip
+    elapsed = time.time() - started
+    plan = prepared.plan
+    endpoints = []
+    for endpoint in executor.endpoints:
+        numbers = stats.endpoint(endpoint.label)
+        endpoints.append(EndpointSummary(
+            label=endpoint.label, server=endpoint.supervisor.flags(), completed=numbers.completed,
+            failed=numbers.failed, retries=numbers.retried, recoveries=numbers.recoveries,
+            requests_per_s=round(numbers.completed / elapsed, 4) if elapsed else None,
+            cache_share_of_prompt_tokens=numbers.cache_share(), out_of_pool_s=round(numbers.out_s, 1),
+        ))  # fmt: skip
+    monitors = [e.monitor for e in executor.endpoints if e.monitor is not None]
+    estimate = plan.estimated_seconds * remaining / plan.request_count if plan.estimated_seconds else None
+    return Summary(
+        requests_in_input=report.request_count,
+        completed_this_invocation=stats.completed,
+        failed_this_invocation=stats.failed,
+        completed_total=len(completed_ids(folder.results)),
+        failed_total=len(completed_ids(folder.errors)),
+        retries=stats.retried,
+        waited_s=round(stats.waited_s, 2),
+        elapsed_s=round(elapsed, 3),
+        requests_per_s=round(stats.finished / elapsed, 4) if elapsed else None,
+        estimated_s=round(estimate, 1) if estimate else None,
+        re_estimated_s=round(executor.re_estimate_s, 1) if executor.re_estimate_s else None,
+        prompt_tokens=stats.prompt_tokens,
+        cached_prompt_tokens=stats.cached_tokens,
+        completion_tokens=stats.completion_tokens,
+        answers_cut_at_max_tokens=stats.truncated_answers,
+        cache_share_of_prompt_tokens=stats.cache_share(),
+        system_prompt_share_served_from_cache=stats.system_prompt_share(),
+        per_prefix={key: value.__dict__ for key, value in stats.per_prefix.items()},
+        per_endpoint=endpoints,
+        concurrency_trials=stats.trials,
+        memory_peak_bytes=max((m.peak_bytes for m in monitors), default=None) or None,
+        memory_probe=next((m.probe_name for m in monitors if m.probe_name), None),
+        mode=plan.mode,
+        parallel_slots=sum(e.slots for e in executor.endpoints),
+        slot_context_tokens=plan.layout.slot_context_tokens,
+    )
+
+
+def run_batch(settings: BatchSettings, *, say=print) -> RunOutcome:
+    return run_sync(run_batch_async(settings, say=say))
+
+
+__all__ = ["EndpointPlan", "RunOutcome", "load_input", "plan_only", "run_batch"]

@@ -1,0 +1,53 @@
+"""Everything one invocation of `kvbatch run` (or `plan`) decides, with its defaults from kvbatch.defaults."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from kvbatch import defaults
+from kvbatch.batch.runfolder import RunFolder
+from kvbatch.serve.server import ServerConfig
+
+
+@dataclass
+class BatchSettings:
+    input_path: Path
+    folder: RunFolder
+    system_prompt_path: Path | None = None
+    template: str | None = None
+    id_column: str | None = None
+    mode: str = "independent"
+    concurrency: int | str = "auto"
+    slots: int | None = None
+    """Slots asked for (`--slots`); default: as many as the budget fits, at most defaults.MAX_SLOTS."""
+    slot_context_tokens: int | None = None
+    """Per-slot context asked for (`--slot-ctx`); default: the largest request, planned."""
+    kv_type: str = "f16"
+    """The KV cache type, or `auto` to take the one that fits the most slots."""
+    urls: list[str] = field(default_factory=list)
+    endpoints_file: Path | None = None
+    backend: str = "openai"
+    model: str | None = None
+    servers: str | int | None = None
+    ray: str | None = None
+    parallel: int | None = None
+    """Ollama's OLLAMA_NUM_PARALLEL (default: from the environment when the server is local, else 1)."""
+    server: ServerConfig = field(default_factory=ServerConfig)
+    memory_budget: str | None = None
+    safety_margin: float = defaults.SAFETY_MARGIN
+    measurement_path: Path | None = None
+    generation: dict[str, Any] = field(default_factory=dict)
+    default_max_tokens: int = defaults.DEFAULT_MAX_TOKENS
+    max_attempts: int = defaults.MAX_ATTEMPTS
+    max_wait_s: float = defaults.MAX_WAIT_S
+    request_timeout_s: float = defaults.REQUEST_TIMEOUT_S
+    retry_failed: bool = False
+    progress: bool = True
+    memory_threshold_bytes: int | None = None
+    allow_cpu_spill: bool = False
+
+    @property
+    def is_table(self) -> bool:
+        return self.template is not None or self.system_prompt_path is not None

@@ -1,0 +1,104 @@
+"""Every default kvbatch uses, in one place, each with the reason it has that value.
+
+The CLI, the notebooks' `parameters` cells and the library read these names; nothing else spells the numbers.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+# ---- where things go ---------------------------------------------------------------------------------------------
+RUNS_DIR = Path("data/runs")
+"""One folder per run (`--run NAME`), relative to where kvbatch is started, as `make batch` does from the repo."""
+MEASUREMENTS_DIR = Path("data/measurements")
+"""Measurement result files, named by backend, model and KV cache types (see measure/result.py)."""
+REPORTS_DIR = Path("reports")
+NOTEBOOKS_DIR = Path("notebooks")
+SAMPLE_INPUT = Path("data/sample/requests.jsonl")
+
+# ---- the embedded server -----------------------------------------------------------------------------------------
+CONTEXT_TOKENS = 4096
+"""Context of a server started without a plan (`kvbatch serve`): Ollama's own default on cards under 23 GiB."""
+CONTEXT_ALIGN_TOKENS = 256
+"""Planned contexts are multiples of this: llama.cpp pads its caches to 256 cells, so other sizes buy nothing."""
+UBATCH_TOKENS = 512
+"""llama.cpp's default micro-batch; the sliding-window cache holds window + this many cells per slot."""
+CTX_CHECKPOINTS = 3
+"""Context checkpoints per slot (llama-server's default is 32). On a sliding-window model each is a copy of the
+slot's window cache, made at the start of the user message (the one a shared prefix is restored from) and twice
+near the prompt's end; 32 of them grew the 270M server by 46 % over a 40-request run on 4 slots. Three keep the
+prefix-cache hits (the checkpoint at the system prompt's end is re-made by every request) at a bounded cost,
+which the plan prices."""
+CACHE_RAM_MIB = 0
+"""llama-server's host-RAM prompt cache (its default is 8 GiB) is off: slot pinning keeps each slot's prefix warm
+without it, and memory stays what the plan prices."""
+STARTUP_TIMEOUT_S = 180.0
+"""Loading a 12B model from a cold disk can take a minute or two; the 270M loads in about 1.5 s here."""
+MALLOC_ARENA_MAX = 1
+"""One malloc arena for the server: each extra glibc arena reserves 64 MiB of address space lazily, which made the
+point where an address-space cap bites move between runs; with one it is the same 4 times out of 4."""
+CAPPED_STACK_BYTES = 1 << 20
+"""Thread stacks under an address-space cap: every thread's default 8 MiB reservation counts against the cap."""
+
+# ---- memory and planning -----------------------------------------------------------------------------------------
+SAFETY_MARGIN = 0.8
+"""Safe context = largest context that loaded and served x this. Applied once, always downward."""
+GPU_BUDGET_SHARE = 0.9
+"""On a GPU the default budget is the card's memory x this, minus what other processes hold: the driver, the
+CUDA context and fragmentation need the rest."""
+DEMO_BUDGET = "+24MiB"
+"""`make measure`'s budget on a 2-core machine: the model's own need plus 24 MiB, so every fitting probe (which
+prefills its whole context at about 250 tokens/s) stays quick. A demo: it never overrides a user's budget."""
+MAX_SLOTS = 16
+"""Most parallel slots a plan uses unless asked: beyond 16 a 16 GB card spends more on sliding-window caches
+(per slot) than it gains in throughput."""
+MIN_REQUESTS_PER_SLOT = 4
+"""A slot pays the system prompt once; a plan gives each slot at least this many requests, or the prefill of
+extra slots costs more than their parallelism gains."""
+DEFAULT_MAX_TOKENS = 512
+"""Sent as `max_tokens` for a request that sets none, and used to size its slot: an unbounded answer could fill
+the slot's whole context."""
+CHAT_TEMPLATE_TOKENS_PER_MESSAGE = 8
+"""Role markers and separators a chat template adds per message (Gemma: <start_of_turn>user\\n ... <end_of_turn>)."""
+CONTEXT_HEADROOM = 1.05
+"""A slot is sized 5 % above the largest (p99) request, for the estimate's error."""
+SIZE_SAMPLE = 20
+"""User messages tokenized exactly to calibrate characters per token for the rest of the input."""
+KV_TYPES_AUTO = ("f16", "q8_0")
+"""The KV cache types `--kv-type auto` compares: q8_0 halves the cache with no measurable quality loss on Gemma;
+q4_0 costs answer quality, so it is only used when asked for."""
+
+# ---- running a batch ---------------------------------------------------------------------------------------------
+REQUEST_TIMEOUT_S = 600.0
+"""One request's limit: a 300-token answer on a busy 2-core CPU takes under a minute; ten is a hung server."""
+MAX_WAIT_S = 1800.0
+"""How long transient failures (503, refused connections, timeouts) are waited out before the run stops: a
+server restart or a model reload takes minutes, never half an hour."""
+MAX_ATTEMPTS = 4
+"""Attempts a request gets when the *request* is the suspect (a crash it was in twice, a malformed reply)."""
+BACKOFF_START_S = 0.5
+BACKOFF_CAP_S = 30.0
+CONCURRENCY_LADDER = (1, 2, 4, 8, 16, 32)
+"""In-flight counts `--concurrency auto` tries, stopping when the steady rate stops improving."""
+TRIAL_REQUESTS_PER_SLOT = 3
+"""Requests per slot in each concurrency trial (after one warm-up request per slot)."""
+FSYNC_EVERY_RESULTS = 32
+"""Result lines between fsyncs (and at least once per conversation chunk): a kill loses no whole line, a power
+cut at most this many."""
+MEMORY_SAMPLE_S = 1.0
+PROGRESS_LOG_EVERY_S = 15.0
+"""A plain progress line this often when output is not a terminal (CI, logs)."""
+KEEP_ALIVE = "30m"
+"""Ollama's keep_alive on every request: long enough that a pause in the batch does not unload the model."""
+TRUNCATION_TOLERANCE = 0.10
+"""A reply whose prompt token count is more than this share below the request's known size was truncated."""
+ESTIMATE_REFRESH_S = 120.0
+"""The time estimate is re-made from the run's own rate after this long (and the progress ETA uses it)."""
+
+# ---- sustained load ----------------------------------------------------------------------------------------------
+SUSTAINED_DRIFT_SHARE = 0.01
+SUSTAINED_DRIFT_BYTES = 64 * 2**20
+"""Sustained load fails on memory drift over the second half above max(1 %, 64 MiB): allocator noise on a
+CPU server is a few MiB, a leak or unbounded checkpoints grow by hundreds."""
+SUSTAINED_DURATION_S = 60.0
+SUSTAINED_INTERVAL_S = 15.0

@@ -1,0 +1,287 @@
+"""The measurement suite's steps, as the notebooks call them. Each returns plain data (DataFrames and dicts) for the
+notebook to plot, and saves its fields into the measurement file (measure/result.py) before returning, so partial
+results survive a later failure."""
+
+from __future__ import annotations
+
+import os
+import urllib.parse
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+
+from kvbatch import defaults
+from kvbatch.aio import run_sync
+from kvbatch.measure.budget import Budget, resolve_budget
+from kvbatch.measure.experiments import (
+    LinearFit,
+    Probe,
+    findings,
+    fit_line,
+    repeat_spread,
+    search_safe_context,
+    sweep_allocated,
+    sweep_in_use,
+)
+from kvbatch.measure.kvmodel import (
+    KvArchitecture,
+    KvCacheTypes,
+    architecture_from_gguf,
+    architecture_from_metadata,
+    kv_bytes_per_token,
+)
+from kvbatch.measure.loaders import EmbeddedLoader, Loader, OllamaLoader
+from kvbatch.measure.result import (
+    Measurement,
+    SearchProbe,
+    Sustained,
+    load_measurement,
+    measurement_path,
+    model_identity,
+    update_measurement,
+)
+from kvbatch.serve.backends import get_backend
+from kvbatch.serve.probes import nvml_available
+from kvbatch.serve.server import ServerConfig, default_model_path
+
+
+def is_local(url: str | None) -> bool:
+    host = urllib.parse.urlsplit(url or "").hostname or ""
+    return host in ("127.0.0.1", "localhost", "::1")
+
+
+def ollama_server_settings(url: str | None, cache_type: str | None, parallel: int | None) -> tuple[KvCacheTypes, int]:
+    """Ollama's KV cache type and parallel slots: as given, else from OLLAMA_KV_CACHE_TYPE / OLLAMA_NUM_PARALLEL
+    when the server is on this machine (its environment is likely ours), else f16 and 1."""
+    local = is_local(url)
+    kind = cache_type or (os.environ.get("OLLAMA_KV_CACHE_TYPE") if local else None) or "f16"
+    slots = parallel or (int(os.environ.get("OLLAMA_NUM_PARALLEL") or 1) if local else 1)
+    return KvCacheTypes(kind, kind), slots
+
+
+async def _ollama_model_info(url: str, model: str) -> dict[str, Any]:
+    async with get_backend("ollama", url, model=model) as backend:
+        return await backend.model_info()
+
+
+def architecture(
+    backend: str, *, url: str | None = None, model: str | None = None, model_path: str | None = None
+) -> KvArchitecture:
+    """The model's attention shape: from the GGUF (embedded) or Ollama's /api/show model_info."""
+    if backend == "ollama":
+        if not url or not model:
+            raise ValueError("the ollama backend needs url and model")
+        return architecture_from_metadata(run_sync(_ollama_model_info(url, model)), source=f"{url} /api/show {model}")
+    return architecture_from_gguf(Path(model_path) if model_path else default_model_path())
+
+
+def make_loader(
+    backend: str,
+    *,
+    url: str | None = None,
+    model: str | None = None,
+    config: ServerConfig | None = None,
+    probe: str | None = None,
+    parallel: int = 1,
+    on_gpu: bool | None = None,
+    log_dir: Path | None = None,
+) -> Loader:
+    if backend == "embedded":
+        return EmbeddedLoader(config or ServerConfig(), probe=None if probe in (None, "auto") else probe,
+                              log_dir=log_dir)  # fmt: skip
+    if backend == "ollama":
+        if not url or not model:
+            raise ValueError("the ollama backend needs url and model")
+        gpu = on_gpu if on_gpu is not None else (is_local(url) and nvml_available())
+        return OllamaLoader(url, model, parallel=parallel, on_gpu=gpu)
+    raise ValueError(f"unknown backend {backend!r}; use embedded or ollama")
+
+
+def result_file(backend: str, model: str | None, model_path: str | None, types: KvCacheTypes,
+                out_dir: str | Path = defaults.MEASUREMENTS_DIR) -> Path:  # fmt: skip
+    """Where this model's measurement lives (the same name `kvbatch run` looks up)."""
+    return measurement_path(backend, model_identity(backend, model, model_path), types, Path(out_dir))
+
+
+def predicted_slope(arch: KvArchitecture, types: KvCacheTypes, parallel: int) -> float:
+    """Bytes per token of the context knob: `--ctx-size` at one slot, or `num_ctx` at `parallel` slots (Ollama
+    allocates num_ctx x parallel)."""
+    return kv_bytes_per_token(arch, types) * parallel
+
+
+def kv_growth(
+    loader: Loader,
+    arch: KvArchitecture,
+    types: KvCacheTypes,
+    contexts: list[int],
+    repeats: int,
+    fill_context: int,
+    fill_fractions: list[float],
+    out: Path,
+    *,
+    backend: str,
+    model: str,
+    parallel: int = 1,
+) -> dict[str, Any]:
+    """Sweep A (memory vs allocated context) with its fit, the prediction and what the fit flags; sweep B (memory
+    vs tokens in use at one allocation). Saves the fit into the measurement file."""
+    raw = sweep_allocated(loader, contexts, repeats)
+    points_a = pd.DataFrame([asdict(p) for p in raw])
+    fit = fit_line(points_a["context_tokens"], points_a["used_bytes"])
+    fits = {"used": fit}
+    for column in ("virtual_bytes", "kv_log_bytes"):
+        if column in points_a and points_a[column].notna().all():
+            fits[column] = fit_line(points_a["context_tokens"], points_a[column])
+    predicted = predicted_slope(arch, types, parallel)
+    spread = repeat_spread(raw)
+    notes = findings(fit, predicted, spread, raw)
+    points_b = pd.DataFrame([asdict(p) for p in sweep_in_use(loader, fill_context, fill_fractions)])
+    growth_b = float(points_b["used_bytes"].iloc[-1] - points_b["used_bytes"].iloc[0])
+    result = update_measurement(
+        out,
+        backend=backend,
+        model=model,
+        types=types,
+        parallel_slots=parallel,
+        kv_bytes_per_token=fit.slope_bytes_per_token,
+        kv_bytes_per_token_ci95=fit.slope_ci95,
+        kv_bytes_per_token_predicted=predicted,
+        base_bytes=fit.base_bytes,
+        r_squared=fit.r_squared,
+        repeat_spread_share=spread,
+        findings=notes,
+        probe=str(points_a["probe"].iloc[0]),
+        contexts=contexts,
+        repeats=repeats,
+        address_space_bytes_per_token=fits["virtual_bytes"].slope_bytes_per_token if "virtual_bytes" in fits else None,
+        in_use_growth_bytes=growth_b,
+        in_use_context_tokens=fill_context,
+        server_flags=loader.flags(),
+        build=_build(loader),
+        architecture=arch.as_dict(),
+        trained_context_tokens=arch.context_length_trained,
+    )
+    return {
+        "points_allocated": points_a,
+        "points_in_use": points_b,
+        "fit": fit,
+        "fits": fits,
+        "predicted_slope": predicted,
+        "findings": notes,
+        "spread": spread,
+        "result": result,
+    }
+
+
+def _build(loader: Loader) -> dict[str, Any]:
+    if loader.name != "embedded":
+        return {}
+    from kvbatch.serve.build import build_summary
+
+    return build_summary()
+
+
+def serving_anchor(loader: Loader, floor_tokens: int, fill_fraction: float) -> tuple[Probe, int]:
+    """Load at the floor and serve a request filling it; return that probe and the memory it then held (on a CPU
+    its address space, which a cap limits). Serving costs more than loading (buffers touched, prompt state), so
+    the line that guides the search goes through this point rather than a load-only one."""
+    import time
+
+    started = time.perf_counter()
+    with loader.load(floor_tokens) as loaded:
+        if fill_fraction > 0:
+            loaded.fill(max(int(floor_tokens * fill_fraction) - 16, 1), max_tokens=4)
+        point = loaded.memory()
+    used = point.used_bytes if loader.on_gpu else point.capped_bytes
+    return Probe(floor_tokens, True, "loaded and served", time.perf_counter() - started), used
+
+
+def safe_context(
+    loader: Loader,
+    arch: KvArchitecture,
+    budget: str | int | None,
+    *,
+    margin: float,
+    floor_tokens: int,
+    step_tokens: int,
+    fill_fraction: float,
+    out: Path,
+    backend: str,
+    model: str,
+    types: KvCacheTypes,
+    ceiling_tokens: int | None = None,
+) -> dict[str, Any]:
+    """Search the largest context that loads and serves under the budget. The guiding line has the slope fitted in
+    sweep A (of address space on a CPU, where the cap is) through the served floor point."""
+    anchor_probe, anchor_bytes = serving_anchor(loader, floor_tokens, fill_fraction)
+    resolved: Budget = resolve_budget(budget, on_gpu=loader.on_gpu, anchor_bytes=anchor_bytes,
+                                      anchor_what=f"the model serving at {floor_tokens} tokens")  # fmt: skip
+    saved: Measurement | None = load_measurement(out) if out.exists() else None
+    slope = None
+    if saved is not None:
+        slope = saved.kv_bytes_per_token if loader.on_gpu else saved.address_space_bytes_per_token
+        slope = slope or saved.kv_bytes_per_token
+    guide = LinearFit(slope, anchor_bytes - slope * floor_tokens, 0.0, (slope, slope), 0) if slope else None
+    ceiling = ceiling_tokens or arch.context_length_trained or 131072
+    enforce_by_os = not loader.on_gpu and backend == "embedded"
+    search = search_safe_context(
+        loader,
+        resolved.bytes,
+        floor_tokens=floor_tokens,
+        ceiling_tokens=ceiling,
+        step_tokens=step_tokens,
+        guide=guide,
+        safety_margin=margin,
+        fill_fraction=fill_fraction,
+        enforce_budget=enforce_by_os,
+        known=[anchor_probe],
+    )
+    enforced_by = "RLIMIT_AS cap on the server" if enforce_by_os else (
+        "the card's memory and the server's NVML/`/api/ps` figure vs the budget" if loader.on_gpu
+        else "the server's memory figure vs the budget"
+    )  # fmt: skip
+    result = update_measurement(
+        out,
+        backend=backend,
+        model=model,
+        types=types,
+        budget_bytes=resolved.bytes,
+        budget=resolved.text,
+        budget_is_demo=resolved.is_demo,
+        largest_context_tokens=search.max_context_tokens,
+        safe_context_tokens=search.safe_context_tokens,
+        safety_margin=margin,
+        search_probes=[SearchProbe(**asdict(p)) for p in search.probes],
+        enforced_by=enforced_by,
+    )
+    probes = pd.DataFrame([asdict(p) for p in search.probes])
+    return {"result": search, "probes": probes, "budget": resolved, "enforced_by": enforced_by,
+            "ceiling": ceiling, "measurement": result}  # fmt: skip
+
+
+def save_sustained(out: Path, outcome, *, backend: str, model: str, types: KvCacheTypes, layout) -> Measurement:
+    """Record a sustained-load outcome (measure/sustained.py) and the speeds it saw, for the planner's estimate."""
+    speeds = {"prompt_tokens_per_s": outcome.prompt_tokens_per_s, "answer_tokens_per_s": outcome.answer_tokens_per_s}
+    return update_measurement(
+        out,
+        backend=backend,
+        model=model,
+        types=types,
+        sustained=Sustained(
+            passed=outcome.passed,
+            reasons=outcome.reasons,
+            duration_s=outcome.duration_s,
+            requests=outcome.requests,
+            errors=len(outcome.errors),
+            slots=layout.slots,
+            slot_context_tokens=layout.slot_context_tokens,
+            requests_per_s=outcome.requests_per_s,
+            memory_peak_bytes=outcome.memory_peak_bytes,
+            memory_drift_bytes=outcome.memory_drift_bytes,
+            budget_bytes=outcome.budget_bytes,
+            requests_per_interval=outcome.requests_per_interval,
+        ),
+        **{key: value for key, value in speeds.items() if value},
+    )

@@ -1,0 +1,104 @@
+"""The one HTTP transport the backends share: an aiohttp session, and the turning of transport failures and error
+replies into kvbatch errors (through `classify_http_error`, so every backend agrees on what a reply means).
+
+aiohttp, because measured against an instant local server it sustained ~7,900 req/s at 8-32 in flight where
+httpx managed 440-690; a GPU server can answer short requests faster than httpx sends them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from typing import Any
+
+import aiohttp
+
+from kvbatch.errors import MalformedReplyError, ServerGoneError, ServerUnreachableError, classify_http_error
+
+
+def server_error_message(payload: Any, fallback: str) -> str:
+    """The human message inside an error body, whichever of the common shapes the server used."""
+    if isinstance(payload, dict):
+        error = payload.get("error", payload.get("message", payload.get("detail")))
+        if isinstance(error, dict):
+            return str(error.get("message") or error)
+        if error is not None:
+            return str(error)
+    return fallback
+
+
+class HttpClient:
+    """One session per backend, bounded by `max_connections`; created lazily inside the running loop."""
+
+    def __init__(
+        self,
+        base_url: str,
+        *,
+        api_key: str | None,
+        credentials: tuple[str, str] | None,
+        timeout_s: float,
+        max_connections: int = 64,
+        unreachable_hint: str = "is the server running?",
+    ) -> None:
+        self.base_url = base_url
+        self._api_key = api_key
+        self._auth = aiohttp.BasicAuth(*credentials) if credentials else None
+        self._timeout_s = timeout_s
+        self._max_connections = max_connections
+        self._hint = unreachable_hint
+        self._session: aiohttp.ClientSession | None = None
+
+    def session(self) -> aiohttp.ClientSession:
+        if self._session is None or self._session.closed:
+            headers = {"Content-Type": "application/json"}
+            if self._api_key:
+                headers["Authorization"] = f"Bearer {self._api_key}"
+            connector = aiohttp.TCPConnector(limit=self._max_connections, limit_per_host=self._max_connections)
+            self._session = aiohttp.ClientSession(connector=connector, headers=headers, auth=self._auth)
+        return self._session
+
+    def gone(self, exc: BaseException, path: str) -> ServerGoneError:
+        what = "timed out" if isinstance(exc, asyncio.TimeoutError) else f"{type(exc).__name__}: {exc}"
+        kind = ServerUnreachableError if isinstance(exc, aiohttp.ClientConnectorError) else ServerGoneError
+        return kind(f"cannot reach {self.base_url}{path} ({what}); {self._hint}")
+
+    async def request(
+        self, method: str, path: str, payload: dict[str, Any] | None = None, *, timeout_s: float | None = None
+    ) -> Any:
+        """The decoded JSON reply; a kvbatch error for a transport failure, an error status or a body that is not
+        JSON (which is transient: a proxy's page or a reply cut off)."""
+        timeout = aiohttp.ClientTimeout(total=timeout_s or self._timeout_s)
+        try:
+            async with self.session().request(method, self.base_url + path, json=payload, timeout=timeout) as reply:
+                raw = await reply.read()
+                status = reply.status
+        except (aiohttp.ClientConnectionError, aiohttp.ClientPayloadError, asyncio.TimeoutError) as exc:
+            raise self.gone(exc, path) from exc
+        text = raw.decode("utf-8", "replace")
+        try:
+            decoded = json.loads(text) if text else None
+        except (json.JSONDecodeError, RecursionError):
+            decoded = None
+        if status >= 400:
+            raise classify_http_error(status, server_error_message(decoded, text[:500]), url=self.base_url + path)
+        if decoded is None:
+            raise MalformedReplyError(
+                f"{self.base_url}{path} answered HTTP {status} with a body that is not JSON: {text[:200]!r}",
+                status_code=status,
+            )
+        return decoded
+
+    async def status(self, path: str, *, timeout_s: float = 5.0) -> int | None:
+        """The HTTP status of a GET, or None when nothing answers."""
+        try:
+            timeout = aiohttp.ClientTimeout(total=timeout_s)
+            async with self.session().get(self.base_url + path, timeout=timeout) as reply:
+                await reply.read()
+                return reply.status
+        except (aiohttp.ClientError, asyncio.TimeoutError):
+            return None
+
+    async def close(self) -> None:
+        if self._session is not None and not self._session.closed:
+            await self._session.close()
+        self._session = None

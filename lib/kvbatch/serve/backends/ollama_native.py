@@ -1,0 +1,276 @@
+"""Ollama's native API (`/api/chat`, `/api/generate`, `/api/ps`, `/api/show`).
+
+Replies are parsed with the official `ollama` package's types; requests are posted with the shared aiohttp
+transport because the client's `chat()` cannot send `truncate: false`, without which Ollama silently cuts a
+prompt longer than `num_ctx`. Every request carries the planned `num_ctx` (a different one makes Ollama reload the
+model), `keep_alive`, `stream: false` and `truncate: false`. Tested against an emulator backed by the real
+llama-server (tests/ollama_emulator.py): Ollama itself runs llama-server underneath.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any, ClassVar
+
+import ollama
+from pydantic import ConfigDict, ValidationError
+
+from kvbatch import defaults
+from kvbatch.errors import KvbatchError, MalformedReplyError, classify_http_error
+from kvbatch.serve.backends import register_backend
+from kvbatch.serve.backends.base import Backend, ChatResult, ServerLimits, ServerMemory
+from kvbatch.serve.backends.http import HttpClient
+from kvbatch.serve.layout import SlotLayout
+
+# OpenAI body keys that Ollama takes inside `options`, with Ollama's name for each.
+OPTION_NAMES = {
+    "max_tokens": "num_predict",
+    "max_completion_tokens": "num_predict",
+    "temperature": "temperature",
+    "top_p": "top_p",
+    "top_k": "top_k",
+    "seed": "seed",
+    "stop": "stop",
+    "presence_penalty": "presence_penalty",
+    "frequency_penalty": "frequency_penalty",
+    "min_p": "min_p",
+}
+# OpenAI body keys that mean nothing to Ollama's chat and change no answer: dropped on purpose.
+IGNORED_FIELDS = {"model", "stream", "stream_options", "user", "store", "metadata", "id_slot"}
+
+
+class _ChatReply(ollama.ChatResponse):
+    """Keeps fields newer servers add (`prompt_eval_cached_count`, from v0.33) that the client's model drops."""
+
+    model_config = ConfigDict(extra="allow")
+
+
+class _GenerateReply(ollama.GenerateResponse):
+    model_config = ConfigDict(extra="allow")
+
+
+def message_text(content: Any) -> str:
+    """A message's content as Ollama takes it: a string (OpenAI's list of text parts joined)."""
+    if isinstance(content, list):
+        return "".join(part.get("text", "") for part in content if isinstance(part, dict))
+    return "" if content is None else str(content)
+
+
+def ollama_format(response_format: Any) -> str | dict[str, Any] | None:
+    """OpenAI's `response_format` as Ollama's `format`: "json", or the JSON schema itself."""
+    if not isinstance(response_format, dict):
+        return None
+    kind = response_format.get("type")
+    if kind == "json_object":
+        return "json"
+    if kind == "json_schema":
+        schema = (response_format.get("json_schema") or {}).get("schema")
+        return schema if isinstance(schema, dict) else "json"
+    return None
+
+
+def ollama_body(
+    body: dict[str, Any], model: str, num_ctx: int | None, keep_alive: str | float | None
+) -> dict[str, Any]:
+    """Translate an OpenAI chat body to an `/api/chat` body; send only what was set."""
+    options: dict[str, Any] = dict(body.get("options") or {})
+    for openai_key, ollama_key in OPTION_NAMES.items():
+        if body.get(openai_key) is not None:
+            options[ollama_key] = body[openai_key]
+    if num_ctx is not None:
+        options["num_ctx"] = num_ctx
+    messages = [{**m, "content": message_text(m.get("content"))} for m in body["messages"]]
+    request: dict[str, Any] = {"model": model, "messages": messages, "stream": False, "truncate": False}
+    fmt = ollama_format(body.get("response_format"))
+    if fmt is not None:
+        request["format"] = fmt
+    if options:
+        request["options"] = options
+    if keep_alive is not None:
+        request["keep_alive"] = keep_alive
+    return request
+
+
+def as_openai_completion(reply: dict[str, Any], cached: int | None) -> dict[str, Any]:
+    """An Ollama chat reply as an OpenAI `chat.completion` object, so batch output is uniform."""
+    prompt = reply.get("prompt_eval_count")
+    completion = reply.get("eval_count")
+    usage: dict[str, Any] = {
+        "prompt_tokens": prompt,
+        "completion_tokens": completion,
+        "total_tokens": (prompt or 0) + (completion or 0),
+    }
+    if cached is not None:
+        usage["prompt_tokens_details"] = {"cached_tokens": cached}
+    return {
+        "object": "chat.completion",
+        "model": reply.get("model"),
+        "created": int(time.time()),
+        "choices": [
+            {
+                "index": 0,
+                "message": {"role": "assistant", "content": (reply.get("message") or {}).get("content", "")},
+                "finish_reason": reply.get("done_reason"),
+            }
+        ],
+        "usage": usage,
+    }
+
+
+@register_backend("ollama")
+class OllamaBackend(Backend):
+    """Ollama's native API. `num_ctx` is sent with every request: changing it makes Ollama reload the model."""
+
+    refused_fields: ClassVar[dict[str, str]] = {
+        "n": "Ollama answers one choice per request; give each wanted answer its own custom_id",
+        "tools": "tool calls are not run by a batch; remove `tools`",
+        "tool_choice": "tool calls are not run by a batch; remove `tool_choice`",
+        "functions": "function calls are not run by a batch; remove `functions`",
+        "logit_bias": "Ollama has no logit bias",
+    }
+
+    def __init__(
+        self,
+        base_url: str,
+        model: str | None = None,
+        *,
+        api_key: str | None = None,
+        request_timeout_s: float = defaults.REQUEST_TIMEOUT_S,
+        layout: SlotLayout | None = None,
+        keep_alive: str | float | None = defaults.KEEP_ALIVE,
+        max_connections: int = 64,
+    ) -> None:
+        super().__init__(base_url, model, api_key=api_key, request_timeout_s=request_timeout_s)
+        self.layout = layout
+        """The planned slots and context: every request sends its current `slot_context_tokens` as `num_ctx`."""
+        self.keep_alive = keep_alive
+        self.http = HttpClient(
+            self.base_url,
+            api_key=self.api_key,
+            credentials=self._credentials,
+            timeout_s=request_timeout_s,
+            max_connections=max_connections,
+            unreachable_hint="is `ollama serve` running?",
+        )
+
+    def _model(self, body: dict[str, Any] | None = None) -> str:
+        model = self.model or (body or {}).get("model")
+        if not model:
+            raise KvbatchError("the Ollama backend needs a model name (--model)")
+        return str(model)
+
+    async def _post(self, path: str, payload: dict[str, Any], timeout_s: float | None) -> dict[str, Any]:
+        reply = await self.http.request("POST", path, payload, timeout_s=timeout_s)
+        if not isinstance(reply, dict):
+            raise MalformedReplyError(f"{self.base_url}{path} answered with {type(reply).__name__}, not an object")
+        if reply.get("error"):  # an error after the reply began arrives in a 200 body
+            raise classify_http_error(500, str(reply["error"]), url=self.base_url + path)
+        return reply
+
+    async def chat(self, body: dict[str, Any], *, slot: int | None = None, timeout_s: float | None = None) -> ChatResult:
+        num_ctx = self.layout.slot_context_tokens if self.layout else None
+        request = ollama_body(body, self._model(body), num_ctx, self.keep_alive)
+        started = time.perf_counter()
+        raw = await self._post("/api/chat", request, timeout_s)
+        latency_s = time.perf_counter() - started
+        try:
+            parsed = _ChatReply.model_validate(raw)
+        except ValidationError as exc:
+            raise MalformedReplyError(f"{self.base_url}/api/chat: unexpected reply ({exc.errors()[0]['msg']})") from exc
+        reply = parsed.model_dump()
+        cached = (parsed.model_extra or {}).get("prompt_eval_cached_count")
+        cached = int(cached) if cached is not None else None
+        timings = {
+            f"{key}_ns": reply[key]
+            for key in ("total_duration", "load_duration", "prompt_eval_duration", "eval_duration")
+            if reply.get(key) is not None
+        }
+        return ChatResult(
+            text=(reply.get("message") or {}).get("content") or "",
+            finish_reason=reply.get("done_reason"),
+            prompt_tokens=reply.get("prompt_eval_count"),
+            cached_prompt_tokens=cached,
+            completion_tokens=reply.get("eval_count"),
+            latency_s=latency_s,
+            timings=timings,
+            model=reply.get("model"),
+            response_body=as_openai_completion(reply, cached),
+        )
+
+    async def generate(self, prompt: str, *, num_ctx: int, max_tokens: int) -> dict[str, Any]:
+        """`/api/generate` at `num_ctx` (a new one reloads the model): how measurements load and fill."""
+        payload = {
+            "model": self._model(),
+            "prompt": prompt,
+            "raw": True,
+            "stream": False,
+            "truncate": False,
+            "keep_alive": self.keep_alive,
+            "options": {"num_ctx": num_ctx, "num_predict": max_tokens},
+        }
+        raw = await self._post("/api/generate", payload, 900)
+        return _GenerateReply.model_validate(raw).model_dump()
+
+    async def fill(self, tokens: int, *, context_tokens: int, max_tokens: int = 4) -> int:
+        reply = await self.generate(" hello" * max(tokens, 1), num_ctx=context_tokens, max_tokens=max_tokens)
+        return int(reply.get("prompt_eval_count") or 0)
+
+    async def health(self) -> bool:
+        return await self.http.status("/api/version") == 200
+
+    async def loaded_models(self) -> list[ServerMemory]:
+        """`/api/ps`: `size`, `size_vram` and the per-slot `context_length` of each loaded model."""
+        reply = ollama.ProcessResponse.model_validate(await self.http.request("GET", "/api/ps", timeout_s=10))
+        return [
+            ServerMemory(
+                model=entry.model or entry.name or "",
+                size_bytes=int(entry.size or 0),
+                vram_bytes=int(entry.size_vram or 0),
+                context_length=entry.context_length,
+            )
+            for entry in reply.models
+        ]
+
+    async def loaded(self) -> ServerMemory | None:
+        """This backend's model in `/api/ps`, if loaded."""
+        name = self._model()
+        for entry in await self.loaded_models():
+            if entry.model in (name, f"{name}:latest") or entry.model.split(":")[0] == name:
+                return entry
+        return None
+
+    async def _show(self) -> ollama.ShowResponse:
+        return ollama.ShowResponse.model_validate(
+            await self.http.request("POST", "/api/show", {"model": self._model()}, timeout_s=30)
+        )
+
+    async def model_info(self) -> dict[str, Any]:
+        """`/api/show` `model_info`: the same architecture keys a GGUF file holds."""
+        return dict((await self._show()).modelinfo or {})
+
+    async def model_file(self) -> str | None:
+        """The GGUF named by `/api/show`'s modelfile (`FROM /path`), when that file is on this machine."""
+        for line in ((await self._show()).modelfile or "").splitlines():
+            if line.startswith("FROM "):
+                path = Path(line[5:].strip())
+                if path.is_file():
+                    return str(path)
+        return None
+
+    async def limits(self) -> ServerLimits:
+        limits = ServerLimits(server_kind="ollama")
+        info = await self.model_info()
+        arch = info.get("general.architecture")
+        trained = info.get(f"{arch}.context_length") if arch else None
+        if isinstance(trained, int) and trained > 0:
+            limits.max_model_len = trained
+            limits.sources["max_model_len"] = "/api/show context_length"
+        loaded = await self.loaded()
+        if loaded and loaded.context_length:
+            limits.slot_context_tokens = loaded.context_length
+            limits.sources["slot_context_tokens"] = "/api/ps context_length"
+        return limits
+
+    async def aclose(self) -> None:
+        await self.http.close()

@@ -1,0 +1,307 @@
+"""Keeps a server usable for the executor: waits for health with capped back-off, restarts the embedded one
+(smaller when memory was the cause), checks that an external server gives the context the plan needs, and says
+what it did so the run report can show it. Each supervisor owns its server's `SlotLayout`; a back-off changes
+that one object, which the plan, the executor and the backend all read."""
+
+from __future__ import annotations
+
+import abc
+import asyncio
+import random
+import secrets
+import signal
+import time
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+from kvbatch import defaults
+from kvbatch.errors import KvbatchError, OutOfMemoryError, ServerGoneError, ServerLimitError, ServerStartError
+from kvbatch.serve.backends import Backend, get_backend
+from kvbatch.serve.layout import SlotLayout
+from kvbatch.serve.probes import MemoryProbe, OllamaPsProbe, probe_for_server
+from kvbatch.serve.server import EmbeddedServer, ServerConfig
+
+CGROUP_EVENTS = Path("/sys/fs/cgroup/memory.events")
+
+
+@dataclass
+class Recovery:
+    """One recovery action, for the event log."""
+
+    cause: str
+    action: str
+    waited_s: float
+    out_of_memory: bool
+
+
+def kernel_oom_kills(events: Path = CGROUP_EVENTS) -> int | None:
+    """The cgroup's count of processes the kernel's OOM killer ended (cgroup v2), or None where it is not kept.
+
+    A server killed that way leaves an empty log and exit -9; a rising count tells it from a plain kill."""
+    try:
+        for line in events.read_text().splitlines():
+            name, _, value = line.partition(" ")
+            if name == "oom_kill":
+                return int(value)
+    except (OSError, ValueError):
+        return None
+    return None
+
+
+def backoff_delays(start_s: float = defaults.BACKOFF_START_S, cap_s: float = defaults.BACKOFF_CAP_S):
+    """Capped exponential back-off with full jitter: start, 2x, 4x ... up to the cap, each drawn in [d/2, d]."""
+    delay = start_s
+    while True:
+        yield random.uniform(delay / 2, delay)
+        delay = min(delay * 2, cap_s)
+
+
+class Supervisor(abc.ABC):
+    backend: Backend
+    layout: SlotLayout
+    label: str = "server"
+
+    @property
+    def pid(self) -> int | None:
+        return None
+
+    def log_text(self) -> str:
+        return ""
+
+    def memory_probe(self) -> MemoryProbe | None:
+        """The probe that follows this server's memory, or None when its memory is not ours to read."""
+        return None
+
+    def flags(self) -> dict[str, object]:
+        """The server settings recorded beside the run."""
+        return {}
+
+    @abc.abstractmethod
+    async def start(self) -> list[Recovery]:
+        """Make the server ready; returns the back-offs it needed."""
+
+    @abc.abstractmethod
+    async def recover(self, cause: KvbatchError) -> Recovery:
+        """Bring the server back after `cause`; raise ServerGoneError when it cannot."""
+
+    async def check_after_first_reply(self) -> None:  # noqa: B027 (optional hook)
+        """Verify, once a request has been served, that the server gives what the plan needs."""
+
+    async def close(self) -> None:
+        await self.backend.aclose()
+
+
+class EmbeddedSupervisor(Supervisor):
+    """Owns an embedded llama-server. On out-of-memory it halves the slots, then the per-slot context, never
+    below `min_slot_context` (the largest request must still fit)."""
+
+    label = "embedded"
+
+    def __init__(
+        self,
+        config: ServerConfig,
+        layout: SlotLayout,
+        *,
+        min_slot_context: int,
+        log_path: Path,
+        request_timeout_s: float = defaults.REQUEST_TIMEOUT_S,
+    ) -> None:
+        self.base_config = replace(config, kv_unified=False)
+        self.layout = layout
+        self.min_slot_context = min_slot_context
+        self.log_path = log_path
+        self.server: EmbeddedServer | None = None
+        self._oom_kills_at_start: int | None = None
+        self.api_key = secrets.token_urlsafe(24)
+        """One key for the life of the supervisor: a restarted server answers the same client."""
+        self.backend = get_backend(
+            "openai", "http://127.0.0.1:0", api_key=self.api_key, request_timeout_s=request_timeout_s,
+            slot_pinning=True,
+        )
+
+    @property
+    def config(self) -> ServerConfig:
+        """The server settings for the current layout: context = slots x per-slot context."""
+        return replace(
+            self.base_config,
+            context_tokens=self.layout.total_context_tokens,
+            parallel_slots=self.layout.slots,
+        )
+
+    @property
+    def pid(self) -> int | None:
+        return self.server.pid if self.server else None
+
+    def log_text(self) -> str:
+        return self.server.log_text() if self.server else ""
+
+    def memory_probe(self) -> MemoryProbe | None:
+        return probe_for_server(self.server.pid, self.server.log_text) if self.server and self.server.pid else None
+
+    def flags(self) -> dict[str, object]:
+        from kvbatch.serve.build import build_summary
+
+        return {**self.config.flags(), **build_summary()}
+
+    def _shrink(self) -> str:
+        layout = self.layout
+        if layout.slots > 1:
+            layout.slots //= 2
+            return f"restarted with {layout.describe()}"
+        align = defaults.CONTEXT_ALIGN_TOKENS
+        smaller = max(layout.slot_context_tokens // 2 // align * align, self.min_slot_context)
+        if smaller >= layout.slot_context_tokens:
+            raise OutOfMemoryError(
+                f"the server runs out of memory even at {layout.slot_context_tokens} tokens and 1 slot, and the "
+                f"largest request needs {self.min_slot_context}; free memory, raise the memory cap, or use a "
+                "quantized KV cache (--kv-type q8_0)"
+            )
+        layout.slot_context_tokens = smaller
+        return f"restarted with {layout.describe()}"
+
+    def _start_blocking(self) -> list[Recovery]:
+        backoffs: list[Recovery] = []
+        while True:
+            started = time.perf_counter()
+            self.server = EmbeddedServer(self.config, log_path=self.log_path, api_key=self.api_key)
+            self._oom_kills_at_start = kernel_oom_kills()
+            try:
+                self.server.start()
+            except ServerStartError as exc:
+                if not exc.out_of_memory:
+                    raise
+                action = self._shrink()
+                backoffs.append(Recovery(str(exc.failure_line), action, time.perf_counter() - started, True))
+                continue
+            self.backend.retarget(self.server.url)
+            return backoffs
+
+    async def start(self) -> list[Recovery]:
+        return await asyncio.to_thread(self._start_blocking)
+
+    def _killed_for_memory(self) -> bool:
+        """The kernel's OOM killer ended the server (its own log says nothing: it got no chance to)."""
+        if self.server is None or self.server.returncode != -signal.SIGKILL:
+            return False
+        now = kernel_oom_kills()
+        return now is not None and self._oom_kills_at_start is not None and now > self._oom_kills_at_start
+
+    async def recover(self, cause: KvbatchError) -> Recovery:
+        started = time.perf_counter()
+        if self.server and self.server.is_running() and await self.backend.health():
+            return Recovery(str(cause)[:300], "server healthy; retried", time.perf_counter() - started, False)
+        if self.server:
+            await asyncio.to_thread(self.server.wait_exit, 1.0)
+        out_of_memory = (
+            isinstance(cause, OutOfMemoryError)
+            or bool(self.server and self.server.log().out_of_memory)
+            or self._killed_for_memory()
+        )
+        if self.server:
+            self.server.stop()
+        action = self._shrink() if out_of_memory else "restarted the embedded server"
+        backoffs = await self.start()
+        if backoffs:
+            action = backoffs[-1].action
+        return Recovery(str(cause)[:300], action, time.perf_counter() - started, out_of_memory)
+
+    async def close(self) -> None:
+        await super().close()
+        if self.server:
+            self.server.stop()
+
+
+class ExternalSupervisor(Supervisor):
+    """A server someone else runs: we can only wait for it, with capped back-off and jitter, up to `max_wait_s`."""
+
+    label = "external"
+
+    def __init__(self, backend: Backend, layout: SlotLayout, *, max_wait_s: float = defaults.MAX_WAIT_S) -> None:
+        self.backend = backend
+        self.layout = layout
+        self.max_wait_s = max_wait_s
+
+    def flags(self) -> dict[str, object]:
+        from kvbatch.serve.backends import public_url
+
+        return {"url": public_url(self.backend.base_url), "backend": self.backend.name, "model": self.backend.model}
+
+    async def _wait_healthy(self) -> float:
+        started = time.perf_counter()
+        for delay in backoff_delays():
+            if await self.backend.health():
+                break
+            if time.perf_counter() - started > self.max_wait_s:
+                raise ServerGoneError(
+                    f"{self.backend.base_url} did not become healthy within {self.max_wait_s:.0f} s (--max-wait); "
+                    "every finished request is saved: run the same command again once the server is back"
+                )
+            await asyncio.sleep(delay)
+        return time.perf_counter() - started
+
+    async def start(self) -> list[Recovery]:
+        await self._wait_healthy()
+        return []
+
+    async def recover(self, cause: KvbatchError) -> Recovery:
+        waited = await self._wait_healthy()
+        return Recovery(str(cause)[:300], "waited for health", waited, isinstance(cause, OutOfMemoryError))
+
+
+class OllamaSupervisor(ExternalSupervisor):
+    """A running Ollama: `num_ctx` is ours to set, so an out-of-memory halves the per-slot context (Ollama reloads
+    the model at the new size); after the first reply `/api/ps` must show the context asked for, all on the GPU."""
+
+    label = "ollama"
+
+    def __init__(
+        self,
+        backend: Backend,
+        layout: SlotLayout,
+        *,
+        min_slot_context: int,
+        max_wait_s: float = defaults.MAX_WAIT_S,
+        gpu_budget: bool = False,
+        allow_cpu_spill: bool = False,
+    ) -> None:
+        super().__init__(backend, layout, max_wait_s=max_wait_s)
+        self.min_slot_context = min_slot_context
+        self.gpu_budget = gpu_budget
+        self.allow_cpu_spill = allow_cpu_spill
+
+    def memory_probe(self) -> MemoryProbe | None:
+        return OllamaPsProbe(self.backend, field="size_vram" if self.gpu_budget else "size")  # type: ignore[arg-type]
+
+    async def check_after_first_reply(self) -> None:
+        loaded = await self.backend.loaded()  # type: ignore[attr-defined]
+        asked = self.layout.slot_context_tokens
+        if loaded is None:
+            return
+        if loaded.context_length and loaded.context_length < asked:
+            raise ServerLimitError(
+                f"Ollama loaded {self.backend.model} with a context of {loaded.context_length} tokens, not the "
+                f"{asked} asked for (num_ctx): the server caps it (OLLAMA_CONTEXT_LENGTH, or the model's trained "
+                f"length). Plan for it with --slot-ctx {loaded.context_length}, or lift the cap on the server."
+            )
+        if self.gpu_budget and loaded.offloaded_to_cpu and not self.allow_cpu_spill:
+            share = loaded.vram_bytes / loaded.size_bytes
+            raise ServerLimitError(
+                f"Ollama put only {share:.0%} of {self.backend.model} on the GPU at num_ctx {asked} (size_vram "
+                f"{loaded.vram_bytes} < size {loaded.size_bytes}): the context does not fit the card and runs partly "
+                "on the CPU, several times slower. Lower --slot-ctx, use a q8_0 KV cache, or pass --allow-cpu-spill."
+            )
+
+    async def recover(self, cause: KvbatchError) -> Recovery:
+        waited = await self._wait_healthy()
+        if not isinstance(cause, OutOfMemoryError):
+            return Recovery(str(cause)[:300], "waited for health", waited, False)
+        layout = self.layout
+        align = defaults.CONTEXT_ALIGN_TOKENS
+        smaller = max(layout.slot_context_tokens // 2 // align * align, self.min_slot_context)
+        if smaller >= layout.slot_context_tokens:
+            raise OutOfMemoryError(
+                f"Ollama runs out of memory even at num_ctx {layout.slot_context_tokens}, the least the largest "
+                "request needs; free memory on the server or use a smaller model"
+            )
+        layout.slot_context_tokens = smaller
+        return Recovery(str(cause)[:300], f"num_ctx lowered to {smaller}", waited, True)

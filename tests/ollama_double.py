@@ -12,21 +12,11 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from aiohttp import web
+from ollama_fixtures import GEMMA3_270M_MODEL_INFO
 
 MODEL = "gemma3:270m"
 NUM_CTX_DEFAULT = 4096
-# What /api/show returns in `model_info` for gemma3:270m: the same keys as the GGUF file.
-MODEL_INFO = {
-    "general.architecture": "gemma3",
-    "gemma3.block_count": 18,
-    "gemma3.attention.head_count": 4,
-    "gemma3.attention.head_count_kv": 1,
-    "gemma3.attention.key_length": 256,
-    "gemma3.attention.value_length": 256,
-    "gemma3.attention.sliding_window": 512,
-    "gemma3.context_length": 32768,
-    "gemma3.embedding_length": 640,
-}
+MODEL_INFO = GEMMA3_270M_MODEL_INFO
 
 
 @dataclass

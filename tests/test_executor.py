@@ -98,7 +98,11 @@ def test_context_too_large_for_the_memory_cap_backs_off_and_completes(tmp_path):
     backoffs = [e for e in events if e["event"] == "start_backoff"]
     assert backoffs and backoffs[0]["out_of_memory"]
     assert "insufficient memory" in backoffs[0]["cause"] or "allocate" in backoffs[0]["cause"]
-    assert "1 slot of 32768 tokens" in backoffs[0]["action"]
+    assert backoffs[0]["action"] == "restarted with 1 slot(s) x 32768 tokens"
+    # one owner: the back-off changed the plan's layout, which the server, the summary and the executor all read
+    assert json.loads((run_dir / "summary.json").read_text())["slot_context_tokens"] == 32768
+    assert "n_ctx_slot = 32768" in (run_dir / "server.log").read_text()
+    assert json.loads((run_dir / "plan.json").read_text())["slot_context_tokens"] == 65536  # what was planned
 
 
 def test_over_long_request_fails_alone_into_errors_jsonl(tmp_path):

@@ -1,41 +1,50 @@
-"""Architecture prediction of KV bytes per token, from the GGUF file, Ollama's model_info and known shapes."""
+"""The architecture model of the whole KV cache, checked against the real server: its own KV buffer lines for 1, 2, 4
+and 8 slots, with and without a unified cache, f16 and q8_0; and its total memory after load."""
 
 from __future__ import annotations
 
+import pytest
 from kvbatch.measure.kvmodel import (
     GEMMA3_12B,
     GEMMA3_270M,
     KIB,
+    KvCacheTypes,
     architecture_from_gguf,
     architecture_from_metadata,
     kv_bytes_per_token,
-    predicted_kv_bytes,
+    kv_cache,
 )
-from kvbatch.serve.server import default_model_path
+from kvbatch.serve.layout import SlotLayout
+from kvbatch.serve.probes import ProcessRssProbe
+from kvbatch.serve.server import EmbeddedServer, ServerConfig, default_model_path
 from ollama_double import MODEL_INFO
+
+MIB = 2**20
 
 
 def test_gemma3_270m_from_its_gguf_file():
     arch = architecture_from_gguf(default_model_path())
     assert arch == GEMMA3_270M
     assert kv_bytes_per_token(arch) == 3 * KIB
-    assert kv_bytes_per_token(arch, swa_full=True) == 18 * KIB
+    assert kv_bytes_per_token(arch, KvCacheTypes(swa_full=True)) == 18 * KIB
 
 
 def test_gemma3_12b_global_layers_cost_64_kib_per_token():
     assert len(GEMMA3_12B.global_layers) == 8
     assert kv_bytes_per_token(GEMMA3_12B) == 64 * KIB
-    assert kv_bytes_per_token(GEMMA3_12B, swa_full=True) == 384 * KIB
+    assert kv_bytes_per_token(GEMMA3_12B, KvCacheTypes(swa_full=True)) == 384 * KIB
+
+
+def test_gemma3_12b_at_16_slots_the_sliding_window_is_twice_the_global_cache():
+    cache = kv_cache(GEMMA3_12B, SlotLayout(16, 3840))
+    assert cache.global_bytes == 64 * KIB * 61440 == 3.75 * 2**30
+    assert cache.sliding_bytes == 40 * 8 * KIB * 1536 * 16 == 7.5 * 2**30  # 480 MiB of window cells per slot
+    assert cache.cache_bytes == 11.25 * 2**30
 
 
 def test_quantized_cache_types():
-    assert kv_bytes_per_token(GEMMA3_270M, cache_type_k="q8_0", cache_type_v="q8_0") == 3 * KIB * 34 / 32 / 2
-    assert kv_bytes_per_token(GEMMA3_270M, cache_type_k="q4_0", cache_type_v="q4_0") == 3 * KIB * 18 / 32 / 2
-
-
-def test_whole_cache_matches_the_server_log_at_load():
-    # llama-server logged 24 MiB (full) + 30 MiB (SWA) for -c 8192 -np 2 (see test_server)
-    assert predicted_kv_bytes(GEMMA3_270M, 8192, parallel_slots=2) == 54 * 2**20
+    assert kv_bytes_per_token(GEMMA3_270M, KvCacheTypes("q8_0", "q8_0")) == 3 * KIB * 34 / 32 / 2
+    assert kv_bytes_per_token(GEMMA3_270M, KvCacheTypes("q4_0", "q4_0")) == 3 * KIB * 18 / 32 / 2
 
 
 def test_same_keys_from_ollama_model_info():
@@ -52,3 +61,31 @@ def test_a_model_without_sliding_window_counts_every_layer():
     }
     arch = architecture_from_metadata(info)
     assert kv_bytes_per_token(arch) == 32 * 8 * (128 + 128) * 2  # Llama 3 8B: 128 KiB/token
+    assert kv_cache(arch, SlotLayout(4, 2048)).cache_bytes == 128 * KIB * 8192
+
+
+LAYOUTS = [(slots, unified, kind) for kind in ("f16", "q8_0") for unified in (False, True) for slots in (1, 2, 4, 8)]
+
+
+@pytest.mark.parametrize(("slots", "unified", "kind"), LAYOUTS,
+                         ids=[f"{s}slot-{'unified' if u else 'split'}-{k}" for s, u, k in LAYOUTS])  # fmt: skip
+def test_the_whole_cache_matches_the_server_log(slots, unified, kind):
+    layout = SlotLayout(slots, 2048)
+    config = ServerConfig(context_tokens=layout.total_context_tokens, parallel_slots=slots, kv_unified=unified,
+                          cache_type_k=kind, cache_type_v=kind, flash_attention="on")  # fmt: skip
+    with EmbeddedServer(config) as server:
+        logged = server.log().kv_total_bytes
+    predicted = kv_cache(GEMMA3_270M, layout, KvCacheTypes(kind, kind), unified=unified).cache_bytes
+    assert logged > 0
+    assert abs(predicted / logged - 1) < 0.02, (predicted / MIB, logged / MIB)
+
+
+def test_base_plus_whole_cache_matches_the_servers_memory_after_load():
+    with EmbeddedServer(ServerConfig(context_tokens=1024)) as server:
+        base = ProcessRssProbe(server.pid).read() - server.log().kv_total_bytes
+    for layout in (SlotLayout(1, 16384), SlotLayout(4, 4096), SlotLayout(8, 3584)):
+        config = ServerConfig(context_tokens=layout.total_context_tokens, parallel_slots=layout.slots)
+        with EmbeddedServer(config) as server:
+            measured = ProcessRssProbe(server.pid).read()
+        predicted = base + kv_cache(GEMMA3_270M, layout).cache_bytes
+        assert abs(predicted / measured - 1) < 0.05, (layout, predicted / MIB, measured / MIB)

@@ -1,81 +1,201 @@
-"""Measurements on the real embedded server: the slope matches the architecture, memory stays flat while a
-context fills, and the safe-context search finds a boundary that really holds."""
+"""Measurements on the real embedded server: the slope matches the architecture, memory stays flat while a context
+fills, the safe-context search finds a boundary that really holds and keeps its load bound, and sustained load
+fails when it should."""
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+
 import pytest
-from kvbatch.measure.kvmodel import GEMMA3_270M, kv_bytes_per_token
-from kvbatch.measure import (
-    EmbeddedLoader,
+from kvbatch.batch.sample import candidate_message, system_prompt
+from kvbatch.errors import NotFoundError
+from kvbatch.measure.experiments import (
+    LinearFit,
+    MeasurementError,
+    findings,
     fit_line,
     max_loads,
+    repeat_spread,
+    safe_from_largest,
     search_safe_context,
     sweep_allocated,
     sweep_in_use,
     try_context,
 )
-from kvbatch.serve.server import ServerConfig
+from kvbatch.measure.kvmodel import GEMMA3_270M, KvCacheTypes, kv_bytes_per_token
+from kvbatch.measure.loaders import EmbeddedLoader, LoadedModel, Loader, LoadPoint, TooBigError
+from kvbatch.measure.sustained import sustained_load
+from kvbatch.serve.backends import get_backend
+from kvbatch.serve.probes import ProcessRssProbe
+from kvbatch.serve.server import EmbeddedServer, ServerConfig
 
 CONTEXTS = [2048, 8192, 16384, 32768]
 
 
+@pytest.fixture
+def loader_for():
+    made = []
+
+    def make(config: ServerConfig) -> EmbeddedLoader:
+        made.append(EmbeddedLoader(config))
+        return made[-1]
+
+    yield make
+    for loader in made:
+        loader.close()
+
+
 @pytest.mark.parametrize("swa_full", [False, True], ids=["sliding-window", "swa-full"])
-def test_measured_slope_is_within_5_percent_of_the_architecture(swa_full):
-    points = sweep_allocated(EmbeddedLoader(ServerConfig(swa_full=swa_full)), CONTEXTS, repeats=1)
+def test_measured_slope_is_within_5_percent_of_the_architecture(loader_for, swa_full):
+    points = sweep_allocated(loader_for(ServerConfig(swa_full=swa_full)), CONTEXTS, repeats=1)
     assert {p.probe for p in points} == {"process-rss"}
     fit = fit_line([p.context_tokens for p in points], [p.used_bytes for p in points])
-    predicted = kv_bytes_per_token(GEMMA3_270M, swa_full=swa_full)
+    predicted = kv_bytes_per_token(GEMMA3_270M, KvCacheTypes(swa_full=swa_full))
     assert predicted == (18 if swa_full else 3) * 1024
     assert abs(fit.slope_bytes_per_token / predicted - 1) < 0.05, fit
     assert fit.r_squared > 0.99
+    assert findings(fit, predicted, repeat_spread(points), points) == []
     # and the server's own KV lines give the architecture's figure exactly
     log_fit = fit_line([p.context_tokens for p in points], [p.kv_log_bytes for p in points])
     assert log_fit.slope_bytes_per_token == pytest.approx(predicted, rel=1e-6)
 
 
-def test_memory_stays_flat_while_the_allocated_context_fills():
-    points = sweep_in_use(EmbeddedLoader(ServerConfig(swa_full=True)), 4096, [0.5, 0.95])
+def test_memory_stays_flat_while_the_allocated_context_fills(loader_for):
+    points = sweep_in_use(loader_for(ServerConfig(swa_full=True)), 4096, [0.5, 0.95])
     assert points[-1].tokens_in_use > 3800
     growth = points[-1].used_bytes - points[0].used_bytes
-    allocation = kv_bytes_per_token(GEMMA3_270M, swa_full=True) * (points[-1].tokens_in_use - points[0].tokens_in_use)
+    allocation = kv_bytes_per_token(GEMMA3_270M, KvCacheTypes(swa_full=True)) * (
+        points[-1].tokens_in_use - points[0].tokens_in_use
+    )
     assert abs(growth) < 0.1 * allocation  # filling costs (almost) nothing; allocating costs it all
 
 
-def test_safe_context_search_finds_a_boundary_that_holds_under_a_real_cap():
-    loader = EmbeddedLoader(ServerConfig(swa_full=True))
+def test_safe_context_search_finds_a_boundary_that_holds_under_a_real_cap(loader_for):
+    loader = loader_for(ServerConfig(swa_full=True))
     with loader.load(1024) as loaded:
         base_virtual = loaded.memory().virtual_bytes
     # a cap that admits some contexts but not all: about 3,000 tokens more, at 20 KiB of address space each
     budget = base_virtual + 3000 * 20 * 1024
     step = 512
-    result = search_safe_context(
-        loader, budget, floor_tokens=1024, ceiling_tokens=32768, step_tokens=step, safety_margin=0.8
-    )
+    result = search_safe_context(loader, budget, floor_tokens=1024, ceiling_tokens=32768, step_tokens=step)
     assert result.max_context_tokens is not None
     assert 1024 < result.max_context_tokens < 32768
     assert result.loads <= max_loads(1024, 32768, step)
-    assert result.safe_context_tokens == int(result.max_context_tokens * 0.8) // step * step
+    assert result.safe_context_tokens == safe_from_largest(result.max_context_tokens, 0.8, step)
+    assert result.safe_context_tokens < result.max_context_tokens
     failed = [p for p in result.probes if not p.fits]
-    # every "too big" is the server's own failure under the cap: an allocation, a thread, or a crash while serving
     assert failed and all(p.reason and p.reason != "loaded and served" for p in failed)
     # check both sides again, independently of the search: the boundary loads and serves, one step above fails
     assert try_context(loader, result.max_context_tokens, budget).fits
     above = try_context(loader, result.max_context_tokens + step, budget)
-    assert not above.fits
-    assert above.reason
+    assert not above.fits and above.reason
 
 
-def test_search_uses_the_fit_for_its_first_probes():
-    loader = EmbeddedLoader(ServerConfig(swa_full=True))
+def test_search_uses_the_fit_for_its_first_probe_and_agrees_with_plain_bisection(loader_for):
+    loader = loader_for(ServerConfig(swa_full=True))
     points = sweep_allocated(loader, [1024, 4096], repeats=1)
     fit = fit_line([p.context_tokens for p in points], [p.virtual_bytes for p in points])
     budget = int(fit.predict(3000))
-    result = search_safe_context(
-        loader, budget, floor_tokens=1024, ceiling_tokens=32768, step_tokens=512, fit=fit, fill_fraction=0.0
-    )
+    result = search_safe_context(loader, budget, floor_tokens=1024, ceiling_tokens=32768, step_tokens=512,
+                                 guide=fit, fill_fraction=0.0)  # fmt: skip
     assert result.probes[0].context_tokens == 2560  # the fitted line's boundary, on the step grid
-    plain = search_safe_context(
-        loader, budget, floor_tokens=1024, ceiling_tokens=32768, step_tokens=512, fill_fraction=0.0
-    )
+    plain = search_safe_context(loader, budget, floor_tokens=1024, ceiling_tokens=32768, step_tokens=512,
+                                fill_fraction=0.0)  # fmt: skip
     assert plain.max_context_tokens == result.max_context_tokens  # the cap's edge is deterministic (one arena)
     assert result.loads < plain.loads <= max_loads(1024, 32768, 512)
+
+
+class LineLoader(Loader):
+    """Memory = 300 MiB + 20 KiB x context, over-budget loads fail: a loader whose truth is known, to check that the
+    search keeps its bound whatever the guiding line says."""
+
+    name = "line"
+
+    def __init__(self, failure: Exception | None = None) -> None:
+        self.loads = 0
+        self.failure = failure
+
+    @contextlib.contextmanager
+    def load(self, context_tokens, memory_cap_bytes=None):
+        self.loads += 1
+        if self.failure is not None:
+            raise self.failure
+        used = 300 * 2**20 + 20 * 1024 * context_tokens
+        if memory_cap_bytes and used > memory_cap_bytes:
+            raise TooBigError(f"{used} > {memory_cap_bytes}")
+        yield LineLoaded(LoadPoint(context_tokens, 0, used, "line"))
+
+
+class LineLoaded(LoadedModel):
+    def __init__(self, point: LoadPoint) -> None:
+        self.point = point
+
+    def memory(self) -> LoadPoint:
+        return self.point
+
+    def fill(self, tokens: int, max_tokens: int = 4) -> int:
+        return tokens
+
+
+@pytest.mark.parametrize("slope_error", [0.1, 0.5, 2.0, 10.0])
+def test_a_poor_guide_never_costs_more_than_the_bound(slope_error):
+    budget = 300 * 2**20 + 20 * 1024 * 50_000
+    truth = 50_000 // 256 * 256
+    guide = LinearFit(20 * 1024 * slope_error, 300 * 2**20, 1.0, (0, 0), 2)
+    result = search_safe_context(LineLoader(), budget, floor_tokens=1024, ceiling_tokens=131072, step_tokens=256,
+                                 guide=guide, fill_fraction=0.0)  # fmt: skip
+    assert result.max_context_tokens == truth
+    assert result.loads <= max_loads(1024, 131072, 256), [p.context_tokens for p in result.probes]
+
+
+def test_a_load_that_fails_for_another_reason_is_an_error_not_too_big():
+    loader = LineLoader(NotFoundError("HTTP 404: model 'x' not found"))
+    with pytest.raises(MeasurementError, match="not for memory: HTTP 404"):
+        search_safe_context(loader, 10**9, floor_tokens=1024, ceiling_tokens=8192, step_tokens=1024)
+
+
+def test_findings_say_in_words_what_to_distrust():
+    points = [LoadPoint(c, r, 300 * 2**20 + 9000 * c + (40 * 2**20 if (c, r) == (8192, 1) else 0), "rss")
+              for r in (0, 1) for c in (2048, 4096, 8192, 16384)]  # fmt: skip
+    fit = fit_line([p.context_tokens for p in points], [p.used_bytes for p in points])
+    notes = findings(fit, 3072.0, repeat_spread(points), points)
+    assert any("repeats disagree by up to" in n for n in notes)
+    assert any("does not explain this server; the plan uses the measured slope" in n for n in notes)
+
+
+def _bodies(count: int) -> list[dict]:
+    import random
+
+    rng = random.Random(5)
+    system = system_prompt(300)
+    return [{"messages": [{"role": "system", "content": system},
+                          {"role": "user", "content": candidate_message(rng, 40)}], "max_tokens": 4}
+            for _ in range(count)]  # fmt: skip
+
+
+def _sustain(server: EmbeddedServer, bodies: list[dict], budget: int | None, duration_s: float = 6.0):
+    async def go():
+        async with get_backend("openai", server.url, api_key=server.api_key, slot_pinning=True) as backend:
+            return await sustained_load(backend, ProcessRssProbe(server.pid), bodies, slots=2,
+                                        duration_s=duration_s, interval_s=2.0, budget_bytes=budget)  # fmt: skip
+
+    return asyncio.run(go())
+
+
+def test_sustained_load_passes_at_a_plan_that_holds_and_fails_above_the_budget():
+    with EmbeddedServer(ServerConfig(context_tokens=4096, parallel_slots=2)) as server:
+        held = _sustain(server, _bodies(6), budget=4 * 2**30)
+        assert held.passed, held.reasons
+        assert held.requests > 2 and held.memory_peak_bytes and held.prompt_tokens_per_s
+        tiny = _sustain(server, _bodies(6), budget=50 * 2**20)
+    assert not tiny.passed
+    assert any("above the budget 50 MiB" in reason for reason in tiny.reasons)
+
+
+def test_sustained_load_fails_on_a_request_error():
+    too_long = {"messages": [{"role": "user", "content": "word " * 5000}], "max_tokens": 4}
+    with EmbeddedServer(ServerConfig(context_tokens=2048, parallel_slots=2)) as server:
+        outcome = _sustain(server, [*_bodies(2), too_long], budget=None, duration_s=4.0)
+    assert not outcome.passed
+    assert any("request error(s), first: ContextOverflowError" in reason for reason in outcome.reasons)

@@ -1,18 +1,25 @@
-"""Planning from limits and sizes: slots, per-slot context, chunk size, savings, refusals."""
+"""Planning from the whole-cache memory model, the budget and the real sizes: slots, per-slot context, KV type,
+chunk size, savings, refusals; and the plan checked against the real server."""
 
 from __future__ import annotations
 
-import pytest
-from kvbatch.plan import Limits, PlanError, SizeProfile, make_plan
+import json
 
-LIMITS = Limits(
-    safe_context_tokens=40000,
-    kv_bytes_per_token=3072,
-    base_bytes=300e6,
-    budget_bytes=1e9,
-    trained_context_tokens=32768,
-    source="test",
-)
+import pytest
+from batch_helpers import kvbatch
+from kvbatch.batch.memory import MemoryModel
+from kvbatch.batch.plan import PlanError, PlanInputs, make_plan
+from kvbatch.batch.sizes import SizeProfile
+from kvbatch.measure.budget import Budget
+from kvbatch.measure.kvmodel import GEMMA3_270M, KvCacheTypes, architecture_from_metadata
+from kvbatch.measure.loaders import EmbeddedLoader
+from kvbatch.measure.result import load_measurement
+from kvbatch.measure.steps import kv_growth, result_file, safe_context
+from kvbatch.serve.server import EmbeddedServer, ServerConfig, default_model_path
+from ollama_fixtures import GEMMA3_12B_MODEL_INFO
+
+GIB = 2**30
+MIB = 2**20
 
 
 def sizes(**changes) -> SizeProfile:
@@ -20,12 +27,12 @@ def sizes(**changes) -> SizeProfile:
         request_count=1000,
         system_prompt_tokens=2400,
         prefix_count=1,
-        user_tokens_p50=600,
-        user_tokens_p99=700,
+        user_tokens_p50=608,
+        user_tokens_p99=608,
         max_tokens_p99=300,
         max_tokens_mean=300.0,
         longest_request_id="c-7",
-        longest_request_tokens=3420,
+        longest_request_tokens=3316,
         chars_per_token=4.0,
         token_source="test",
     )
@@ -33,45 +40,133 @@ def sizes(**changes) -> SizeProfile:
     return SizeProfile(**base)
 
 
-def test_independent_plan_fits_the_p99_request_in_each_slot():
-    plan = make_plan(sizes(), LIMITS)
-    assert plan.slot_context_tokens == 3840  # 2400 + 8 + 700 + 300 = 3408, +5 %, to 256
-    assert plan.parallel_slots == 10  # 40000 // 3840
-    assert plan.total_context_tokens == 38400
-    assert plan.predicted_kv_bytes == 3072 * 38400
-    # each slot pays the system prompt once; every other request only its own message
-    assert plan.prompt_tokens_evaluated == 1000 * 600 + 2400 * 10
-    assert plan.prompt_tokens_saved_share == pytest.approx(1 - 624000 / 3000000)
+def card_16gib(base_gib: float = 8.0, **model) -> PlanInputs:
+    arch = architecture_from_metadata(GEMMA3_12B_MODEL_INFO)
+    memory = MemoryModel(arch, base_gib * GIB, KvCacheTypes(), checkpoints_in_budget=False, **model)
+    budget = Budget(int(16 * GIB * 0.9), "16 GiB card x 90%", "gpu", on_gpu=True)
+    return PlanInputs(memory=memory, budget=budget, trained_context_tokens=arch.context_length_trained)
 
 
-def test_conversation_plan_chunks_requests_into_one_slot():
-    plan = make_plan(sizes(), LIMITS, mode="conversation")
-    assert plan.parallel_slots == 1
-    assert plan.slot_context_tokens == 32768
-    assert plan.chunk_size == (32768 - 2400 - 8) // (16 + 700 + 300)
+def test_the_original_case_gemma3_12b_on_a_16_gib_card():
+    """170,000 requests, a 2,400-token criteria prompt, 600-token messages, 300-token answers.
+
+    Worked out by hand: a slot needs 2400 + 8 + 608 + 300 = 3316 tokens, +5 % = 3482, on the 256 grid 3584. Per
+    slot (f16): global 8 layers x 8 KiB x 3584 = 224 MiB, sliding window 40 layers x 8 KiB x 1536 cells = 480 MiB:
+    704 MiB. The budget 14.4 GiB less the 8 GiB base leaves 6.4 GiB, of which 80 % = 5,242.9 MiB for the cache:
+    7 slots (4,928 MiB = 4.81 GiB). Slope x context would have said 7 x 224 MiB = 1.53 GiB.
+    """
+    plan = make_plan(sizes(request_count=170_000), card_16gib())
+    assert (plan.layout.slots, plan.layout.slot_context_tokens) == (7, 3584)
+    assert plan.memory.kv_cache_bytes == 7 * 704 * MIB
+    assert plan.memory.global_bytes == 7 * 224 * MIB and plan.memory.sliding_bytes == 7 * 480 * MIB
+    assert "KV cache 4.81 GiB (global 1.53 GiB, sliding window 3.28 GiB)" in plan.describe()
+    record = plan.record()
+    assert record.kv_cache_bytes == 7 * 704 * MIB and record.parallel_slots == 7
 
 
-def test_the_plan_changes_when_the_system_prompt_grows():
-    assert make_plan(sizes(system_prompt_tokens=6000, longest_request_tokens=7020), LIMITS).slot_context_tokens == 7424
+def test_kv_type_auto_takes_the_type_that_fits_the_most_slots():
+    inputs = card_16gib()
+    inputs.kv_types = (KvCacheTypes("f16", "f16"), KvCacheTypes("q8_0", "q8_0"))
+    plan = make_plan(sizes(request_count=170_000), inputs)
+    assert plan.kv_types.label == "q8_0-q8_0"
+    assert plan.layout.slots == 14  # 374 MiB per slot: 5,242.9 // 374
+    assert any("f16-f16: 7 slot(s), q8_0-q8_0: 14 slot(s)" in note for note in plan.notes)
+
+
+def test_the_measured_slope_replaces_the_predicted_global_slope():
+    inputs = card_16gib(measured_slope=2 * 64 * 1024, measured_types=KvCacheTypes())  # the server spends twice
+    plan = make_plan(sizes(request_count=170_000), inputs)
+    assert plan.memory.global_bytes == pytest.approx(plan.layout.slots * 2 * 224 * MIB)
+    assert plan.memory.sliding_bytes == plan.layout.slots * 480 * MIB
+    assert plan.layout.slots == 5  # 928 MiB per slot
+
+
+def test_checkpoints_count_on_a_cpu_and_are_priced():
+    memory = MemoryModel(GEMMA3_270M, 300 * MIB, KvCacheTypes(), ctx_checkpoints=3, checkpoints_in_budget=True)
+    inputs = PlanInputs(memory=memory, budget=Budget(1 * GIB, "1 GiB", "user"))
+    plan = make_plan(sizes(request_count=64), inputs)
+    assert plan.memory.checkpoint_bytes == plan.layout.slots * 3 * 15 * 512 * KIB_
+    assert plan.memory.counted_bytes == pytest.approx(300 * MIB + plan.memory.kv_cache_bytes + plan.memory.checkpoint_bytes)
+
+
+KIB_ = 1024
 
 
 def test_a_request_that_cannot_fit_is_named():
-    with pytest.raises(PlanError, match="the largest request, 'c-7', needs about 40000 tokens"):
-        make_plan(sizes(longest_request_tokens=40000), LIMITS)
+    with pytest.raises(PlanError, match="the largest request, 'c-7', needs about 200000 tokens"):
+        make_plan(sizes(longest_request_tokens=200_000), card_16gib())
+    with pytest.raises(PlanError, match="at most .* fit one slot"):
+        make_plan(sizes(longest_request_tokens=100_000), card_16gib(base_gib=13.5))
 
 
 def test_a_forced_small_context_is_noted_not_refused():
-    plan = make_plan(sizes(), LIMITS, requested_context=2048)
-    assert plan.slot_context_tokens == 2048
+    plan = make_plan(sizes(), card_16gib(), requested_context=2048)
+    assert plan.layout.slot_context_tokens == 2048
     assert any("fail alone, into errors.jsonl" in note for note in plan.notes)
 
 
-def test_the_time_estimate_uses_measured_speeds():
-    plan = make_plan(
-        sizes(request_count=100),
-        LIMITS,
-        requested_slots=1,
-        seconds_per_prompt_token=0.004,
-        seconds_per_answer_token=0.02,
-    )
-    assert plan.estimated_seconds == pytest.approx(100 * (600 * 0.004 + 300 * 0.02) + 2400 * 0.004)
+def test_conversation_plan_chunks_requests_into_one_slot():
+    plan = make_plan(sizes(), card_16gib(), mode="conversation")
+    assert plan.layout.slots == 1 and plan.layout.slot_context_tokens >= 32768
+    turn = 2 * 8 + 608 + 300
+    assert plan.chunk_size == (plan.layout.slot_context_tokens - 2400 - 8) // turn
+
+
+def test_the_time_estimate_uses_the_sustained_rate_at_the_same_layout():
+    inputs = card_16gib()
+    inputs.sustained_rate = (7, 3584, 2.0)
+    assert make_plan(sizes(request_count=100), inputs).estimated_seconds == 50.0
+    inputs.sustained_rate = (4, 3584, 2.0)  # measured at another layout: not used
+    inputs.seconds_per_prompt_token, inputs.seconds_per_answer_token = 0.001, 0.01
+    plan = make_plan(sizes(request_count=100), inputs)
+    assert plan.estimated_seconds == pytest.approx(100 * (608 * 0.001 + 300 * 0.01) / 7 + 2400 * 0.001 * 7)
+
+
+@pytest.fixture(scope="module")
+def demo_measurement(tmp_path_factory):
+    """What a default `make measure` leaves: a fit, and a safe context under the 2-core demo budget."""
+    root = tmp_path_factory.mktemp("measured")
+    types = KvCacheTypes()
+    out = result_file("embedded", None, None, types, root / "data" / "measurements")
+    loader = EmbeddedLoader(ServerConfig())
+    try:
+        kv_growth(loader, GEMMA3_270M, types, [2048, 8192], 1, 2048, [0.5], out, backend="embedded",
+                  model=default_model_path().name)  # fmt: skip
+        safe_context(loader, GEMMA3_270M, "+24MiB", margin=0.8, floor_tokens=1024, step_tokens=1024,
+                     fill_fraction=0.0, out=out, backend="embedded", model=default_model_path().name, types=types,
+                     ceiling_tokens=16384)  # fmt: skip
+    finally:
+        loader.close()
+    return root, out
+
+
+def test_after_a_default_measure_the_batch_plans_from_the_users_budget(demo_measurement, tmp_path):
+    root, out = demo_measurement
+    measured = load_measurement(out)
+    assert measured.budget_is_demo and measured.safe_context_tokens and measured.kv_bytes_per_token
+    from batch_helpers import small_batch
+
+    batch = small_batch(root / "in.jsonl", 64)
+    result = kvbatch("plan", str(batch), "--json", "--memory-budget", "3GiB", cwd=root)
+    assert result.returncode == 0, result.stderr
+    plan = json.loads(result.stdout)
+    assert plan["measurement_file"] == str(out.relative_to(root))
+    assert plan["budget_bytes"] == 3 * GIB and plan["parallel_slots"] == 16
+    assert any("planned for 3.00 GiB (given)" in note and "2-core demo" in note for note in plan["notes"])
+    default = json.loads(kvbatch("plan", str(batch), "--json", cwd=root).stdout)
+    assert "available RAM" in default["budget"] and default["parallel_slots"] == 16
+
+
+def test_plan_json_kv_cache_bytes_match_the_server_log(tmp_path):
+    from batch_helpers import small_batch
+
+    batch = small_batch(tmp_path / "in.jsonl", 40)
+    result = kvbatch("plan", str(batch), "--json", "--memory-budget", "2GiB", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    plan = json.loads(result.stdout)
+    assert {"schema_version", "slot_context_tokens", "parallel_slots", "chunk_size", "mode", "measurement_file",
+            "kv_cache_bytes"} <= set(plan)  # fmt: skip
+    config = ServerConfig(context_tokens=plan["total_context_tokens"], parallel_slots=plan["parallel_slots"])
+    with EmbeddedServer(config) as server:
+        logged = server.log().kv_total_bytes
+    assert abs(plan["kv_cache_bytes"] / logged - 1) < 0.02

@@ -13,7 +13,9 @@ EVIL = "<script>alert('x')</script>"
 
 def test_run_report_renders_and_escapes_answer_text(in_tmp_repo):
     run_dir = in_tmp_repo / "data" / "runs" / "evil"
-    journal = Journal.open(run_dir, Fingerprint("sha256:0", "m", "sha256:1", {}, "independent"))
+    fingerprint = Fingerprint(input_hash="sha256:0", model="m", system_prompt_hash="sha256:1", generation={},
+                              mode="independent")
+    journal = Journal.open(run_dir, fingerprint)
     body = {
         "object": "chat.completion",
         "choices": [{"index": 0, "finish_reason": "stop", "message": {"role": "assistant", "content": EVIL}}],
@@ -66,3 +68,17 @@ def test_report_of_a_folder_that_is_not_a_run_is_one_sentence(in_tmp_repo):
     result = kvbatch("report", "--run", "nothing-here", cwd=in_tmp_repo)
     assert result.returncode == 2
     assert "is not a run folder (no run.json); run `make batch` first" in result.stderr
+
+
+def test_the_report_of_a_real_run_speaks_to_a_person(in_tmp_repo):
+    from batch_helpers import small_batch
+
+    batch = small_batch(in_tmp_repo / "in.jsonl", 4)
+    result = kvbatch("run", str(batch), "--run", "real", "--no-progress", "--concurrency", "1", cwd=in_tmp_repo)
+    assert result.returncode == 0, result.stderr
+    assert "report: reports/run-real.html" in result.stdout
+    html = (in_tmp_repo / "reports" / "run-real.html").read_text()
+    for raw in ("memory_peak_bytes", "predicted_kv_bytes", "e+09", "t_unix_s", "cache_share_of_prompt_tokens"):
+        assert raw not in html, raw
+    assert "MiB" in html and "%" in html and "KV cache (global + sliding window)" in html
+    assert "estimated by the plan" in html and "re-estimated from the run" in html

@@ -13,7 +13,7 @@ import matplotlib.pyplot as plt
 import pandas as pd
 from IPython.display import Markdown, display
 
-from kvbatch import results as R
+from kvbatch.report import results as R
 from kvbatch.report.display import clock, duration, integer_axis, key_values, share, size, table
 
 run = Path(run_dir)

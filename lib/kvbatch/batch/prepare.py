@@ -24,6 +24,7 @@ from kvbatch.measure.steps import is_local, ollama_server_settings
 from kvbatch.serve.backends import Backend, ServerLimits, get_backend, public_url
 from kvbatch.serve.layout import SlotLayout
 from kvbatch.serve.probes import nvml_available, probe_for_server
+from kvbatch.units import format_bytes
 from kvbatch.serve.server import EmbeddedServer, ServerConfig, build_has_gpu, default_model_path
 
 PROBE_CONTEXT = 1024
@@ -123,6 +124,9 @@ async def _embedded_plan(settings: BatchSettings, sizes: SizeProfile, spec: Endp
     measurement, shown, reason = _load_measurement(path)
     if settings.memory_budget:
         budget = resolve_budget(settings.memory_budget, on_gpu=on_gpu)
+    elif settings.server.memory_cap_bytes:
+        cap = settings.server.memory_cap_bytes
+        budget = Budget(cap, f"{format_bytes(cap)} (--memory-cap, of address space)", "user")
     elif spec.gpu is not None:
         budget = gpu_budget(spec.gpu) or ram_budget()
     else:

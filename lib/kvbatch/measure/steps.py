@@ -4,6 +4,7 @@ results survive a later failure."""
 
 from __future__ import annotations
 
+import math
 import os
 import urllib.parse
 from dataclasses import asdict
@@ -146,7 +147,7 @@ def kv_growth(
         types=types,
         parallel_slots=parallel,
         kv_bytes_per_token=fit.slope_bytes_per_token,
-        kv_bytes_per_token_ci95=fit.slope_ci95,
+        kv_bytes_per_token_ci95=fit.slope_ci95 if all(map(math.isfinite, fit.slope_ci95)) else None,
         kv_bytes_per_token_predicted=predicted,
         base_bytes=fit.base_bytes,
         r_squared=fit.r_squared,

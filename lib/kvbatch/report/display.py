@@ -57,7 +57,7 @@ def table(
                 shown[column] = shown[column].map(format_one)
     if rename:
         shown = shown.rename(columns=rename)
-    return shown.style.hide(axis="index")
+    return shown.style.hide(axis="index").format(escape="html")  # answers are model output: never raw HTML
 
 
 def key_values(rows: list[tuple[str, Any]]):

@@ -163,11 +163,13 @@ class ServerBuilder:
     """Build (or reuse) a wheel for a choice, install it, smoke-test it. Each step is one method, so the choice
     logic (rebuild once with the conservative set after a crash) can be exercised without a 6-minute compile."""
 
-    def __init__(self, version: str, *, cache: Path | None = None, say=print, python: str = sys.executable) -> None:
+    def __init__(self, version: str, *, cache: Path | None = None, say=print, python: str = sys.executable,
+                 manifest: Path | None = None) -> None:  # fmt: skip
         self.version = version
         self.cache = cache or cache_root()
         self.say = say
         self.python = python
+        self.manifest = manifest or manifest_path()
 
     def wheel_dir(self, choice: BuildChoice) -> Path:
         return self.cache / choice.key(self.version)
@@ -275,9 +277,8 @@ class ServerBuilder:
             build_seconds=round(build_seconds, 1) if build_seconds else None,
             smoke_seconds=round(smoke.seconds, 2),
         )
-        path = manifest_path()
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(record.model_dump_json(indent=2), "utf-8")
+        self.manifest.parent.mkdir(parents=True, exist_ok=True)
+        self.manifest.write_text(record.model_dump_json(indent=2), "utf-8")
         return record
 
     def _failure_advice(self, choice: BuildChoice, smoke: SmokeResult) -> str:

@@ -10,6 +10,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
+from kvbatch import defaults
 from kvbatch.aio import run_sync
 from kvbatch.batch.endpoints import EndpointSpec, endpoint_specs
 from kvbatch.batch.execution.executor import Executor, RunOptions
@@ -17,7 +18,7 @@ from kvbatch.batch.execution.guard import TruncationGuard
 from kvbatch.batch.execution.stats import RunStats
 from kvbatch.batch.journal import Fingerprint, Journal, completed_ids
 from kvbatch.batch.openai_batch import iter_openai_batch, load_index, save_index, scan_openai_batch
-from kvbatch.batch.plan import Plan
+from kvbatch.batch.plan import Plan, align_context
 from kvbatch.batch.prepare import EndpointPlan, Prepared, model_identity, prepare
 from kvbatch.batch.requests import InputReport
 from kvbatch.batch.runfolder import RunFolder, RunLock, write_json
@@ -126,7 +127,8 @@ def _supervisors(settings: BatchSettings, prepared: Prepared, folder: RunFolder)
     embedded = [p for p in prepared.plans if p.spec.kind == "embedded"]
     for index, endpoint in enumerate(prepared.plans):
         plan = endpoint.plan
-        smallest = min(prepared.sizes.longest_request_tokens, plan.layout.slot_context_tokens)
+        need = align_context(prepared.sizes.longest_request_tokens * defaults.CONTEXT_HEADROOM)
+        smallest = min(need, plan.layout.slot_context_tokens)  # a back-off never goes below what the requests need
         if endpoint.spec.kind == "embedded":
             log = folder.server_log if len(embedded) == 1 else folder.path / f"server-{index}.log"
             assert endpoint.config is not None

@@ -1,0 +1,193 @@
+"""Ollama as it really behaves, on an emulator backed by the real llama-server (tests/ollama_emulator.py):
+measurement through its API, the offload point under a card size, a batch that sends the planned num_ctx and
+survives a killed runner, a capped context, a silently cut prompt, and the truncation guard's false-alarm rate."""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import json
+import time
+
+import pytest
+from batch_helpers import input_ids, kvbatch, replace_user_message, result_lines, small_batch, start_kvbatch
+from kvbatch.batch.execution.guard import TruncationGuard
+from kvbatch.batch.openai_batch import iter_openai_batch, scan_openai_batch
+from kvbatch.batch.sample import write_sample
+from kvbatch.measure.experiments import fit_line, search_safe_context, sweep_allocated
+from kvbatch.measure.kvmodel import GEMMA3_270M, KvCacheTypes, kv_bytes_per_token
+from kvbatch.measure.loaders import OllamaLoader
+from kvbatch.measure.result import load_measurement
+from kvbatch.measure.steps import kv_growth, result_file
+from kvbatch.serve.backends import ChatResult, get_backend
+from conftest import REPO
+from ollama_emulator import OllamaEmulator, RunningEmulator
+
+MODEL = "gemma3:270m"
+
+
+@pytest.fixture
+def ollama():
+    with RunningEmulator(OllamaEmulator()) as running:
+        yield running
+
+
+@pytest.mark.parametrize("parallel", [1, 2])
+def test_measuring_through_the_ollama_api_gives_the_architectures_slope(parallel):
+    with RunningEmulator(OllamaEmulator(parallel=parallel)) as running:
+        loader = OllamaLoader(running.url, MODEL, parallel=parallel)
+        try:
+            points = sweep_allocated(loader, [2048, 8192, 16384], repeats=1, settle_s=0)
+        finally:
+            loader.close()
+        assert running.emulator.loads == [2048, 8192, 16384]  # each num_ctx reloaded the model
+    assert {p.probe for p in points} == {"ollama-ps"}
+    fit = fit_line([p.context_tokens for p in points], [p.used_bytes for p in points])
+    predicted = kv_bytes_per_token(GEMMA3_270M) * parallel  # Ollama allocates num_ctx x parallel
+    assert abs(fit.slope_bytes_per_token / predicted - 1) < 0.05, (fit.slope_bytes_per_token, predicted)
+
+
+def test_the_safe_search_stops_where_ollama_would_move_layers_to_the_cpu():
+    with RunningEmulator(OllamaEmulator(card_bytes=2**40)) as running:
+        loader = OllamaLoader(running.url, MODEL, on_gpu=True)
+        try:
+            with loader.load(2048) as loaded:
+                small = loaded.memory().used_bytes
+            running.emulator.card_bytes = card = small + 6000 * 3 * 1024  # about 8,000 tokens fit the "card"
+            result = search_safe_context(loader, 10**12, floor_tokens=2048, ceiling_tokens=32768, step_tokens=512,
+                                         enforce_budget=False, fill_fraction=0.0)  # fmt: skip
+            assert 2048 < result.max_context_tokens < 32768
+            assert any("size_vram < size" in p.reason for p in result.probes if not p.fits)
+            with loader.load(result.max_context_tokens) as loaded:  # the boundary is all on the card
+                assert loaded.memory().offloaded_share == 1.0
+            asyncio.run(_fill(running.url, result.max_context_tokens + 512))
+            entry = asyncio.run(_loaded(running.url))
+            assert entry.size_bytes > card and entry.offloaded_to_cpu  # one step above spills
+        finally:
+            loader.close()
+
+
+async def _fill(url: str, num_ctx: int) -> None:
+    async with get_backend("ollama", url, model=MODEL) as backend:
+        await backend.fill(1, context_tokens=num_ctx, max_tokens=1)
+
+
+async def _loaded(url: str):
+    async with get_backend("ollama", url, model=MODEL) as backend:
+        return await backend.loaded()
+
+
+def test_measure_then_run_through_ollama_use_one_measurement_file(ollama, tmp_path):
+    types = KvCacheTypes()
+    out = result_file("ollama", MODEL, None, types, tmp_path / "data" / "measurements")
+    assert out.name == "ollama__gemma3-270m__f16-f16.json"
+    loader = OllamaLoader(ollama.url, MODEL)
+    try:
+        kv_growth(loader, GEMMA3_270M, types, [2048, 8192], 1, 1024, [0.5], out, backend="ollama", model=MODEL)
+    finally:
+        loader.close()
+    assert load_measurement(out).kv_bytes_per_token
+    batch = small_batch(tmp_path / "in.jsonl", 8)
+    result = kvbatch("plan", str(batch), "--json", "--backend", "ollama", "--url", ollama.url, "--model", MODEL,
+                     "--memory-budget", "2GiB", cwd=tmp_path)  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    plan = json.loads(result.stdout)
+    assert plan["measurement_file"] == "data/measurements/ollama__gemma3-270m__f16-f16.json"
+    assert plan["limits_source"].startswith("measured base and slope")
+
+
+def test_a_batch_through_ollama_sends_the_planned_num_ctx_and_survives_a_killed_runner(ollama, tmp_path):
+    batch = small_batch(tmp_path / "in.jsonl", 12)
+    run_dir = tmp_path / "data" / "runs" / "ollama"
+    process = start_kvbatch("run", str(batch), "--run", str(run_dir), "--backend", "ollama", "--url", ollama.url,
+                            "--model", MODEL, "--no-report", "--no-progress", cwd=tmp_path)  # fmt: skip
+    deadline = time.time() + 240
+    while len(result_lines(run_dir)) < 3 and process.poll() is None and time.time() < deadline:
+        time.sleep(0.05)
+    ollama.emulator.kill_runner()  # kill -9 of the llama-server underneath, mid-run
+    out, _ = process.communicate(timeout=300)
+    assert process.returncode == 0, out
+    ids = [r["custom_id"] for r in result_lines(run_dir)]
+    assert sorted(ids) == sorted(input_ids(batch)) and not [i for i, n in collections.Counter(ids).items() if n > 1]
+    plan = json.loads((run_dir / "plan.json").read_text())
+    chats = [r for r in ollama.emulator.received if "messages" in r]
+    sizes = {r["options"]["num_ctx"] for r in chats}
+    assert plan["slot_context_tokens"] in sizes and all(r["truncate"] is False and r["stream"] is False
+                                                        and r["keep_alive"] == "30m" for r in chats)  # fmt: skip
+    events = result_lines(run_dir, "events.jsonl")
+    assert any(e["event"] == "recovery" and "signal: killed" in e["cause"] for e in events)
+    assert not (run_dir / "errors.jsonl").exists() or not result_lines(run_dir, "errors.jsonl")
+
+
+def test_a_context_the_server_caps_stops_the_run_with_a_clear_message(tmp_path):
+    with RunningEmulator(OllamaEmulator(context_cap=2048)) as running:
+        batch = small_batch(tmp_path / "in.jsonl", 4)
+        result = kvbatch("run", str(batch), "--run", "capped", "--backend", "ollama", "--url", running.url,
+                         "--model", MODEL, "--no-report", "--no-progress", "--slot-ctx", "4096", cwd=tmp_path)
+    assert result.returncode == 2, result.stdout
+    assert "Ollama loaded gemma3:270m with a context of 2048 tokens, not the 4096 asked for" in result.stderr
+    assert "Traceback" not in result.stderr
+    assert not result_lines(tmp_path / "data" / "runs" / "capped", "errors.jsonl")
+
+
+def test_a_silently_cut_prompt_lands_in_errors_jsonl(tmp_path):
+    with RunningEmulator(OllamaEmulator(honour_truncate=False)) as running:
+        batch = small_batch(tmp_path / "in.jsonl", 4)
+        long_request = replace_user_message(batch, 1, "Experience: " + "built a billing pipeline. " * 400)
+        result = kvbatch("run", str(batch), "--run", "cut", "--backend", "ollama", "--url", running.url, "--model",
+                         MODEL, "--no-report", "--no-progress", "--slot-ctx", "1536", cwd=tmp_path)  # fmt: skip
+    assert result.returncode == 0, result.stdout + result.stderr
+    run_dir = tmp_path / "data" / "runs" / "cut"
+    errors = result_lines(run_dir, "errors.jsonl")
+    assert [e["custom_id"] for e in errors] == [long_request["custom_id"]]
+    error = errors[0]["error"]
+    assert error["code"] == "TruncatedPromptError" and error["prompt_tokens"] < 0.9 * error["expected_prompt_tokens"]
+    assert len(result_lines(run_dir)) == 3
+
+
+def test_requests_ollama_cannot_serve_are_refused_at_validation(ollama, tmp_path):
+    batch = small_batch(tmp_path / "in.jsonl", 3)
+    lines = batch.read_text().splitlines()
+    first, second = json.loads(lines[0]), json.loads(lines[1])
+    first["body"]["n"] = 2
+    second["body"]["tools"] = [{"type": "function", "function": {"name": "f"}}]
+    batch.write_text("\n".join([json.dumps(first), json.dumps(second), lines[2]]) + "\n")
+    result = kvbatch("run", str(batch), "--backend", "ollama", "--url", ollama.url, "--model", MODEL, cwd=tmp_path)
+    assert result.returncode == 2
+    assert f"{batch}:1: body.n: must be 1" in result.stderr
+    assert f"{batch}:2: body.tools: tool calls are not run by a batch" in result.stderr
+    assert ollama.emulator.received == []
+
+
+@pytest.mark.parametrize("tokenizer", ["exact", "calibrated"])
+def test_the_truncation_guard_raises_no_false_alarm(ollama, tmp_path, tokenizer):
+    """Over the shipped sample and a 1,000-request generated batch, with the prompt counts the real server gives
+    (its chat template, its tokenizer), whether the guard knows the tokenizer or calibrates from the replies."""
+    asyncio.run(_fill(ollama.url, 4096))  # load the model: the emulator's llama-server counts as Ollama would
+    runner = ollama.emulator.runner
+    generated = write_sample(tmp_path / "big.jsonl", 1000, seed=11)
+    alarms = checked = 0
+    for path in (REPO / "data" / "sample" / "requests.jsonl", generated):
+        report = scan_openai_batch(path)
+        requests = list(iter_openai_batch(report))
+        counts, prefix, sample_tokens = asyncio.run(_counts(runner, report, requests))
+        if tokenizer == "exact":
+            ratio = sum(r.user_chars for r in requests[:20]) / sum(sample_tokens)
+            guard = TruncationGuard(prefix, ratio, exact=True)
+        else:
+            guard = TruncationGuard({}, None, exact=False)
+        for request, count in zip(requests, counts, strict=True):
+            alarms += guard.check(request, ChatResult("", "stop", count, None, 1, 0.0)) is not None
+            checked += 1
+    assert checked == 1016 and alarms == 0
+
+
+async def _counts(runner, report, requests):
+    async with get_backend("openai", runner.url, api_key=runner.api_key) as llama:
+        counts = []
+        for request in requests:
+            prompt = await llama.http.request("POST", "/apply-template", {"messages": request.body["messages"]})
+            counts.append(len(await llama.tokenize(prompt["prompt"])))
+        prefix = {key: len(await llama.tokenize(text)) for key, text in report.prefix_texts.items()}
+        sample = [len(await llama.tokenize(r.body["messages"][-1]["content"])) for r in requests[:20]]
+        return counts, prefix, sample

@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))  # the fault-injecting server
 
 from kvbatch.serve.server import EmbeddedServer, ServerConfig  # noqa: E402
 from ollama_double import OllamaDouble, RunningDouble  # noqa: E402

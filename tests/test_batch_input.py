@@ -52,6 +52,42 @@ BAD_LINES = [
         _line(custom_id="e", url="/v1/embeddings"),
         "url: '/v1/embeddings' is not supported; use /v1/chat/completions",
     ),
+    (
+        "lone surrogate in a system message",
+        '{"custom_id": "s", "body": {"messages": [{"role": "system", "content": "bad \\ud800"}, '
+        '{"role": "user", "content": "u"}]}}',
+        "body.messages[0].content: contains '\\ud800' (a lone surrogate), which cannot be written as UTF-8",
+    ),
+    (
+        "lone surrogate in a custom_id",
+        '{"custom_id": "id\\udc80", "body": {"messages": [{"role": "user", "content": "u"}]}}',
+        "custom_id: contains '\\udc80' (a lone surrogate), which cannot be written as UTF-8",
+    ),
+    (
+        "max_tokens past 2^31",
+        _line(custom_id="big", body={"messages": [{"role": "user", "content": "x"}], "max_tokens": 2**31}),
+        "body.max_tokens: must be a whole number from 1 to 2147483647",
+    ),
+    (
+        "max_tokens true",
+        _line(custom_id="t", body={"messages": [{"role": "user", "content": "x"}], "max_tokens": True}),
+        "body.max_tokens: must be a whole number from 1 to 2147483647",
+    ),
+    (
+        "NaN temperature",
+        '{"custom_id": "nan", "body": {"messages": [{"role": "user", "content": "x"}], "temperature": NaN}}',
+        "(line): NaN is not valid JSON",
+    ),
+    (
+        "deeply nested JSON",
+        '{"custom_id": "deep", "body": ' + "[" * 100000 + "]" * 100000 + "}",
+        "(line): JSON nested too deeply to read",
+    ),
+    (
+        "several answers",
+        _line(custom_id="n", body={"messages": [{"role": "user", "content": "x"}], "n": 3}),
+        "body.n: must be 1: a batch keeps one answer per custom_id (give each wanted answer its own line)",
+    ),
 ]
 
 
@@ -140,3 +176,32 @@ def test_a_request_that_cannot_fit_any_slot_is_named_and_refused(tmp_path):
     assert result.returncode == 2
     assert f"the largest request, {huge['custom_id']!r}, needs about" in result.stderr
     assert "fit one slot" in result.stderr
+
+
+def test_a_byte_order_mark_is_accepted(tmp_path):
+    path = tmp_path / "in.jsonl"
+    path.write_bytes(b"\xef\xbb\xbf" + _line().encode() + b"\n" + _line(custom_id="b").encode() + b"\n")
+    report = scan_openai_batch(path)
+    assert not report.problems and report.request_count == 2
+    assert [r.custom_id for r in iter_openai_batch(report)] == ["a", "b"]
+
+
+def test_a_template_field_with_a_format_is_refused_in_one_sentence(tmp_path):
+    table = tmp_path / "t.csv"
+    table.write_text("id,name\n1,Ada\n")
+    system = tmp_path / "system.txt"
+    system.write_text("Score.")
+    result = kvbatch("plan", str(table), "--system-prompt", str(system), "--template", "Name: {name:d}",
+                     cwd=tmp_path)  # fmt: skip
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert "template: field {name:d} has a format; use plain {name}" in result.stderr
+
+
+def test_the_id_column_is_part_of_a_tables_fingerprint(tmp_path):
+    table = tmp_path / "t.csv"
+    table.write_text("id,name\n1,Ada\n2,Grace\n")
+    system = tmp_path / "system.txt"
+    system.write_text("Score.")
+    by_id = TableInput(table, system, "Name: {name}", "id").scan()
+    by_row = TableInput(table, system, "Name: {name}", None).scan()
+    assert by_id.input_hash != by_row.input_hash

@@ -245,7 +245,10 @@ def cmd_run(args: argparse.Namespace) -> int:
     if not args.no_report:
         from kvbatch.report.render import render_run_report
 
-        print(f"report: {render_run_report(outcome.folder.path)}")
+        try:
+            print(f"report: {render_run_report(outcome.folder.path)}")
+        except KvbatchError as exc:  # the run itself succeeded: say why there is no report, and how to make it
+            print(f"no report ({exc}); make it later with `kvbatch report --run {outcome.folder.path}`")
     return 0
 
 

@@ -13,7 +13,8 @@ RUNS_DIR = Path("data/runs")
 MEASUREMENTS_DIR = Path("data/measurements")
 """Measurement result files, named by backend, model and KV cache types (see measure/result.py)."""
 REPORTS_DIR = Path("reports")
-NOTEBOOKS_DIR = Path("notebooks")
+NOTEBOOKS_DIR = Path(__file__).resolve().parents[2] / "notebooks"
+"""The notebooks of the checkout kvbatch is installed from (editable), wherever kvbatch is started."""
 SAMPLE_INPUT = Path("data/sample/requests.jsonl")
 
 # ---- the embedded server -----------------------------------------------------------------------------------------
@@ -74,8 +75,9 @@ REQUEST_TIMEOUT_S = 600.0
 MAX_WAIT_S = 1800.0
 """How long transient failures (503, refused connections, timeouts) are waited out before the run stops: a
 server restart or a model reload takes minutes, never half an hour."""
-MAX_ATTEMPTS = 4
-"""Attempts a request gets when the *request* is the suspect (a crash it was in twice, a malformed reply)."""
+MAX_ATTEMPTS = 2
+"""Crashes a request may cause while sent alone before it fails for good: twice alone is proof it is the cause
+(a request in flight during two crashes is only a suspect, and is then sent alone)."""
 BACKOFF_START_S = 0.5
 BACKOFF_CAP_S = 30.0
 CONCURRENCY_LADDER = (1, 2, 4, 8, 16, 32)

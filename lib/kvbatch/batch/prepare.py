@@ -58,9 +58,9 @@ def kv_candidates(kv_type: str) -> tuple[KvCacheTypes, ...]:
 
 
 def model_identity(settings: BatchSettings, spec: EndpointSpec) -> str:
-    """Backend, model and KV cache types, for the run's fingerprint."""
+    """Backend, model and KV cache types, for the run's fingerprint (not the address: a server may move)."""
     if spec.kind == "external":
-        return f"{spec.backend}:{public_url(spec.url)}:{spec.model or 'server-default'}:{settings.kv_type}"
+        return f"{spec.backend}:{spec.model or 'server-default'}:{settings.kv_type}"
     model = Path(settings.server.model_path).name if settings.server.model_path else default_model_path().name
     return f"{spec.kind}:{model}:{settings.kv_type}{'-swafull' if settings.server.swa_full else ''}"
 

@@ -30,6 +30,8 @@ def render_notebook(
     import papermill
     from nbconvert import HTMLExporter
 
+    if not Path(notebook).is_file():
+        raise KvbatchError(f"the notebook {notebook} is not there; kvbatch renders reports from its checkout")
     REPORTS_DIR.mkdir(parents=True, exist_ok=True)
     executed = REPORTS_DIR / f"{out_stem}.ipynb"
     try:

@@ -58,7 +58,7 @@ class Sender:
 
     async def send(self, endpoint: Endpoint, request: BatchRequest, body: dict[str, Any], slot: int | None) -> Outcome:
         """Send until there is an outcome. Raises EndpointOut (hand the request back) or RunStopped."""
-        attempts = 1
+        attempts = 0
         waited = 0.0
         delays = backoff_delays()
         while True:
@@ -78,6 +78,7 @@ class Sender:
             async with endpoint.gate.exclusive() if alone else endpoint.gate.slot():
                 if endpoint.generation != generation or endpoint.out:
                     continue  # the server was recovered (or taken out) while this request waited for the gate
+                attempts += 1
                 try:
                     result = await endpoint.backend.chat(body, slot=slot, timeout_s=self.request_timeout_s)
                 except KvbatchError as exc:
@@ -110,9 +111,12 @@ class Sender:
             if not isinstance(error, ServerUnreachableError):
                 self.tracker.note_crash(request.custom_id, (endpoint.label, generation))
                 if alone:
-                    attempts = 1 + self.tracker.note_solo_crash(request.custom_id)
+                    self.tracker.note_solo_crash(request.custom_id)
             started_wait = time.perf_counter()
             await endpoint.recover(error, generation)
             waited += time.perf_counter() - started_wait
             if alone and self.tracker.convicted(request.custom_id):
-                return Outcome(None, error, attempts - 1, waited)
+                times = self.tracker.solo_crashes[request.custom_id]
+                return Outcome(None, ServerGoneError(
+                    f"the server went down each time this request was sent alone ({times} times): it is the request "
+                    f"that takes it down. Last: {error}", status_code=error.status_code), attempts, waited)

@@ -13,7 +13,7 @@ from typing import Any
 
 import aiohttp
 
-from kvbatch.errors import MalformedReplyError, ServerGoneError, ServerUnreachableError, classify_http_error
+from kvbatch.errors import UserInputError, MalformedReplyError, ServerGoneError, ServerUnreachableError, classify_http_error
 
 
 def server_error_message(payload: Any, fallback: str) -> str:
@@ -40,6 +40,11 @@ class HttpClient:
         max_connections: int = 64,
         unreachable_hint: str = "is the server running?",
     ) -> None:
+        if api_key and credentials:
+            raise UserInputError(
+                f"{base_url}: give the server's credentials one way, in the URL (user:password@) or as an API key "
+                "(KVBATCH_API_KEY), not both: one Authorization header carries one of them"
+            )
         self.base_url = base_url
         self._api_key = api_key
         self._auth = aiohttp.BasicAuth(*credentials) if credentials else None

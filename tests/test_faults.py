@@ -1,0 +1,196 @@
+"""Nothing lost, nothing burned: external servers, transient faults, a poison request, one writer per run folder,
+secrets kept off disk, and the 1,000-request stress test killed three times."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+from batch_helpers import input_ids, kvbatch, replace_user_message, result_lines, small_batch, start_kvbatch
+from fault_server import Faults, RunningFaultServer
+from kvbatch.serve.server import EmbeddedServer, ServerConfig, free_port
+from kvbatch.serve.supervisor import kernel_oom_kills
+from stress import stress_run
+
+QUIET = ("--no-report", "--no-progress")
+
+
+def test_the_stress_test_1000_requests_three_kills_exactly_once(tmp_path):
+    outcome = stress_run(1000, 3, tmp_path)
+    assert outcome.duplicates == 0 and outcome.lost == 0
+    assert outcome.failed_ids == [outcome.poison_id]
+    assert outcome.results == 999
+    injected = {k: v for k, v in outcome.faults.items() if k not in ("requests", "answered")}
+    assert injected.get("503") and injected.get("dropped connection") and injected.get("not JSON")
+    assert 2 <= injected.get("crash (poison)", 0) <= 4  # twice among others, then alone until convicted (twice)
+    error = result_lines(tmp_path / "data" / "runs" / "stress", "errors.jsonl")[0]
+    assert "the request that takes it down" in error["error"]["message"]
+
+
+def test_a_server_that_refuses_slot_ids_gets_requests_without_them(tmp_path):
+    with RunningFaultServer(free_port(), Faults(refuse_slot_ids=True), keep_bodies=True) as server:
+        batch = small_batch(tmp_path / "in.jsonl", 20)
+        result = kvbatch("run", str(batch), "--url", server.url, *QUIET, "--concurrency", "4", cwd=tmp_path)
+        counts = dict(server.server.counts)
+        bodies = server.server.bodies
+    assert result.returncode == 0, result.stderr
+    assert len(result_lines(tmp_path / "data" / "runs" / "in")) == 20
+    assert counts["refused slot id"] <= 4  # one per worker at most, then never again
+    assert counts["requests"] <= 20 + 4 and sum("id_slot" in b for b in bodies) == counts["refused slot id"]
+
+
+def test_a_rejected_key_stops_the_run_at_once_and_burns_nothing(tmp_path):
+    with RunningFaultServer(free_port(), Faults(require_key="right")) as server:
+        batch = small_batch(tmp_path / "in.jsonl", 10)
+        env = {**os.environ, "KVBATCH_API_KEY": "wrong"}
+        result = subprocess.run([sys.executable, "-m", "kvbatch.cli", "run", str(batch), "--url", server.url, *QUIET],
+                                cwd=tmp_path, capture_output=True, text=True, env=env)  # fmt: skip
+        seen = server.server.counts["401"]
+    assert result.returncode == 2
+    assert "HTTP 401" in result.stderr and "check the API key" in result.stderr and "Traceback" not in result.stderr
+    run = tmp_path / "data" / "runs" / "in"
+    assert not result_lines(run, "errors.jsonl") and not result_lines(run)
+    assert seen <= 2  # stopped at once
+    again = subprocess.run([sys.executable, "-m", "kvbatch.cli", "run", str(batch), "--url", "http://127.0.0.1:9",
+                            "--run", "nobody", *QUIET, "--max-wait", "1"], cwd=tmp_path, capture_output=True,
+                           text=True)  # fmt: skip
+    assert "did not become healthy within 1 s" in again.stderr and again.returncode == 2
+
+
+def test_a_running_llama_servers_limits_are_discovered(tmp_path):
+    with EmbeddedServer(ServerConfig(context_tokens=3 * 2048, parallel_slots=3)) as server:
+        batch = small_batch(tmp_path / "in.jsonl", 6)
+        env = {**os.environ, "KVBATCH_API_KEY": server.api_key}
+        result = subprocess.run([sys.executable, "-m", "kvbatch.cli", "plan", str(batch), "--url", server.url],
+                                cwd=tmp_path, capture_output=True, text=True, env=env)  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    assert "3 slot(s) x 2048 tokens" in result.stdout
+    assert "llama-server: slots 3 [/props total_slots], context per slot 2048 [/props n_ctx]" in result.stdout
+
+
+def test_transient_faults_are_waited_out_and_a_long_outage_stops_without_failing_anything(tmp_path):
+    with RunningFaultServer(free_port(), Faults(p503=0.3, p_not_json=0.1, seed=4)) as server:
+        batch = small_batch(tmp_path / "in.jsonl", 40)
+        result = kvbatch("run", str(batch), "--url", server.url, *QUIET, "--concurrency", "4", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    run = tmp_path / "data" / "runs" / "in"
+    assert len(result_lines(run)) == 40 and not result_lines(run, "errors.jsonl")
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["retries"] >= 5 and summary["waited_s"] > 0
+    with RunningFaultServer(free_port(), Faults(p503=1.0)) as server:
+        batch = small_batch(tmp_path / "down.jsonl", 5)
+        result = kvbatch("run", str(batch), "--url", server.url, *QUIET, "--max-wait", "3", cwd=tmp_path)
+    assert result.returncode == 2
+    assert "kept failing for 3 s (--max-wait)" in result.stderr and "run the same command again" in result.stderr
+    assert not result_lines(tmp_path / "data" / "runs" / "down", "errors.jsonl")
+
+
+def test_retry_failed_sends_the_failed_requests_again(tmp_path):
+    batch = small_batch(tmp_path / "in.jsonl", 6)
+    long_one = replace_user_message(batch, 2, "TOO-LONG " + "x" * 50)
+    run = tmp_path / "data" / "runs" / "in"
+    with RunningFaultServer(free_port(), Faults(refuse_marker="TOO-LONG")) as server:
+        first = kvbatch("run", str(batch), "--url", server.url, *QUIET, cwd=tmp_path)
+    assert first.returncode == 0, first.stderr
+    assert [e["custom_id"] for e in result_lines(run, "errors.jsonl")] == [long_one["custom_id"]]
+    with RunningFaultServer(free_port(), Faults()) as server:  # the server's context was raised meanwhile
+        unchanged = kvbatch("run", str(batch), "--url", server.url, *QUIET, cwd=tmp_path)
+        again = kvbatch("run", str(batch), "--url", server.url, *QUIET, "--retry-failed", cwd=tmp_path)
+    assert "all 6 requests are already done" in unchanged.stdout
+    assert again.returncode == 0, again.stderr
+    assert "sending again 1 request(s) from errors.jsonl" in again.stdout
+    assert sorted(r["custom_id"] for r in result_lines(run)) == sorted(input_ids(batch))
+    assert not result_lines(run, "errors.jsonl")
+    history = result_lines(run, "errors-history.jsonl")
+    assert [h["custom_id"] for h in history] == [long_one["custom_id"]] and history[0]["error"]["code"] == (
+        "ContextOverflowError")
+
+
+def test_secrets_and_url_credentials_never_reach_the_run_folder(tmp_path):
+    batch = small_batch(tmp_path / "in.jsonl", 4)
+    with RunningFaultServer(free_port(), Faults(), keep_bodies=True) as server:
+        url = server.url.replace("http://", "http://alice:s3cret-pass@")
+        result = subprocess.run([sys.executable, "-m", "kvbatch.cli", "run", str(batch), "--url", url, "--no-progress",
+                                 "--run", "with-password"], cwd=tmp_path, capture_output=True, text=True)  # fmt: skip
+        bodies = server.server.bodies
+    assert result.returncode == 0, result.stderr
+    with RunningFaultServer(free_port(), Faults(require_key="sk-very-secret-key")) as server:
+        env = {**os.environ, "KVBATCH_API_KEY": "sk-very-secret-key"}
+        keyed = subprocess.run([sys.executable, "-m", "kvbatch.cli", "run", str(batch), "--url", server.url,
+                                "--no-progress", "--run", "with-key"], cwd=tmp_path, capture_output=True, text=True,
+                               env=env)  # fmt: skip
+    assert keyed.returncode == 0, keyed.stderr
+    everything = "".join(p.read_text(errors="replace") for p in tmp_path.rglob("*") if p.is_file())
+    everything += result.stdout + result.stderr + keyed.stdout + keyed.stderr
+    for secret in ("s3cret-pass", "alice:", "sk-very-secret-key"):
+        assert secret not in everything
+    assert all(body["max_tokens"] == 6 for body in bodies)  # every request carries a max_tokens
+
+
+def test_default_max_tokens_is_sent_when_a_request_sets_none(tmp_path):
+    batch = small_batch(tmp_path / "in.jsonl", 3)
+    lines = []
+    for line in batch.read_text().splitlines():
+        record = json.loads(line)
+        record["body"].pop("max_tokens")
+        lines.append(json.dumps(record))
+    batch.write_text("\n".join(lines) + "\n")
+    with RunningFaultServer(free_port(), Faults(), keep_bodies=True) as server:
+        result = kvbatch("run", str(batch), "--url", server.url, *QUIET, cwd=tmp_path)
+        bodies = server.server.bodies
+    assert result.returncode == 0, result.stderr
+    assert [body["max_tokens"] for body in bodies] == [512, 512, 512]
+
+
+def test_a_second_run_on_the_same_folder_exits_2_naming_the_first(tmp_path):
+    with RunningFaultServer(free_port(), Faults(service_s=0.2, slots=1)) as server:
+        batch = small_batch(tmp_path / "in.jsonl", 200)
+        first = start_kvbatch("run", str(batch), "--url", server.url, *QUIET, cwd=tmp_path)
+        run = tmp_path / "data" / "runs" / "in"
+        deadline = time.time() + 60
+        while not result_lines(run) and time.time() < deadline:
+            time.sleep(0.05)
+        second = kvbatch("run", str(batch), "--url", server.url, *QUIET, cwd=tmp_path)
+        first.send_signal(signal.SIGINT)
+        first.communicate(timeout=60)
+    assert second.returncode == 2
+    assert f"is being written by kvbatch process {first.pid}" in second.stderr
+
+
+def test_a_plan_error_leaves_no_run_behind(tmp_path):
+    batch = small_batch(tmp_path / "in.jsonl", 3)
+    result = kvbatch("run", str(batch), *QUIET, "--memory-budget", "1MiB", cwd=tmp_path)
+    assert result.returncode == 2 and "fit one slot" in result.stderr
+    assert not (tmp_path / "data" / "runs" / "in" / "run.json").exists()
+    with RunningFaultServer(free_port(), Faults()) as server:
+        corrected = kvbatch("run", str(batch), "--url", server.url, *QUIET, cwd=tmp_path)
+    assert corrected.returncode == 0, corrected.stderr
+
+
+def test_an_input_edited_during_a_run_stops_it_cleanly(tmp_path):
+    with RunningFaultServer(free_port(), Faults(service_s=0.1, slots=1)) as server:
+        batch = small_batch(tmp_path / "in.jsonl", 100)
+        process = start_kvbatch("run", str(batch), "--url", server.url, *QUIET, cwd=tmp_path)
+        run = tmp_path / "data" / "runs" / "in"
+        deadline = time.time() + 60
+        while len(result_lines(run)) < 3 and time.time() < deadline:
+            time.sleep(0.05)
+        with open(batch, "a") as handle:
+            handle.write(batch.read_text().splitlines()[0].replace("candidate-000000", "late") + "\n")
+        out, _ = process.communicate(timeout=60)
+    assert process.returncode == 2, out
+    assert "changed while the run was reading it; every finished request is saved" in out
+    ids = [r["custom_id"] for r in result_lines(run)]
+    assert len(ids) == len(set(ids)) and "Traceback" not in out
+
+
+def test_a_kernel_oom_kill_is_read_from_the_cgroup(tmp_path):
+    events = tmp_path / "memory.events"
+    events.write_text("low 0\nhigh 0\nmax 12\noom 3\noom_kill 2\n")
+    assert kernel_oom_kills(events) == 2
+    assert kernel_oom_kills(tmp_path / "missing") is None

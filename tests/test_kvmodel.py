@@ -17,7 +17,7 @@ from kvbatch.measure.kvmodel import (
 from kvbatch.serve.layout import SlotLayout
 from kvbatch.serve.probes import ProcessRssProbe
 from kvbatch.serve.server import EmbeddedServer, ServerConfig, default_model_path
-from ollama_double import MODEL_INFO
+from ollama_fixtures import GEMMA3_270M_MODEL_INFO as MODEL_INFO
 
 MIB = 2**20
 

@@ -160,6 +160,8 @@ def _add_batch_flags(parser: argparse.ArgumentParser) -> None:
     servers.add_argument("--parallel", type=int, default=None, help="Ollama's OLLAMA_NUM_PARALLEL (default: env)")
     servers.add_argument("--servers", default=None, help="embedded servers to start: N, or per-gpu")
     servers.add_argument("--ray", default=None, help="run on a Ray cluster: ADDRESS, or auto (needs the ray extra)")
+    servers.add_argument("--ray-actors", type=int, default=None,
+                         help="server actors on Ray (default: one per GPU, else one per node)")  # fmt: skip
     servers.add_argument("--allow-cpu-spill", action="store_true",
                          help="run even when Ollama puts part of the model on the CPU (slower)")  # fmt: skip
     parser.add_argument("--memory-budget", default=None,
@@ -219,6 +221,7 @@ def settings_from_args(args: argparse.Namespace):
         model=args.model,
         servers=args.servers,
         ray=args.ray,
+        ray_actors=args.ray_actors,
         parallel=args.parallel,
         server=server_config_from_args(args),
         memory_budget=args.memory_budget,

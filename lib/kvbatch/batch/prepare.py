@@ -236,6 +236,16 @@ async def _sizes_from_embedded(settings: BatchSettings, report: InputReport, req
     return calibration, float(base)
 
 
+def probe_base(settings: BatchSettings, log_dir: Path) -> float:
+    """The memory the model needs before any KV cache, from a short-lived server at a small context (a Ray actor
+    plans for its own node with it)."""
+    model_path = Path(settings.server.model_path) if settings.server.model_path else default_model_path()
+    config = replace(settings.server, model_path=model_path, context_tokens=PROBE_CONTEXT, parallel_slots=1,
+                     memory_cap_bytes=None)  # fmt: skip
+    with EmbeddedServer(config, log_path=log_dir / "probe-server.log") as server:
+        return float(probe_for_server(server.pid, server.log_text).read() - server.log().kv_total_bytes)
+
+
 async def prepare(settings: BatchSettings, report: InputReport, requests_fn, specs: list[EndpointSpec],
                   log_dir: Path) -> Prepared:  # fmt: skip
     first = specs[0]

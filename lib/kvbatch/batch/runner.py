@@ -230,6 +230,10 @@ async def _execute(settings: BatchSettings, report: InputReport, requests_fn, pr
     finally:
         await asyncio.gather(*(s.close() for s in supervisors), return_exceptions=True)
         journal.close()
+        if settings.ray == "local":
+            import ray
+
+            ray.shutdown()
     summary = _summary(report, prepared, stats, executor, started, settings.folder, remaining)
     write_json(settings.folder.summary, summary.model_dump())
     message = (

@@ -32,6 +32,8 @@ class BatchSettings:
     model: str | None = None
     servers: str | int | None = None
     ray: str | None = None
+    ray_actors: int | None = None
+    """Server actors to place (default: one per GPU in the cluster, else one per node)."""
     parallel: int | None = None
     """Ollama's OLLAMA_NUM_PARALLEL (default: from the environment when the server is local, else 1)."""
     server: ServerConfig = field(default_factory=ServerConfig)

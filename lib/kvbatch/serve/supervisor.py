@@ -60,6 +60,9 @@ class Supervisor(abc.ABC):
     backend: Backend
     layout: SlotLayout
     label: str = "server"
+    restarts_itself: bool = False
+    """True when the server is ours to restart (embedded, a Ray actor): recovery brings it back rather than
+    waiting for someone else to."""
 
     @property
     def pid(self) -> int | None:
@@ -96,6 +99,7 @@ class EmbeddedSupervisor(Supervisor):
     below `min_slot_context` (the largest request must still fit)."""
 
     label = "embedded"
+    restarts_itself = True
 
     def __init__(
         self,

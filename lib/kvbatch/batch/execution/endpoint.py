@@ -15,8 +15,9 @@ from kvbatch.batch.monitor import MemoryMonitor
 from kvbatch.errors import KvbatchError, ServerGoneError
 from kvbatch.serve.supervisor import Supervisor, backoff_delays
 
-POOL_GRACE_S = 30.0
-"""In a pool, an endpoint not healthy within this long is taken out (the others carry on) and probed."""
+POOL_GRACE_S = 5.0
+"""In a pool, a server someone else runs that is not healthy within this long is taken out (the others carry on)
+and probed with back-off until it is back. Servers we start (embedded, Ray actors) are restarted instead."""
 
 
 class EndpointOut(Exception):
@@ -88,7 +89,7 @@ class Endpoint:
             self.ready.set()
 
     async def _recover_once(self, cause: KvbatchError):
-        if not self.pooled:
+        if not self.pooled or self.supervisor.restarts_itself:
             return await self.supervisor.recover(cause)
         try:
             return await asyncio.wait_for(self.supervisor.recover(cause), POOL_GRACE_S)

@@ -73,9 +73,10 @@ class Executor:
         self.re_estimate_s: float | None = None
 
     def _labels(self) -> list[str]:
-        if len(self.supervisors) == 1:
-            return [self.supervisors[0].label]
-        return [f"{s.label}-{i}" for i, s in enumerate(self.supervisors)]
+        labels = [s.label for s in self.supervisors]
+        if len(set(labels)) == len(labels):
+            return labels
+        return [f"{label}-{i}" for i, label in enumerate(labels)]
 
     async def _phase(self, workers: Workers, in_flight: dict[Endpoint, int], limit: int | None) -> tuple[int, float]:
         """Run up to `limit` requests (all when None) with `in_flight[e]` workers on each endpoint. Returns

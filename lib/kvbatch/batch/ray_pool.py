@@ -1,0 +1,217 @@
+"""Ray for clusters (the optional `ray` extra): one server actor per GPU (or per node on a CPU cluster), placed with a
+placement group. Each actor starts the embedded server on its node, bound to that node's loopback, with a plan for
+its own hardware, and serves chat calls to the driver through Ray; the driver adds the actors to the same endpoint
+pool as any other server, so exactly-once output, recovery and the report hold unchanged. A dead actor is
+restarted by Ray (`max_restarts`) and its requests are retried.
+
+`--ray auto` joins a running cluster (`ray start --head`), `--ray ADDRESS` a given one, `--ray local` starts Ray on
+this machine alone (`--ray-actors N` places N actors where one per node would be one).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import logging
+import os
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from kvbatch import defaults
+from kvbatch.batch.settings import BatchSettings
+from kvbatch.batch.sizes import SizeProfile
+from kvbatch.errors import KvbatchError, OutOfMemoryError, ServerGoneError, UserInputError
+from kvbatch.serve.backends import get_backend
+from kvbatch.serve.backends.ray_actor import RayActorBackend, call_actor
+from kvbatch.serve.layout import SlotLayout
+from kvbatch.serve.supervisor import EmbeddedSupervisor, ExternalSupervisor, Recovery, Supervisor, backoff_delays
+
+ACTOR_RESTARTS = 3
+
+
+def _ray():
+    try:
+        import ray
+    except ImportError as exc:
+        raise UserInputError("--ray needs the ray extra: pip install -e '.[ray]'") from exc
+    return ray
+
+
+def connect(address: str) -> None:
+    """Join a cluster (`auto`, an address) or start Ray here alone (`local`)."""
+    ray = _ray()
+    if ray.is_initialized():
+        return
+    options: dict[str, Any] = {"include_dashboard": False, "log_to_driver": False, "logging_level": logging.ERROR,
+                               "configure_logging": False}  # fmt: skip
+    if address == "local":
+        ray.init(num_cpus=len(os.sched_getaffinity(0)), **options)
+    else:
+        ray.init(address=address, **options)
+
+
+@dataclass
+class ActorSpec:
+    """What one server actor needs to plan and start its server on its node."""
+
+    settings: BatchSettings
+    sizes: SizeProfile
+    upstream_url: str | None = None
+    """Serve through a server already on the node (benchmarks), instead of starting the embedded one."""
+    upstream_slots: int = 1
+
+
+class ServerActor:
+    """Runs on a node: plans for the node's own memory, starts the server, and serves chat calls."""
+
+    def __init__(self, spec: ActorSpec) -> None:
+        self.spec = spec
+        self.supervisor: Supervisor | None = None
+        self._started: asyncio.Task | None = None
+
+    async def _start(self) -> None:
+        if self.supervisor is not None:
+            return
+        if self._started is None:
+            self._started = asyncio.ensure_future(self._build())
+        await asyncio.shield(self._started)
+
+    async def _build(self) -> None:
+        spec = self.spec
+        if spec.upstream_url:
+            backend = get_backend("openai", spec.upstream_url)
+            supervisor: Supervisor = ExternalSupervisor(backend, SlotLayout(spec.upstream_slots, 8192))
+        else:
+            from kvbatch.batch.prepare import EndpointSpec, _embedded_plan, probe_base
+
+            logs = Path(tempfile.mkdtemp(prefix="kvbatch-ray-"))
+            base = await asyncio.to_thread(probe_base, spec.settings, logs)
+            planned = await _embedded_plan(spec.settings, spec.sizes, EndpointSpec("embedded"), base, 1)
+            need = min(planned.plan.layout.slot_context_tokens,
+                       int(spec.sizes.longest_request_tokens * defaults.CONTEXT_HEADROOM) // 256 * 256 + 256)
+            assert planned.config is not None
+            supervisor = EmbeddedSupervisor(planned.config, planned.plan.layout, min_slot_context=need,
+                                            log_path=logs / "server.log")  # fmt: skip
+        await supervisor.start()
+        self.supervisor = supervisor
+
+    async def ready(self) -> tuple[int, int]:
+        await self._start()
+        return await self.layout()
+
+    async def layout(self) -> tuple[int, int]:
+        await self._start()
+        layout = self.supervisor.layout
+        return layout.slots, layout.slot_context_tokens
+
+    async def chat(self, body: dict[str, Any], slot: int | None) -> dict[str, Any]:
+        await self._start()
+        result = await self.supervisor.backend.chat(body, slot=slot)
+        return dataclasses.asdict(result)
+
+    async def health(self) -> bool:
+        await self._start()
+        return await self.supervisor.backend.health()
+
+    async def recover(self, cause: str, out_of_memory: bool) -> tuple[str, bool, int, int]:
+        await self._start()
+        error = OutOfMemoryError(cause) if out_of_memory else ServerGoneError(cause)
+        recovery = await self.supervisor.recover(error)
+        layout = self.supervisor.layout
+        return recovery.action, recovery.out_of_memory, layout.slots, layout.slot_context_tokens
+
+    def server_pid(self) -> int | None:
+        return self.supervisor.pid if self.supervisor else None
+
+    def node(self) -> str:
+        return _ray().get_runtime_context().get_node_id()
+
+
+class RaySupervisor(Supervisor):
+    """The driver's side of one server actor: starts it, and brings it back (Ray restarts a dead actor)."""
+
+    restarts_itself = True
+
+    def __init__(self, actor, label: str, *, max_wait_s: float = defaults.MAX_WAIT_S,
+                 request_timeout_s: float = defaults.REQUEST_TIMEOUT_S) -> None:  # fmt: skip
+        self.actor = actor
+        self.label = label
+        self.layout = SlotLayout(1, 0)
+        self.max_wait_s = max_wait_s
+        self.backend = RayActorBackend(actor, label, request_timeout_s)
+        self._node: str | None = None
+
+    def flags(self) -> dict[str, object]:
+        return {"ray_actor": self.label, "node": self._node, "slots": self.layout.slots,
+                "slot_context_tokens": self.layout.slot_context_tokens}  # fmt: skip
+
+    async def _refresh(self) -> None:
+        self.layout.slots, self.layout.slot_context_tokens = await call_actor(self.actor.ready)
+
+    async def start(self) -> list[Recovery]:
+        await self._refresh()
+        self._node = await call_actor(self.actor.node)
+        return []
+
+    async def recover(self, cause: KvbatchError) -> Recovery:
+        started = time.perf_counter()
+        try:
+            action, oom, slots, context = await call_actor(self.actor.recover, str(cause)[:300],
+                                                           isinstance(cause, OutOfMemoryError))  # fmt: skip
+            self.layout.slots, self.layout.slot_context_tokens = slots, context
+            return Recovery(str(cause)[:300], f"actor: {action}", time.perf_counter() - started, oom)
+        except ServerGoneError:
+            pass  # the actor itself died: Ray restarts it, and its __init__ starts a new server
+        for delay in backoff_delays(1.0):
+            if time.perf_counter() - started > self.max_wait_s:
+                raise ServerGoneError(f"the Ray actor {self.label} did not come back within {self.max_wait_s:.0f} s")
+            try:
+                await self._refresh()
+                break
+            except ServerGoneError:
+                await asyncio.sleep(delay)
+        return Recovery(str(cause)[:300], "Ray restarted the actor", time.perf_counter() - started, False)
+
+    async def close(self) -> None:
+        with_ray = _ray()
+        with_ray.kill(self.actor, no_restart=True)
+
+
+def actor_count(requested: int | None) -> tuple[int, bool]:
+    """One actor per GPU in the cluster, else one per alive node (unless a count is given)."""
+    ray = _ray()
+    gpus = int(ray.cluster_resources().get("GPU", 0))
+    if requested:
+        return requested, gpus >= requested
+    if gpus:
+        return gpus, True
+    return max(1, sum(1 for node in ray.nodes() if node.get("Alive"))), False
+
+
+def start_actors(specs: list[ActorSpec], *, on_gpu: bool, label: str = "ray") -> list[RaySupervisor]:
+    """Place one actor per spec with a placement group (spread over nodes), and their supervisors."""
+    ray = _ray()
+    from ray.util.placement_group import placement_group
+    from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+    bundle = {"CPU": 1, "GPU": 1} if on_gpu else {"CPU": 1}
+    group = placement_group([bundle] * len(specs), strategy="SPREAD")
+    ray.get(group.ready(), timeout=120)
+    remote = ray.remote(max_restarts=ACTOR_RESTARTS, max_task_retries=0, max_concurrency=64)(ServerActor)
+    supervisors = []
+    for index, spec in enumerate(specs):
+        strategy = PlacementGroupSchedulingStrategy(group, placement_group_bundle_index=index)
+        actor = remote.options(num_cpus=1, num_gpus=1 if on_gpu else 0, scheduling_strategy=strategy).remote(spec)
+        supervisors.append(RaySupervisor(actor, f"{label}-{index}", max_wait_s=spec.settings.max_wait_s,
+                                         request_timeout_s=spec.settings.request_timeout_s))  # fmt: skip
+    return supervisors
+
+
+def ray_supervisors(endpoint, settings: BatchSettings, sizes: SizeProfile) -> list[RaySupervisor]:
+    """The run's Ray endpoints: connect, count, place, start."""
+    connect(settings.ray or "auto")
+    count, on_gpu = actor_count(settings.ray_actors)
+    return start_actors([ActorSpec(settings, sizes) for _ in range(count)], on_gpu=on_gpu)

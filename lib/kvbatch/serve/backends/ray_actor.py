@@ -1,0 +1,54 @@
+"""A server reached through a Ray actor instead of HTTP: the actor runs the server on its own node (bound to that
+node's loopback) and serves chat calls to the driver through Ray. Its errors come back as the kvbatch errors the
+actor raised; an actor that died or is being restarted by Ray is a server gone away."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from kvbatch import defaults
+from kvbatch.errors import KvbatchError, ServerGoneError
+from kvbatch.serve.backends.base import Backend, ChatResult, ServerLimits
+
+
+async def call_actor(method, *args: Any) -> Any:
+    """Await one actor call; turn Ray's failures into kvbatch errors."""
+    from ray import exceptions
+
+    try:
+        return await method.remote(*args)
+    except exceptions.RayTaskError as exc:
+        cause = exc.cause if isinstance(getattr(exc, "cause", None), BaseException) else None
+        if isinstance(cause, KvbatchError):
+            raise cause from None
+        raise ServerGoneError(f"the Ray actor failed: {exc}") from exc
+    except (exceptions.RayActorError, exceptions.ActorUnavailableError) as exc:
+        raise ServerGoneError(f"the Ray actor is gone or restarting ({type(exc).__name__})") from exc
+
+
+class RayActorBackend(Backend):
+    """Chat calls to a server actor (see kvbatch.batch.ray_pool.ServerActor)."""
+
+    name = "ray"
+
+    def __init__(self, actor, label: str, request_timeout_s: float = defaults.REQUEST_TIMEOUT_S) -> None:
+        super().__init__(f"ray://{label}", None, request_timeout_s=request_timeout_s)
+        self.actor = actor
+
+    async def chat(self, body: dict[str, Any], *, slot: int | None = None, timeout_s: float | None = None) -> ChatResult:
+        reply = await call_actor(self.actor.chat, body, slot)
+        return ChatResult(**reply)
+
+    async def health(self) -> bool:
+        try:
+            return bool(await call_actor(self.actor.health))
+        except ServerGoneError:
+            return False
+
+    async def limits(self) -> ServerLimits:
+        slots, context = await call_actor(self.actor.layout)
+        return ServerLimits(slots=slots, slot_context_tokens=context, server_kind="ray actor",
+                            sources={"slots": "the actor's plan", "slot_context_tokens": "the actor's plan"})
+
+    async def fill(self, tokens: int, *, context_tokens: int, max_tokens: int = 4) -> int:
+        raise KvbatchError("measurements run on a node's own server, not through Ray")

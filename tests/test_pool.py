@@ -1,0 +1,128 @@
+"""Past one machine: an endpoint pool over several servers (one taken out and re-admitted), several embedded servers,
+an endpoints file, and Ray actors, one of whose servers is killed mid-run."""
+
+from __future__ import annotations
+
+import collections
+import json
+import time
+
+import psutil
+import pytest
+from batch_helpers import input_ids, kvbatch, result_lines, small_batch, start_kvbatch
+from fault_server import Faults, RunningFaultServer
+from kvbatch.serve.server import free_port
+
+QUIET = ("--no-report", "--no-progress")
+
+
+def _exactly_once(run_dir, batch) -> list[str]:
+    ids = [r["custom_id"] for r in result_lines(run_dir)]
+    assert not [i for i, n in collections.Counter(ids).items() if n > 1]
+    assert sorted(ids) == sorted(input_ids(batch))
+    return ids
+
+
+def test_a_pool_of_servers_shares_the_batch_and_reports_each(tmp_path):
+    batch = small_batch(tmp_path / "in.jsonl", 120)
+    faults = Faults(service_s=0.02, slots=2)
+    with RunningFaultServer(free_port(), faults) as one, RunningFaultServer(free_port(), faults) as two:
+        result = kvbatch("run", str(batch), "--url", one.url, "--url", two.url, *QUIET, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    run = tmp_path / "data" / "runs" / "in"
+    _exactly_once(run, batch)
+    summary = json.loads((run / "summary.json").read_text())
+    endpoints = summary["per_endpoint"]
+    assert [e["label"] for e in endpoints] == ["external-0", "external-1"]
+    assert all(e["completed"] > 20 for e in endpoints) and sum(e["completed"] for e in endpoints) == 120
+    assert summary["parallel_slots"] == 4  # each server's own slots, discovered from /props
+    plan = json.loads((run / "plan.json").read_text())
+    assert len(plan["endpoints"]) == 2 and all("127.0.0.1" in e["server"]["url"] for e in plan["endpoints"])
+
+
+def test_an_endpoint_that_dies_is_taken_out_and_re_admitted_with_nothing_lost(tmp_path):
+    batch = small_batch(tmp_path / "in.jsonl", 400)
+    faults = Faults(service_s=0.02, slots=1, down_s=8.0)
+    servers = [RunningFaultServer(free_port(), faults) for _ in range(4)]
+    for server in servers:
+        server.__enter__()
+    try:
+        urls = [arg for server in servers for arg in ("--url", server.url)]
+        process = start_kvbatch("run", str(batch), *urls, *QUIET, cwd=tmp_path)
+        run = tmp_path / "data" / "runs" / "in"
+        deadline = time.time() + 60
+        while len(result_lines(run)) < 60 and time.time() < deadline:
+            time.sleep(0.05)
+        import threading
+
+        threading.Thread(target=servers[2].crash, daemon=True).start()  # down for 8 s, then back
+        out, _ = process.communicate(timeout=300)
+    finally:
+        for server in servers:
+            server.__exit__(None, None, None)
+    assert process.returncode == 0, out
+    _exactly_once(run, batch)
+    events = result_lines(run, "events.jsonl")
+    assert any(e["event"] == "endpoint_out" and e["endpoint"] == "external-2" for e in events)
+    summary = json.loads((run / "summary.json").read_text())
+    out_s = {e["label"]: e["out_of_pool_s"] for e in summary["per_endpoint"]}
+    if any(e["event"] == "endpoint_back" for e in events):
+        assert out_s["external-2"] > 0
+    assert not result_lines(run, "errors.jsonl")
+
+
+def test_an_endpoints_file_with_a_typo_names_file_line_and_key(tmp_path):
+    endpoints = tmp_path / "endpoints.toml"
+    endpoints.write_text('[[endpoint]]\nurl = "http://127.0.0.1:9"\n\n[[endpoint]]\nurl = "http://127.0.0.1:8"\n'
+                         'slot = 4\n')  # fmt: skip
+    batch = small_batch(tmp_path / "in.jsonl", 2)
+    result = kvbatch("plan", str(batch), "--endpoints", str(endpoints), cwd=tmp_path)
+    assert result.returncode == 2
+    assert f"{endpoints}:6: slot: unknown key (known: api_key_env, backend, model, slots, url)" in result.stderr
+
+
+def test_an_endpoints_file_drives_the_pool(tmp_path):
+    faults = Faults(service_s=0.01, slots=2)
+    with RunningFaultServer(free_port(), faults) as one, RunningFaultServer(free_port(), faults) as two:
+        endpoints = tmp_path / "endpoints.toml"
+        endpoints.write_text(f'[[endpoint]]\nurl = "{one.url}"\nslots = 1\n\n[[endpoint]]\nurl = "{two.url}"\n')
+        batch = small_batch(tmp_path / "in.jsonl", 30)
+        result = kvbatch("run", str(batch), "--endpoints", str(endpoints), *QUIET, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    summary = json.loads((tmp_path / "data" / "runs" / "in" / "summary.json").read_text())
+    assert summary["parallel_slots"] == 3  # 1 from the file, 2 discovered
+
+
+def test_several_embedded_servers_on_one_machine(tmp_path):
+    batch = small_batch(tmp_path / "in.jsonl", 8)
+    result = kvbatch("run", str(batch), "--servers", "2", *QUIET, cwd=tmp_path)
+    assert result.returncode == 0, result.stdout + result.stderr
+    run = tmp_path / "data" / "runs" / "in"
+    _exactly_once(run, batch)
+    summary = json.loads((run / "summary.json").read_text())
+    assert len(summary["per_endpoint"]) == 2 and all(e["completed"] for e in summary["per_endpoint"])
+    assert "/ 2 servers" in json.loads((run / "plan.json").read_text())["budget"]
+    assert (run / "server-0.log").exists() and (run / "server-1.log").exists()
+
+
+@pytest.mark.timeout(900)
+def test_ray_actors_serve_the_batch_and_survive_a_killed_server(tmp_path):
+    pytest.importorskip("ray", reason="the ray extra is part of the dev install")
+    batch = small_batch(tmp_path / "in.jsonl", 16)
+    before = {p.pid for p in psutil.process_iter(["name"]) if p.info["name"] == "llama-server"}
+    process = start_kvbatch("run", str(batch), "--ray", "local", "--ray-actors", "2", *QUIET, cwd=tmp_path)
+    run = tmp_path / "data" / "runs" / "in"
+    deadline = time.time() + 300
+    while len(result_lines(run)) < 4 and process.poll() is None and time.time() < deadline:
+        time.sleep(0.1)
+    servers = [p for p in psutil.process_iter(["name", "create_time"]) if p.info["name"] == "llama-server"
+               and p.pid not in before]  # fmt: skip
+    assert len(servers) >= 2, "one llama-server per actor"
+    servers[0].kill()
+    out, _ = process.communicate(timeout=600)
+    assert process.returncode == 0, out
+    _exactly_once(run, batch)
+    summary = json.loads((run / "summary.json").read_text())
+    assert sorted(e["label"] for e in summary["per_endpoint"]) == ["ray-0", "ray-1"]
+    events = result_lines(run, "events.jsonl")
+    assert any(e["event"] == "recovery" and e["action"].startswith("actor: restarted") for e in events)

@@ -70,8 +70,14 @@ def main() -> None:
             one = case("one", ["--url", urls[0]])
             four = case("four", [arg for url in urls for arg in ("--url", url)])
             ratio = four["requests_per_s"] / one["requests_per_s"]
-            rows.append(("1. four endpoints vs one", f"{four['requests_per_s']:.1f} req/s",
-                         f"{one['requests_per_s']:.1f} req/s", f"{ratio:.2f}x (goal >= 3.6x, limit 4x)"))
+            rows.append(
+                (
+                    "1. four endpoints vs one",
+                    f"{four['requests_per_s']:.1f} req/s",
+                    f"{one['requests_per_s']:.1f} req/s",
+                    f"{ratio:.2f}x (goal >= 3.6x, limit 4x)",
+                )
+            )
 
             def kill_one(run_dir: Path) -> None:
                 results = run_dir / "results.jsonl"
@@ -82,10 +88,14 @@ def main() -> None:
             dying = case("dying", [arg for url in urls for arg in ("--url", url)], during=kill_one)
             outs = [e for e in dying["events"] if e["event"] == "endpoint_out"]
             lost = args.n - dying["results"] - dying["failed_total"]
-            rows.append(("3. one of four dies mid-batch (down 3 s)",
-                         f"{dying['results']} results, {dying['duplicates']} duplicated, {lost} lost",
-                         f"{dying['requests_per_s']:.1f} req/s vs {four['requests_per_s']:.1f} without",
-                         f"taken out {len(outs)}x; time lost {dying['elapsed_s'] - four['elapsed_s']:+.1f} s"))
+            rows.append(
+                (
+                    "3. one of four dies mid-batch (down 3 s)",
+                    f"{dying['results']} results, {dying['duplicates']} duplicated, {lost} lost",
+                    f"{dying['requests_per_s']:.1f} req/s vs {four['requests_per_s']:.1f} without",
+                    f"taken out {len(outs)}x; time lost {dying['elapsed_s'] - four['elapsed_s']:+.1f} s",
+                )
+            )
             if not args.no_ray:
                 ray_rows = _ray_case(batch, root, urls, faults)
                 rows[1:1] = ray_rows
@@ -123,8 +133,16 @@ def _ray_case(batch: Path, root: Path, urls: list[str], faults: Faults) -> list[
         async def go(supervisors=supervisors, folder=folder) -> float:
             for supervisor in supervisors:
                 await supervisor.start()
-            journal = Journal.open(folder, Fingerprint(input_hash=report.input_hash, model="bench",
-                                                       system_prompt_hash="", generation={}, mode="independent"))
+            journal = Journal.open(
+                folder,
+                Fingerprint(
+                    input_hash=report.input_hash,
+                    model="bench",
+                    system_prompt_hash="",
+                    generation={},
+                    mode="independent",
+                ),
+            )
             executor = Executor(journal, supervisors, RunOptions(progress=False), folder=folder,
                                 total=report.request_count)  # fmt: skip
             started = time.perf_counter()
@@ -135,8 +153,14 @@ def _ray_case(batch: Path, root: Path, urls: list[str], faults: Faults) -> list[
             return stats.completed / (time.perf_counter() - started)
 
         rates.append(asyncio.run(go()))
-    return [("2. four Ray actors vs one", f"{rates[1]:.1f} req/s", f"{rates[0]:.1f} req/s",
-             f"{rates[1] / rates[0]:.2f}x (goal >= 3.2x)")]
+    return [
+        (
+            "2. four Ray actors vs one",
+            f"{rates[1]:.1f} req/s",
+            f"{rates[0]:.1f} req/s",
+            f"{rates[1] / rates[0]:.2f}x (goal >= 3.2x)",
+        )
+    ]
 
 
 if __name__ == "__main__":

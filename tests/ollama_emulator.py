@@ -1,20 +1,7 @@
 """An Ollama emulator for tests, backed by the real embedded llama-server (Ollama itself runs llama-server
 underneath, since v0.30.0), written from Ollama's API documentation (docs/api.md) and its runner's behaviour.
 
-Fidelity, endpoint by endpoint (what kvbatch uses):
-
-| endpoint | Ollama | the emulator |
-|---|---|---|
-| `GET /` | 200 "Ollama is running" | same |
-| `GET /api/version` | `{"version"}` | `{"version": "0.33.0"}` |
-| `GET /api/tags` | installed models with name, size, digest, details | the registered GGUFs, real file sizes |
-| `POST /api/show` | `modelfile`, `details`, `model_info` (GGUF keys), `capabilities`; 404 for an unknown model | `model_info` read from the GGUF itself; `modelfile` "FROM <gguf path>" (or a blob digest when the path is hidden) |
-| `GET /api/ps` | loaded models: `size` (all it holds), `size_vram` (on the GPU), `context_length` (per slot), `expires_at` | `size` = the llama-server's real RSS; `size_vram` = min(size, card size) with a simulated card, 0 without (CPU); `context_length` = the loaded num_ctx |
-| `POST /api/chat` | loads at `options.num_ctx` (a different one reloads: `-c num_ctx*NUM_PARALLEL -np NUM_PARALLEL`); streams unless `"stream": false`; a prompt over num_ctx is cut silently unless `"truncate": false` (then 400); `keep_alive`; counts in `prompt_eval_count`, `prompt_eval_cached_count` (v0.33), durations in ns | all of these, on the real server; cutting keeps the system message and shortens the last message to about num_ctx/2 tokens; `honour_truncate=False` plays an older server that ignores `truncate` |
-| `POST /api/generate` | the same, for a raw prompt | same (`raw` prompts go to `/completion` as text) |
-| errors | 404 "model 'x' not found"; 500 "model requires more system memory (X) than is available (Y)" at load; 500 "llama runner process has terminated: signal: killed" when the runner dies; 503 "server busy" past the queue | the same texts: a load under `memory_cap` fails for real (RLIMIT_AS), a killed llama-server gives the runner message, the queue is bounded |
-
-Not emulated: images, tools, embeddings, pull/push/create/copy/delete, multiple models loaded at once.
+Its fidelity, endpoint by endpoint against Ollama's API documentation, is in tests/OLLAMA_EMULATOR.md.
 """
 
 from __future__ import annotations
@@ -37,8 +24,12 @@ from kvbatch.measure.kvmodel import read_gguf_metadata
 from kvbatch.serve.server import EmbeddedServer, ServerConfig, default_model_path
 
 DEFAULT_NUM_CTX = 4096
-GO_SIGNAL_NAMES = {signal.SIGKILL: "killed", signal.SIGSEGV: "segmentation fault", signal.SIGABRT: "aborted",
-                   signal.SIGILL: "illegal instruction"}
+GO_SIGNAL_NAMES = {
+    signal.SIGKILL: "killed",
+    signal.SIGSEGV: "segmentation fault",
+    signal.SIGABRT: "aborted",
+    signal.SIGILL: "illegal instruction",
+}
 """How Go (Ollama's language) names a signal in "llama runner process has terminated: signal: killed"."""
 
 
@@ -136,8 +127,9 @@ class OllamaEmulator:
         if self._session is None:
             self._session = aiohttp.ClientSession()
         try:
-            async with self._session.post(runner.url + path, json=payload,
-                                          headers={"Authorization": f"Bearer {runner.api_key}"}) as reply:
+            async with self._session.post(
+                runner.url + path, json=payload, headers={"Authorization": f"Bearer {runner.api_key}"}
+            ) as reply:
                 body = await reply.json(content_type=None)
                 if reply.status >= 400:
                     raise RunnerError(reply.status, (body.get("error") or {}).get("message", str(body)))
@@ -234,8 +226,13 @@ class OllamaEmulator:
             await self._ensure_loaded(body["model"], int(options.get("num_ctx") or DEFAULT_NUM_CTX))
         except LoadFailed as exc:
             needed = self.memory_cap or 0
-            return web.json_response({"error": f"model requires more system memory ({_gib(needed * 1.2)}) than is "
-                                               f"available ({_gib(needed)}): {exc.cause.failure_line}"}, status=500)
+            return web.json_response(
+                {
+                    "error": f"model requires more system memory ({_gib(needed * 1.2)}) than is "
+                    f"available ({_gib(needed)}): {exc.cause.failure_line}"
+                },
+                status=500,
+            )
         self._keep_alive(body.get("keep_alive"))
         self._in_flight += 1
         try:
@@ -267,8 +264,12 @@ class OllamaEmulator:
                 keep = max(self._num_ctx // 2, 16) / count
                 last = messages[-1]["content"]
                 messages[-1] = {**messages[-1], "content": last[: int(len(last) * keep)]}
-            payload = {"messages": messages, "max_tokens": options.get("num_predict", -1),
-                       "temperature": options.get("temperature", 0.8), "cache_prompt": True}
+            payload = {
+                "messages": messages,
+                "max_tokens": options.get("num_predict", -1),
+                "temperature": options.get("temperature", 0.8),
+                "cache_prompt": True,
+            }
             for key in ("seed", "stop", "top_p", "top_k"):
                 if key in options:
                     payload[key] = options[key]
@@ -293,8 +294,10 @@ class OllamaEmulator:
                     return Reply.error(400, f"the input length ({count} tokens) exceeds the context length "
                                             f"({self._num_ctx} tokens)")  # fmt: skip
             started = time.perf_counter_ns()
-            answer = await self._runner_call("/completion", {"prompt": prompt or " ", "cache_prompt": False,
-                                                             "n_predict": options.get("num_predict", -1)})
+            answer = await self._runner_call(
+                "/completion",
+                {"prompt": prompt or " ", "cache_prompt": False, "n_predict": options.get("num_predict", -1)},
+            )
             return Reply.done(self, body, answer, started, chat=False)
 
         return await self._serve(body, run)

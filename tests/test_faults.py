@@ -10,7 +10,6 @@ import subprocess
 import sys
 import time
 
-import pytest
 from batch_helpers import input_ids, kvbatch, replace_user_message, result_lines, small_batch, start_kvbatch
 from fault_server import Faults, RunningFaultServer
 from kvbatch.serve.server import EmbeddedServer, ServerConfig, free_port
@@ -108,7 +107,8 @@ def test_retry_failed_sends_the_failed_requests_again(tmp_path):
     assert not result_lines(run, "errors.jsonl")
     history = result_lines(run, "errors-history.jsonl")
     assert [h["custom_id"] for h in history] == [long_one["custom_id"]] and history[0]["error"]["code"] == (
-        "ContextOverflowError")
+        "ContextOverflowError"
+    )
 
 
 def test_secrets_and_url_credentials_never_reach_the_run_folder(tmp_path):

@@ -11,6 +11,7 @@ import time
 
 import pytest
 from batch_helpers import input_ids, kvbatch, replace_user_message, result_lines, small_batch, start_kvbatch
+from conftest import REPO
 from kvbatch.batch.execution.guard import TruncationGuard
 from kvbatch.batch.openai_batch import iter_openai_batch, scan_openai_batch
 from kvbatch.batch.sample import write_sample
@@ -20,7 +21,6 @@ from kvbatch.measure.loaders import OllamaLoader
 from kvbatch.measure.result import load_measurement
 from kvbatch.measure.steps import kv_growth, result_file
 from kvbatch.serve.backends import ChatResult, get_backend
-from conftest import REPO
 from ollama_emulator import OllamaEmulator, RunningEmulator
 
 MODEL = "gemma3:270m"
@@ -122,8 +122,23 @@ def test_a_batch_through_ollama_sends_the_planned_num_ctx_and_survives_a_killed_
 def test_a_context_the_server_caps_stops_the_run_with_a_clear_message(tmp_path):
     with RunningEmulator(OllamaEmulator(context_cap=2048)) as running:
         batch = small_batch(tmp_path / "in.jsonl", 4)
-        result = kvbatch("run", str(batch), "--run", "capped", "--backend", "ollama", "--url", running.url,
-                         "--model", MODEL, "--no-report", "--no-progress", "--slot-ctx", "4096", cwd=tmp_path)
+        result = kvbatch(
+            "run",
+            str(batch),
+            "--run",
+            "capped",
+            "--backend",
+            "ollama",
+            "--url",
+            running.url,
+            "--model",
+            MODEL,
+            "--no-report",
+            "--no-progress",
+            "--slot-ctx",
+            "4096",
+            cwd=tmp_path,
+        )
     assert result.returncode == 2, result.stdout
     assert "Ollama loaded gemma3:270m with a context of 2048 tokens, not the 4096 asked for" in result.stderr
     assert "Traceback" not in result.stderr

@@ -86,7 +86,8 @@ def test_checkpoints_count_on_a_cpu_and_are_priced():
     inputs = PlanInputs(memory=memory, budget=Budget(1 * GIB, "1 GiB", "user"))
     plan = make_plan(sizes(request_count=64), inputs)
     assert plan.memory.checkpoint_bytes == plan.layout.slots * 3 * 15 * 512 * KIB_
-    assert plan.memory.counted_bytes == pytest.approx(300 * MIB + plan.memory.kv_cache_bytes + plan.memory.checkpoint_bytes)
+    memory = plan.memory
+    assert memory.counted_bytes == pytest.approx(300 * MIB + memory.kv_cache_bytes + memory.checkpoint_bytes)
 
 
 KIB_ = 1024

@@ -13,8 +13,9 @@ EVIL = "<script>alert('x')</script>"
 
 def test_run_report_renders_and_escapes_answer_text(in_tmp_repo):
     run_dir = in_tmp_repo / "data" / "runs" / "evil"
-    fingerprint = Fingerprint(input_hash="sha256:0", model="m", system_prompt_hash="sha256:1", generation={},
-                              mode="independent")
+    fingerprint = Fingerprint(
+        input_hash="sha256:0", model="m", system_prompt_hash="sha256:1", generation={}, mode="independent"
+    )
     journal = Journal.open(run_dir, fingerprint)
     body = {
         "object": "chat.completion",

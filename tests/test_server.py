@@ -14,9 +14,9 @@ import urllib.request
 
 import psutil
 import pytest
-from kvbatch.serve.backends import get_backend
-from kvbatch.errors import AuthError, ContextOverflowError, ServerGoneError, ServerStartError
 from kvbatch.batch.sample import system_prompt
+from kvbatch.errors import AuthError, ContextOverflowError, ServerGoneError, ServerStartError
+from kvbatch.serve.backends import get_backend
 from kvbatch.serve.server import EmbeddedServer, ServerConfig, parse_server_log
 
 SYSTEM = system_prompt(400)
@@ -88,8 +88,12 @@ def test_stop_leaves_no_process_and_a_dead_server_is_server_gone():
 def test_the_embedded_server_answers_only_its_own_key_and_hides_slots(embedded_server):
     with pytest.raises(AuthError, match="HTTP 401"):
         _chat(embedded_server, "hello", api_key="not-the-key")
-    for path, key, refused in (("/slots", embedded_server.api_key, 501), ("/metrics", embedded_server.api_key, 501),
-                               ("/props", "not-the-key", 401), ("/tokenize", "not-the-key", 401)):
+    for path, key, refused in (
+        ("/slots", embedded_server.api_key, 501),
+        ("/metrics", embedded_server.api_key, 501),
+        ("/props", "not-the-key", 401),
+        ("/tokenize", "not-the-key", 401),
+    ):
         request = urllib.request.Request(embedded_server.url + path, headers={"Authorization": f"Bearer {key}"})
         with pytest.raises(urllib.error.HTTPError) as caught:
             urllib.request.urlopen(request, timeout=10)
@@ -139,8 +143,9 @@ def test_kvbatch_serve_prints_a_url_that_answers(tmp_path):
         with urllib.request.urlopen(url + "/health", timeout=10) as reply:
             assert reply.status == 200
         body = json.dumps({"messages": [{"role": "user", "content": "Hi"}], "max_tokens": 4}).encode()
-        request = urllib.request.Request(url + "/v1/chat/completions", body,
-                                         {"Content-Type": "application/json", "Authorization": f"Bearer {key}"})
+        request = urllib.request.Request(
+            url + "/v1/chat/completions", body, {"Content-Type": "application/json", "Authorization": f"Bearer {key}"}
+        )
         with urllib.request.urlopen(request, timeout=60) as reply:
             assert json.loads(reply.read())["choices"][0]["message"]["content"] is not None
     finally:

@@ -19,16 +19,26 @@ def cells_from(source: str) -> list[dict]:
             text = "\n".join(line[2:] if line.startswith("# ") else line.lstrip("#") for line in body.splitlines())
             cells.append({"cell_type": "markdown", "metadata": {}, "source": text})
         else:
-            cells.append({"cell_type": "code", "metadata": {"tags": tags}, "source": body, "outputs": [],
-                          "execution_count": None})
+            cells.append(
+                {
+                    "cell_type": "code",
+                    "metadata": {"tags": tags},
+                    "source": body,
+                    "outputs": [],
+                    "execution_count": None,
+                }
+            )
     return cells
 
 
 def main(src: str, out: str) -> None:
     notebook = {
-        "nbformat": 4, "nbformat_minor": 5,
-        "metadata": {"kernelspec": {"name": "python3", "display_name": "Python 3", "language": "python"},
-                     "language_info": {"name": "python"}},
+        "nbformat": 4,
+        "nbformat_minor": 5,
+        "metadata": {
+            "kernelspec": {"name": "python3", "display_name": "Python 3", "language": "python"},
+            "language_info": {"name": "python"},
+        },
         "cells": cells_from(Path(src).read_text()),
     }
     for index, cell in enumerate(notebook["cells"]):

@@ -28,8 +28,12 @@ def _add_server_flags(parser: argparse.ArgumentParser, *, with_context: bool) ->
     group.add_argument("--flash-attn", default="auto", choices=("on", "off", "auto"))
     group.add_argument("--memory-cap", default=None, help="hard address-space cap on the server, e.g. 1.5GiB")
     group.add_argument("--threads", type=int, default=None)
-    group.add_argument("--ctx-checkpoints", type=int, default=defaults.CTX_CHECKPOINTS,
-                       help=f"context checkpoints per slot (default {defaults.CTX_CHECKPOINTS}; the server's own: 32)")
+    group.add_argument(
+        "--ctx-checkpoints",
+        type=int,
+        default=defaults.CTX_CHECKPOINTS,
+        help=f"context checkpoints per slot (default {defaults.CTX_CHECKPOINTS}; the server's own: 32)",
+    )
     group.add_argument("--gpu-layers", type=int, default=None, help="layers on the GPU (default: all, on a GPU build)")
     group.add_argument("--server-binary", default=None, help="a llama-server of your own (default: make setup's)")
 
@@ -126,8 +130,11 @@ def build_parser() -> argparse.ArgumentParser:
     measure.add_argument("--margin", type=float, default=defaults.SAFETY_MARGIN,
                          help="safety margin applied to the largest context")  # fmt: skip
     measure.add_argument("--duration", type=float, default=defaults.SUSTAINED_DURATION_S, help="sustained-load seconds")
-    measure.add_argument("--input", default=str(defaults.SAMPLE_INPUT),
-                         help="batch whose request sizes the sustained load runs (default: the shipped sample)")
+    measure.add_argument(
+        "--input",
+        default=str(defaults.SAMPLE_INPUT),
+        help="batch whose request sizes the sustained load runs (default: the shipped sample)",
+    )
     measure.add_argument("--only", default="kv_growth,safe_context,sustained_load",
                          help="which notebooks to run, comma-separated")  # fmt: skip
     measure.set_defaults(handler=cmd_measure)
@@ -164,8 +171,11 @@ def _add_batch_flags(parser: argparse.ArgumentParser) -> None:
                          help="server actors on Ray (default: one per GPU, else one per node)")  # fmt: skip
     servers.add_argument("--allow-cpu-spill", action="store_true",
                          help="run even when Ollama puts part of the model on the CPU (slower)")  # fmt: skip
-    parser.add_argument("--memory-budget", default=None,
-                        help="memory the server may use, e.g. 8GiB (default: a GPU's x 0.9, else available RAM)")
+    parser.add_argument(
+        "--memory-budget",
+        default=None,
+        help="memory the server may use, e.g. 8GiB (default: a GPU's x 0.9, else available RAM)",
+    )
     parser.add_argument("--safety-margin", type=float, default=defaults.SAFETY_MARGIN)
     parser.add_argument("--measurements", default=None,
                         help="measurement file (default: data/measurements/ for the model)")  # fmt: skip

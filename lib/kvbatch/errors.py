@@ -142,7 +142,8 @@ def classify_http_error(status_code: int, message: str, *, url: str = "") -> Kvb
             server_message=message,
         )
     if status_code == 404:
-        hint = f"; pull it first (`ollama pull {_model_in(message)}`)" if "not found" in lowered and "model" in lowered else ""
+        missing_model = "not found" in lowered and "model" in lowered
+        hint = f"; pull it first (`ollama pull {_model_in(message)}`)" if missing_model else ""
         return NotFoundError(text + hint, status_code=status_code, server_message=message)
     if status_code in (408, 429, 502, 503, 504):
         return ServerBusyError(text, status_code=status_code, server_message=message)

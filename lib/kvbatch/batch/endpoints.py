@@ -75,7 +75,7 @@ def read_endpoints_file(path: Path) -> list[EndpointSpec]:
         raise UserInputError(f"{path}:{_line_of(text, extra[0], -1)}: {extra[0]}: unknown key; list servers as "
                              "[[endpoint]] tables")  # fmt: skip
     if not isinstance(entries, list) or not entries:
-        raise UserInputError(f"{path}: no [[endpoint]] tables; each needs at least url = \"http://...\"")
+        raise UserInputError(f'{path}: no [[endpoint]] tables; each needs at least url = "http://..."')
     specs = []
     for index, entry in enumerate(entries):
         for key in entry:

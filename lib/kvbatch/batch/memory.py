@@ -73,8 +73,9 @@ class MemoryModel:
         those slots' window caches, which the model adds back per slot, so they come off the base here."""
         parallel = max(measurement.parallel_slots, 1)
         big = SlotLayout(parallel, max(measurement.contexts or [8192]))
-        window = kv_cache(arch, big, measurement.types, ubatch_tokens=options.get("ubatch_tokens",
-                                                                                  defaults.UBATCH_TOKENS))
+        window = kv_cache(
+            arch, big, measurement.types, ubatch_tokens=options.get("ubatch_tokens", defaults.UBATCH_TOKENS)
+        )
         return cls(
             arch=arch,
             base_bytes=float(measurement.base_bytes or 0.0) - window.sliding_bytes,

@@ -149,7 +149,9 @@ class Plan:
                 f"{checkpoints} = {format_bytes(memory.counted_bytes)}"
             )
         if self.budget:
-            lines.append(f"  budget: {self.budget.text}; the cache may use {self.margin:.0%} of the room above the base")
+            lines.append(
+                f"  budget: {self.budget.text}; the cache may use {self.margin:.0%} of the room above the base"
+            )
         if self.mode == "conversation":
             lines.append(f"  conversation chunk: {self.chunk_size} requests per conversation")
         lines.append(

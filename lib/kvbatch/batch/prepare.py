@@ -21,11 +21,11 @@ from kvbatch.measure.kvmodel import KvArchitecture, KvCacheTypes, architecture_f
 from kvbatch.measure.kvmodel import kv_cache as kv_cache_of
 from kvbatch.measure.result import Measurement, load_measurement, measurement_path
 from kvbatch.measure.steps import is_local, ollama_server_settings
-from kvbatch.serve.backends import Backend, ServerLimits, get_backend, public_url
+from kvbatch.serve.backends import Backend, ServerLimits, get_backend
 from kvbatch.serve.layout import SlotLayout
 from kvbatch.serve.probes import nvml_available, probe_for_server
-from kvbatch.units import format_bytes
 from kvbatch.serve.server import EmbeddedServer, ServerConfig, build_has_gpu, default_model_path
+from kvbatch.units import format_bytes
 
 PROBE_CONTEXT = 1024
 
@@ -189,10 +189,19 @@ async def _ollama_plan(settings: BatchSettings, sizes: SizeProfile, spec: Endpoi
         budget = ram_budget()
     else:
         budget = None
-    inputs = _inputs(settings, memory if budget else None, budget, measurement, shown, reason,
-                     kv_types=(types,), kv_type_is_ours=False, fixed_slots=parallel,
-                     trained_context_tokens=arch.context_length_trained,
-                     limits_source=f"{memory.source}; OLLAMA_NUM_PARALLEL={parallel}, cache {types.label}")
+    inputs = _inputs(
+        settings,
+        memory if budget else None,
+        budget,
+        measurement,
+        shown,
+        reason,
+        kv_types=(types,),
+        kv_type_is_ours=False,
+        fixed_slots=parallel,
+        trained_context_tokens=arch.context_length_trained,
+        limits_source=f"{memory.source}; OLLAMA_NUM_PARALLEL={parallel}, cache {types.label}",
+    )
     if budget is None:
         inputs.server_limits = ServerLimits(slots=parallel, slot_context_tokens=None, server_kind="ollama",
                                             sources={"slots": "--parallel"})  # fmt: skip
@@ -218,8 +227,11 @@ async def _openai_plan(settings: BatchSettings, sizes: SizeProfile, spec: Endpoi
         limits.slot_context_tokens = wanted
         limits.sources["slot_context_tokens"] = "assumed (the largest request)"
     backend.slot_pinning = limits.slot_pinning
-    inputs = PlanInputs(server_limits=limits, limits_source=limits.describe(),
-                        measurement_reason="a running OpenAI-compatible server: its limits are discovered")
+    inputs = PlanInputs(
+        server_limits=limits,
+        limits_source=limits.describe(),
+        measurement_reason="a running OpenAI-compatible server: its limits are discovered",
+    )
     plan = _plan(settings, sizes, inputs)
     return EndpointPlan(spec, plan, backend=backend)
 

@@ -90,8 +90,10 @@ class ServerActor:
             logs = Path(tempfile.mkdtemp(prefix="kvbatch-ray-"))
             base = await asyncio.to_thread(probe_base, spec.settings, logs)
             planned = await _embedded_plan(spec.settings, spec.sizes, EndpointSpec("embedded"), base, 1)
-            need = min(planned.plan.layout.slot_context_tokens,
-                       int(spec.sizes.longest_request_tokens * defaults.CONTEXT_HEADROOM) // 256 * 256 + 256)
+            need = min(
+                planned.plan.layout.slot_context_tokens,
+                int(spec.sizes.longest_request_tokens * defaults.CONTEXT_HEADROOM) // 256 * 256 + 256,
+            )
             assert planned.config is not None
             supervisor = EmbeddedSupervisor(planned.config, planned.plan.layout, min_slot_context=need,
                                             log_path=logs / "server.log")  # fmt: skip

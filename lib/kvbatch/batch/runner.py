@@ -132,8 +132,15 @@ def _supervisors(settings: BatchSettings, prepared: Prepared, folder: RunFolder)
         if endpoint.spec.kind == "embedded":
             log = folder.server_log if len(embedded) == 1 else folder.path / f"server-{index}.log"
             assert endpoint.config is not None
-            supervisors.append(EmbeddedSupervisor(endpoint.config, plan.layout, min_slot_context=smallest,
-                                                  log_path=log, request_timeout_s=settings.request_timeout_s))
+            supervisors.append(
+                EmbeddedSupervisor(
+                    endpoint.config,
+                    plan.layout,
+                    min_slot_context=smallest,
+                    log_path=log,
+                    request_timeout_s=settings.request_timeout_s,
+                )
+            )
         elif endpoint.spec.kind == "ray":
             from kvbatch.batch.ray_pool import ray_supervisors
 
@@ -181,8 +188,10 @@ async def run_batch_async(settings: BatchSettings, *, say=print) -> RunOutcome:
         say(_describe(prepared))
         journal = Journal.open(folder, fingerprint)  # writes run.json only now: a plan error leaves no run behind
         if journal.resumed:
-            say(f"resuming {folder.path}: {len(journal.done)} of {report.request_count} already done"
-                + (f" (cut a torn last line of {journal.repaired_bytes} bytes)" if journal.repaired_bytes else ""))
+            say(
+                f"resuming {folder.path}: {len(journal.done)} of {report.request_count} already done"
+                + (f" (cut a torn last line of {journal.repaired_bytes} bytes)" if journal.repaired_bytes else "")
+            )
         if settings.retry_failed:
             say(f"sending again {journal.retry_failed()} request(s) from errors.jsonl (kept in errors-history.jsonl)")
         if not settings.is_table and load_index(folder.index, settings.input_path) is None:

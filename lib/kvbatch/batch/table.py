@@ -119,8 +119,9 @@ class TableInput:
                 report.problems.append(InputProblem(path, line_no, name, "empty id"))
                 continue
             if custom_id in seen:
-                report.problems.append(InputProblem(path, line_no, name,
-                                                    f"duplicate {custom_id!r} (first on line {seen[custom_id]})"))
+                report.problems.append(
+                    InputProblem(path, line_no, name, f"duplicate {custom_id!r} (first on line {seen[custom_id]})")
+                )
                 continue
             seen[custom_id] = line_no
             messages = self._messages(system, row)

@@ -71,7 +71,8 @@ class KvCacheTypes:
 
 
 def _per_layer_bytes_per_cell(arch: KvArchitecture, types: KvCacheTypes) -> float:
-    return arch.head_count_kv * (arch.key_length * KV_CACHE_TYPES[types.k] + arch.value_length * KV_CACHE_TYPES[types.v])
+    key, value = KV_CACHE_TYPES[types.k], KV_CACHE_TYPES[types.v]
+    return arch.head_count_kv * (arch.key_length * key + arch.value_length * value)
 
 
 def kv_bytes_per_token(arch: KvArchitecture, types: KvCacheTypes = KvCacheTypes()) -> float:

@@ -115,7 +115,8 @@ async def sustained_load(
     peak = max((m for _, m in series), default=None)
     if drift is not None and peak and drift > allowed_drift(peak):
         reasons.append(
-            f"memory grew {drift / 2**20:+.0f} MiB over the second half (allowed: {allowed_drift(peak) / 2**20:.0f} MiB)"
+            f"memory grew {drift / 2**20:+.0f} MiB over the second half "
+            f"(allowed: {allowed_drift(peak) / 2**20:.0f} MiB)"
         )
     if not finished:
         reasons.append("no request finished")

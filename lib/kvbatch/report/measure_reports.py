@@ -66,8 +66,12 @@ def run_measurement_notebooks(
     parameters = {
         "kv_growth": {**common, "contexts": contexts, "repeats": repeats},
         "safe_context": {**common, "budget": budget, "safety_margin": margin},
-        "sustained_load": {**common, "duration_s": duration_s, "input_path": input_path,
-                           "budget": None if budget.startswith("+") else budget},  # fmt: skip
+        "sustained_load": {
+            **common,
+            "duration_s": duration_s,
+            "input_path": input_path,
+            "budget": None if budget.startswith("+") else budget,
+        },  # fmt: skip
     }
     stem = Path(identity).stem.replace(":", "-")
     for step in only:

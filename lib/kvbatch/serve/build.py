@@ -286,7 +286,7 @@ class ServerBuilder:
             return (
                 f"llama-server built for {choice.describe()} died with {smoke.signal_name} in its smoke test "
                 f"(CMake flags: {' '.join(choice.cmake_args())}). Try a narrower set, e.g. "
-                "`make setup CMAKE_ARGS=\"-DGGML_AVX2=OFF -DGGML_FMA=OFF -DGGML_F16C=OFF\"`, and check that the "
+                '`make setup CMAKE_ARGS="-DGGML_AVX2=OFF -DGGML_FMA=OFF -DGGML_F16C=OFF"`, and check that the '
                 "machine's CPU really runs what /proc/cpuinfo lists. "
                 f"Details: {smoke.message}"
             )

@@ -119,7 +119,10 @@ class EmbeddedSupervisor(Supervisor):
         self.api_key = secrets.token_urlsafe(24)
         """One key for the life of the supervisor: a restarted server answers the same client."""
         self.backend = get_backend(
-            "openai", "http://127.0.0.1:0", api_key=self.api_key, request_timeout_s=request_timeout_s,
+            "openai",
+            "http://127.0.0.1:0",
+            api_key=self.api_key,
+            request_timeout_s=request_timeout_s,
             slot_pinning=True,
         )
 

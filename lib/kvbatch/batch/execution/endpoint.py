@@ -84,8 +84,14 @@ class Endpoint:
                 self.in_flight_cap = max(1, min(self.in_flight_cap, self.gate.limit) // 2)
             await self.set_in_flight(self.gate.limit)
             self.recorder.stats.endpoint(self.label).recoveries += 1
-            self.recorder.event("recovery", endpoint=self.label, **asdict(recovery), in_flight_limit=self.gate.limit,
-                                slots=self.slots, slot_context=self.supervisor.layout.slot_context_tokens)
+            self.recorder.event(
+                "recovery",
+                endpoint=self.label,
+                **asdict(recovery),
+                in_flight_limit=self.gate.limit,
+                slots=self.slots,
+                slot_context=self.supervisor.layout.slot_context_tokens,
+            )
             self.ready.set()
 
     async def _recover_once(self, cause: KvbatchError):

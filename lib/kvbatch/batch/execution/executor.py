@@ -146,8 +146,13 @@ class Executor:
             Endpoint(s, label=label, recorder=recorder, pooled=pooled, max_wait_s=self.options.max_wait_s)
             for s, label in zip(self.supervisors, self._labels(), strict=True)
         ]
-        sender = Sender(recorder, self.guard, tracker=SuspectTracker(self.options.max_attempts),
-                        max_wait_s=self.options.max_wait_s, request_timeout_s=self.options.request_timeout_s)
+        sender = Sender(
+            recorder,
+            self.guard,
+            tracker=SuspectTracker(self.options.max_attempts),
+            max_wait_s=self.options.max_wait_s,
+            request_timeout_s=self.options.request_timeout_s,
+        )
         workers = Workers(feed, sender, recorder, chunk_size=self.options.chunk_size)
         background = [asyncio.create_task(self._re_estimate(progress))]
         for endpoint in self.endpoints:

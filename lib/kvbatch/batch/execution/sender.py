@@ -117,6 +117,13 @@ class Sender:
             waited += time.perf_counter() - started_wait
             if alone and self.tracker.convicted(request.custom_id):
                 times = self.tracker.solo_crashes[request.custom_id]
-                return Outcome(None, ServerGoneError(
-                    f"the server went down each time this request was sent alone ({times} times): it is the request "
-                    f"that takes it down. Last: {error}", status_code=error.status_code), attempts, waited)
+                return Outcome(
+                    None,
+                    ServerGoneError(
+                        f"the server went down each time this request was sent alone ({times} times): it is the "
+                        f"request that takes it down. Last: {error}",
+                        status_code=error.status_code,
+                    ),
+                    attempts,
+                    waited,
+                )

@@ -13,7 +13,13 @@ from typing import Any
 
 import aiohttp
 
-from kvbatch.errors import UserInputError, MalformedReplyError, ServerGoneError, ServerUnreachableError, classify_http_error
+from kvbatch.errors import (
+    MalformedReplyError,
+    ServerGoneError,
+    ServerUnreachableError,
+    UserInputError,
+    classify_http_error,
+)
 
 
 def server_error_message(payload: Any, fallback: str) -> str:

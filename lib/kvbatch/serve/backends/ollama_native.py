@@ -168,7 +168,9 @@ class OllamaBackend(Backend):
             raise classify_http_error(500, str(reply["error"]), url=self.base_url + path)
         return reply
 
-    async def chat(self, body: dict[str, Any], *, slot: int | None = None, timeout_s: float | None = None) -> ChatResult:
+    async def chat(
+        self, body: dict[str, Any], *, slot: int | None = None, timeout_s: float | None = None
+    ) -> ChatResult:
         num_ctx = self.layout.slot_context_tokens if self.layout else None
         request = ollama_body(body, self._model(body), num_ctx, self.keep_alive)
         started = time.perf_counter()

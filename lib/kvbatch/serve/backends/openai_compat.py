@@ -58,7 +58,9 @@ class OpenAICompatBackend(Backend):
             unreachable_hint="is the server running? Start the embedded one with `kvbatch serve`.",
         )
 
-    async def chat(self, body: dict[str, Any], *, slot: int | None = None, timeout_s: float | None = None) -> ChatResult:
+    async def chat(
+        self, body: dict[str, Any], *, slot: int | None = None, timeout_s: float | None = None
+    ) -> ChatResult:
         payload = dict(body)
         payload["stream"] = False
         if self.model and "model" not in payload:
@@ -76,7 +78,9 @@ class OpenAICompatBackend(Backend):
             reply = await self.http.request("POST", "/v1/chat/completions", payload, timeout_s=timeout_s)
         latency_s = time.perf_counter() - started
         if not isinstance(reply, dict) or not isinstance(reply.get("choices"), list) or not reply["choices"]:
-            raise MalformedReplyError(f"{self.base_url}/v1/chat/completions answered without choices: {str(reply)[:200]}")
+            raise MalformedReplyError(
+                f"{self.base_url}/v1/chat/completions answered without choices: {str(reply)[:200]}"
+            )
         choice = reply["choices"][0] if isinstance(reply["choices"][0], dict) else {}
         message = choice.get("message") or {}
         usage = reply.get("usage") or {}

@@ -35,7 +35,9 @@ class RayActorBackend(Backend):
         super().__init__(f"ray://{label}", None, request_timeout_s=request_timeout_s)
         self.actor = actor
 
-    async def chat(self, body: dict[str, Any], *, slot: int | None = None, timeout_s: float | None = None) -> ChatResult:
+    async def chat(
+        self, body: dict[str, Any], *, slot: int | None = None, timeout_s: float | None = None
+    ) -> ChatResult:
         reply = await call_actor(self.actor.chat, body, slot)
         return ChatResult(**reply)
 
@@ -47,8 +49,12 @@ class RayActorBackend(Backend):
 
     async def limits(self) -> ServerLimits:
         slots, context = await call_actor(self.actor.layout)
-        return ServerLimits(slots=slots, slot_context_tokens=context, server_kind="ray actor",
-                            sources={"slots": "the actor's plan", "slot_context_tokens": "the actor's plan"})
+        return ServerLimits(
+            slots=slots,
+            slot_context_tokens=context,
+            server_kind="ray actor",
+            sources={"slots": "the actor's plan", "slot_context_tokens": "the actor's plan"},
+        )
 
     async def fill(self, tokens: int, *, context_tokens: int, max_tokens: int = 4) -> int:
         raise KvbatchError("measurements run on a node's own server, not through Ray")

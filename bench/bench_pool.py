@@ -128,7 +128,7 @@ def _ray_case(batch: Path, root: Path, urls: list[str], faults: Faults) -> list[
         folder = RunFolder(root / f"ray-{count}")
         settings = BatchSettings(input_path=batch, folder=folder)
         specs = [ActorSpec(settings, sizes, upstream_url=url, upstream_slots=1) for url in urls[:count]]
-        supervisors = start_actors(specs, on_gpu=False, label=f"ray{count}")
+        supervisors = start_actors(specs, on_gpu=False, label=f"ray{count}", cpus=0.25)
 
         async def go(supervisors=supervisors, folder=folder) -> float:
             for supervisor in supervisors:

@@ -407,3 +407,25 @@ class RunningEmulator:
 
 def emulator(**settings: Any) -> RunningEmulator:
     return RunningEmulator(replace(OllamaEmulator(), **settings) if settings else OllamaEmulator())
+
+
+def main() -> None:
+    """Run the emulator alone, to try kvbatch's Ollama path on a machine without Ollama:
+    `.venv/bin/python tests/ollama_emulator.py 11434` (127.0.0.1 only; Ctrl-C stops it)."""
+    import sys
+
+    port = int(sys.argv[1]) if len(sys.argv) > 1 else 11434
+
+    async def serve() -> None:
+        emulator = OllamaEmulator()
+        runner = web.AppRunner(emulator.app())
+        await runner.setup()
+        await web.TCPSite(runner, "127.0.0.1", port).start()
+        print(f"Ollama emulator on http://127.0.0.1:{port} (models: {', '.join(emulator.models)})", flush=True)
+        await asyncio.Event().wait()
+
+    asyncio.run(serve())
+
+
+if __name__ == "__main__":
+    main()

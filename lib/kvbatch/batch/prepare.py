@@ -20,8 +20,9 @@ from kvbatch.measure.budget import Budget, default_budget, gpu_budget, ram_budge
 from kvbatch.measure.kvmodel import KvArchitecture, KvCacheTypes, architecture_from_gguf, architecture_from_metadata
 from kvbatch.measure.kvmodel import kv_cache as kv_cache_of
 from kvbatch.measure.result import Measurement, load_measurement, measurement_path
-from kvbatch.measure.steps import is_local, ollama_server_settings
 from kvbatch.serve.backends import Backend, ServerLimits, get_backend
+from kvbatch.serve.backends.base import is_local
+from kvbatch.serve.backends.ollama_native import server_settings
 from kvbatch.serve.layout import SlotLayout
 from kvbatch.serve.probes import nvml_available, probe_for_server
 from kvbatch.serve.server import EmbeddedServer, ServerConfig, build_has_gpu, default_model_path
@@ -163,8 +164,10 @@ async def _ollama_plan(settings: BatchSettings, sizes: SizeProfile, spec: Endpoi
         raise UserInputError("--backend ollama needs --model (the Ollama model name, e.g. gemma3:12b)")
     backend = get_backend("ollama", spec.url, model=spec.model, api_key=spec.api_key(),
                           request_timeout_s=settings.request_timeout_s)  # fmt: skip
-    kind = None if settings.kv_type in ("auto", "f16") else settings.kv_type
-    types, parallel = ollama_server_settings(spec.url, kind, settings.parallel)
+    kind, parallel = server_settings(
+        spec.url, None if settings.kv_type in ("auto", "f16") else settings.kv_type, settings.parallel
+    )
+    types = KvCacheTypes(kind, kind)
     arch = architecture_from_metadata(await backend.model_info(), source=f"{spec.url} /api/show {spec.model}")
     path = settings.measurement_path or measurement_path("ollama", spec.model, types)
     measurement, shown, reason = _load_measurement(path)

@@ -193,20 +193,21 @@ def actor_count(requested: int | None) -> tuple[int, bool]:
     return max(1, sum(1 for node in ray.nodes() if node.get("Alive"))), False
 
 
-def start_actors(specs: list[ActorSpec], *, on_gpu: bool, label: str = "ray") -> list[RaySupervisor]:
-    """Place one actor per spec with a placement group (spread over nodes), and their supervisors."""
+def start_actors(specs: list[ActorSpec], *, on_gpu: bool, label: str = "ray", cpus: float = 1.0) -> list[RaySupervisor]:
+    """Place one actor per spec with a placement group (spread over nodes), and their supervisors. `cpus` is what
+    each actor reserves (an actor that only relays to a server on its node needs little)."""
     ray = _ray()
     from ray.util.placement_group import placement_group
     from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
-    bundle = {"CPU": 1, "GPU": 1} if on_gpu else {"CPU": 1}
+    bundle = {"CPU": cpus, "GPU": 1} if on_gpu else {"CPU": cpus}
     group = placement_group([bundle] * len(specs), strategy="SPREAD")
     ray.get(group.ready(), timeout=120)
     remote = ray.remote(max_restarts=ACTOR_RESTARTS, max_task_retries=0, max_concurrency=64)(ServerActor)
     supervisors = []
     for index, spec in enumerate(specs):
         strategy = PlacementGroupSchedulingStrategy(group, placement_group_bundle_index=index)
-        actor = remote.options(num_cpus=1, num_gpus=1 if on_gpu else 0, scheduling_strategy=strategy).remote(spec)
+        actor = remote.options(num_cpus=cpus, num_gpus=1 if on_gpu else 0, scheduling_strategy=strategy).remote(spec)
         supervisors.append(RaySupervisor(actor, f"{label}-{index}", max_wait_s=spec.settings.max_wait_s,
                                          request_timeout_s=spec.settings.request_timeout_s))  # fmt: skip
     return supervisors

@@ -5,8 +5,6 @@ results survive a later failure."""
 from __future__ import annotations
 
 import math
-import os
-import urllib.parse
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -44,21 +42,15 @@ from kvbatch.measure.result import (
     update_measurement,
 )
 from kvbatch.serve.backends import get_backend
+from kvbatch.serve.backends.base import is_local
+from kvbatch.serve.backends.ollama_native import server_settings
 from kvbatch.serve.probes import nvml_available
 from kvbatch.serve.server import ServerConfig, default_model_path
 
 
-def is_local(url: str | None) -> bool:
-    host = urllib.parse.urlsplit(url or "").hostname or ""
-    return host in ("127.0.0.1", "localhost", "::1")
-
-
 def ollama_server_settings(url: str | None, cache_type: str | None, parallel: int | None) -> tuple[KvCacheTypes, int]:
-    """Ollama's KV cache type and parallel slots: as given, else from OLLAMA_KV_CACHE_TYPE / OLLAMA_NUM_PARALLEL
-    when the server is on this machine (its environment is likely ours), else f16 and 1."""
-    local = is_local(url)
-    kind = cache_type or (os.environ.get("OLLAMA_KV_CACHE_TYPE") if local else None) or "f16"
-    slots = parallel or (int(os.environ.get("OLLAMA_NUM_PARALLEL") or 1) if local else 1)
+    """Ollama's KV cache types and parallel slots, as the server runs them (see OllamaBackend.server_settings)."""
+    kind, slots = server_settings(url, cache_type, parallel)
     return KvCacheTypes(kind, kind), slots
 
 

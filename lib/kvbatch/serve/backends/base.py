@@ -88,6 +88,12 @@ def split_credentials(url: str) -> tuple[str, tuple[str, str] | None]:
     return clean, (urllib.parse.unquote(parts.username or ""), urllib.parse.unquote(parts.password or ""))
 
 
+def is_local(url: str | None) -> bool:
+    """The server runs on this machine (its memory and files are ours to read)."""
+    host = urllib.parse.urlsplit(url or "").hostname or ""
+    return host in ("127.0.0.1", "localhost", "::1")
+
+
 def public_url(url: str | None) -> str | None:
     """A URL as it may be written to disk or logs: without `user:pass@`."""
     return split_credentials(url)[0] if url else url

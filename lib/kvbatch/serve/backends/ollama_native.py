@@ -9,6 +9,7 @@ llama-server (tests/ollama_emulator.py): Ollama itself runs llama-server underne
 
 from __future__ import annotations
 
+import os
 import time
 from pathlib import Path
 from typing import Any, ClassVar
@@ -19,7 +20,7 @@ from pydantic import ConfigDict, ValidationError
 from kvbatch import defaults
 from kvbatch.errors import KvbatchError, MalformedReplyError, classify_http_error
 from kvbatch.serve.backends import register_backend
-from kvbatch.serve.backends.base import Backend, ChatResult, ServerLimits, ServerMemory
+from kvbatch.serve.backends.base import Backend, ChatResult, ServerLimits, ServerMemory, is_local
 from kvbatch.serve.backends.http import HttpClient
 from kvbatch.serve.layout import SlotLayout
 
@@ -48,6 +49,16 @@ class _ChatReply(ollama.ChatResponse):
 
 class _GenerateReply(ollama.GenerateResponse):
     model_config = ConfigDict(extra="allow")
+
+
+def server_settings(url: str | None, cache_type: str | None, parallel: int | None) -> tuple[str, int]:
+    """Ollama's KV cache type and parallel slots: as given, else from OLLAMA_KV_CACHE_TYPE and OLLAMA_NUM_PARALLEL
+    when the server is on this machine (its environment is likely ours), else f16 and 1. Both are the server's
+    settings: a request cannot change them."""
+    local = is_local(url)
+    kind = cache_type or (os.environ.get("OLLAMA_KV_CACHE_TYPE") if local else None) or "f16"
+    slots = parallel or (int(os.environ.get("OLLAMA_NUM_PARALLEL") or 1) if local else 1)
+    return kind, slots
 
 
 def message_text(content: Any) -> str:

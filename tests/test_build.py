@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import signal
 import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -151,3 +153,16 @@ def test_make_lab_runs_as_root_on_the_project_kernel_and_says_where():
     import os
 
     assert ("--allow-root" in out) == (os.getuid() == 0)
+
+
+def test_the_gpu_check_fails_at_once_with_a_sentence_without_a_gpu():
+    from kvbatch.serve.probes import nvml_available
+
+    if nvml_available():
+        pytest.skip("this machine has a GPU: the check would run for real")
+    started = time.perf_counter()
+    result = subprocess.run([sys.executable, str(Path(__file__).resolve().parents[1] / "bench" / "gpu_check.py")],
+                            capture_output=True, text=True)  # fmt: skip
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert "gpu_check needs an NVIDIA GPU: no driver answers here" in result.stderr
+    assert time.perf_counter() - started < 30

@@ -89,3 +89,26 @@ def test_base_plus_whole_cache_matches_the_servers_memory_after_load():
             measured = ProcessRssProbe(server.pid).read()
         predicted = base + kv_cache(GEMMA3_270M, layout).cache_bytes
         assert abs(predicted / measured - 1) < 0.05, (layout, predicted / MIB, measured / MIB)
+
+
+@pytest.fixture(scope="module")
+def gemma3_12b_attention(tmp_path_factory):
+    """A file with the 12B's attention (8 KV heads of 256, a 1,024-token window), 6 layers, random weights."""
+    from kvbatch.measure.synthetic import gemma3_12b_like, write_gemma3_gguf
+
+    shape = gemma3_12b_like(6, embedding=256, feed_forward=512)
+    return write_gemma3_gguf(tmp_path_factory.mktemp("synthetic") / "gemma3-12b-like.gguf", shape), shape
+
+
+@pytest.mark.parametrize("slots", [1, 4, 16])
+def test_the_model_holds_beyond_the_270m_on_a_12b_shaped_file(gemma3_12b_attention, slots):
+    path, shape = gemma3_12b_attention
+    arch = architecture_from_gguf(path)
+    assert arch == shape.architecture and arch.sliding_window == 1024 and arch.head_count_kv == 8
+    layout = SlotLayout(slots, 3840)
+    config = ServerConfig(model_path=path, context_tokens=layout.total_context_tokens, parallel_slots=slots)
+    with EmbeddedServer(config) as server:
+        logged = server.log().kv_total_bytes
+    cache = kv_cache(arch, layout)
+    assert cache.sliding_cells_per_slot == 1536  # the 12B's window + a micro-batch, per slot
+    assert abs(cache.cache_bytes / logged - 1) < 0.02, (cache.cache_bytes / MIB, logged / MIB)

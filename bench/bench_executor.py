@@ -29,8 +29,9 @@ from kvbatch.batch.openai_batch import iter_openai_batch, scan_openai_batch
 from kvbatch.batch.runfolder import RunFolder
 from kvbatch.batch.sample import write_sample
 from kvbatch.serve.backends import get_backend
+from kvbatch.serve.config import ServerConfig
 from kvbatch.serve.layout import SlotLayout
-from kvbatch.serve.server import EmbeddedServer, ServerConfig, free_port
+from kvbatch.serve.server import EmbeddedServer, free_port
 from kvbatch.serve.supervisor import ExternalSupervisor
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -74,7 +74,7 @@ def main() -> int:
     from kvbatch.measure.experiments import fit_line, max_loads, search_safe_context, sweep_allocated
     from kvbatch.measure.kvmodel import KvCacheTypes, kv_bytes_per_token
     from kvbatch.measure.loaders import EmbeddedLoader
-    from kvbatch.serve.server import ServerConfig
+    from kvbatch.serve.config import ServerConfig
 
     config = ServerConfig(model_path=model)
     loader = EmbeddedLoader(config, probe="nvml-process")
@@ -150,8 +150,9 @@ def main() -> int:
 def _sustain(model: Path, planned: dict, batch: Path, duration_s: float) -> str:
     from kvbatch.measure.sustained import sustained_load
     from kvbatch.serve.backends import get_backend
+    from kvbatch.serve.config import ServerConfig
     from kvbatch.serve.probes import probe_for_server
-    from kvbatch.serve.server import EmbeddedServer, ServerConfig
+    from kvbatch.serve.server import EmbeddedServer
 
     bodies = [json.loads(line)["body"] for line in itertools.islice(batch.open(), 4 * planned["parallel_slots"])]
     config = ServerConfig(model_path=model, context_tokens=planned["total_context_tokens"],

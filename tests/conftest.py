@@ -11,7 +11,8 @@ import pytest
 sys.path.insert(0, str(Path(__file__).parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))  # the fault-injecting server
 
-from kvbatch.serve.server import EmbeddedServer, ServerConfig  # noqa: E402
+from kvbatch.serve.config import ServerConfig  # noqa: E402
+from kvbatch.serve.server import EmbeddedServer  # noqa: E402
 from ollama_double import OllamaDouble, RunningDouble  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
@@ -33,8 +34,7 @@ def ollama_double():
 
 @pytest.fixture
 def in_tmp_repo(tmp_path, monkeypatch):
-    """Run with the repository's notebooks but write data/ and reports/ under a temporary folder."""
-    (tmp_path / "notebooks").symlink_to(REPO / "notebooks")
+    """Write data/ and reports/ under a temporary folder (the notebooks are found in the checkout)."""
     monkeypatch.chdir(tmp_path)
     return tmp_path
 

@@ -21,7 +21,8 @@ import psutil
 from aiohttp import web
 from kvbatch.errors import ServerStartError
 from kvbatch.measure.kvmodel import read_gguf_metadata
-from kvbatch.serve.server import EmbeddedServer, ServerConfig, default_model_path
+from kvbatch.serve.config import ServerConfig
+from kvbatch.serve.server import EmbeddedServer, default_model_path
 
 DEFAULT_NUM_CTX = 4096
 GO_SIGNAL_NAMES = {

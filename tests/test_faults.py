@@ -12,7 +12,8 @@ import time
 
 from batch_helpers import input_ids, kvbatch, replace_user_message, result_lines, small_batch, start_kvbatch
 from fault_server import Faults, RunningFaultServer
-from kvbatch.serve.server import EmbeddedServer, ServerConfig, free_port
+from kvbatch.serve.config import ServerConfig
+from kvbatch.serve.server import EmbeddedServer, free_port
 from kvbatch.serve.supervisor import kernel_oom_kills
 from stress import stress_run
 

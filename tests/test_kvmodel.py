@@ -14,9 +14,10 @@ from kvbatch.measure.kvmodel import (
     kv_bytes_per_token,
     kv_cache,
 )
+from kvbatch.serve.config import ServerConfig
 from kvbatch.serve.layout import SlotLayout
 from kvbatch.serve.probes import ProcessRssProbe
-from kvbatch.serve.server import EmbeddedServer, ServerConfig, default_model_path
+from kvbatch.serve.server import EmbeddedServer, default_model_path
 from ollama_fixtures import GEMMA3_270M_MODEL_INFO as MODEL_INFO
 
 MIB = 2**20

@@ -27,8 +27,9 @@ from kvbatch.measure.kvmodel import GEMMA3_270M, KvCacheTypes, kv_bytes_per_toke
 from kvbatch.measure.loaders import EmbeddedLoader, LoadedModel, Loader, LoadPoint, TooBigError
 from kvbatch.measure.sustained import sustained_load
 from kvbatch.serve.backends import get_backend
+from kvbatch.serve.config import ServerConfig
 from kvbatch.serve.probes import ProcessRssProbe
-from kvbatch.serve.server import EmbeddedServer, ServerConfig
+from kvbatch.serve.server import EmbeddedServer
 
 CONTEXTS = [2048, 8192, 16384, 32768]
 
@@ -84,7 +85,7 @@ def test_safe_context_search_finds_a_boundary_that_holds_under_a_real_cap(loader
     assert result.loads <= max_loads(1024, 32768, step)
     assert result.safe_context_tokens == safe_from_largest(result.max_context_tokens, 0.8, step)
     assert result.safe_context_tokens < result.max_context_tokens
-    failed = [p for p in result.probes if not p.fits]
+    failed = [p for p in result.steps if not p.fits]
     assert failed and all(p.reason and p.reason != "loaded and served" for p in failed)
     # check both sides again, independently of the search: the boundary loads and serves, one step above fails
     assert try_context(loader, result.max_context_tokens, budget).fits
@@ -99,7 +100,7 @@ def test_search_uses_the_fit_for_its_first_probe_and_agrees_with_plain_bisection
     budget = int(fit.predict(3000))
     result = search_safe_context(loader, budget, floor_tokens=1024, ceiling_tokens=32768, step_tokens=512,
                                  guide=fit, fill_fraction=0.0)  # fmt: skip
-    assert result.probes[0].context_tokens == 2560  # the fitted line's boundary, on the step grid
+    assert result.steps[0].context_tokens == 2560  # the fitted line's boundary, on the step grid
     plain = search_safe_context(loader, budget, floor_tokens=1024, ceiling_tokens=32768, step_tokens=512,
                                 fill_fraction=0.0)  # fmt: skip
     assert plain.max_context_tokens == result.max_context_tokens  # the cap's edge is deterministic (one arena)
@@ -146,7 +147,7 @@ def test_a_poor_guide_never_costs_more_than_the_bound(slope_error):
     result = search_safe_context(LineLoader(), budget, floor_tokens=1024, ceiling_tokens=131072, step_tokens=256,
                                  guide=guide, fill_fraction=0.0)  # fmt: skip
     assert result.max_context_tokens == truth
-    assert result.loads <= max_loads(1024, 131072, 256), [p.context_tokens for p in result.probes]
+    assert result.loads <= max_loads(1024, 131072, 256), [p.context_tokens for p in result.steps]
 
 
 def test_a_load_that_fails_for_another_reason_is_an_error_not_too_big():

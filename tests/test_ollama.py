@@ -57,7 +57,7 @@ def test_the_safe_search_stops_where_ollama_would_move_layers_to_the_cpu():
             result = search_safe_context(loader, 10**12, floor_tokens=2048, ceiling_tokens=32768, step_tokens=512,
                                          enforce_budget=False, fill_fraction=0.0)  # fmt: skip
             assert 2048 < result.max_context_tokens < 32768
-            assert any("size_vram < size" in p.reason for p in result.probes if not p.fits)
+            assert any("size_vram < size" in p.reason for p in result.steps if not p.fits)
             with loader.load(result.max_context_tokens) as loaded:  # the boundary is all on the card
                 assert loaded.memory().offloaded_share == 1.0
             asyncio.run(_fill(running.url, result.max_context_tokens + 512))

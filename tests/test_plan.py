@@ -15,7 +15,8 @@ from kvbatch.measure.kvmodel import GEMMA3_270M, KvCacheTypes, architecture_from
 from kvbatch.measure.loaders import EmbeddedLoader
 from kvbatch.measure.result import load_measurement
 from kvbatch.measure.steps import kv_growth, result_file, safe_context
-from kvbatch.serve.server import EmbeddedServer, ServerConfig, default_model_path
+from kvbatch.serve.config import ServerConfig
+from kvbatch.serve.server import EmbeddedServer, default_model_path
 from ollama_fixtures import GEMMA3_12B_MODEL_INFO
 
 GIB = 2**30

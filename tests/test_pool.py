@@ -107,7 +107,6 @@ def test_several_embedded_servers_on_one_machine(tmp_path):
 
 @pytest.mark.timeout(900)
 def test_ray_actors_serve_the_batch_and_survive_a_killed_server(tmp_path):
-    pytest.importorskip("ray", reason="the ray extra is part of the dev install")
     batch = small_batch(tmp_path / "in.jsonl", 16)
     before = {p.pid for p in psutil.process_iter(["name"]) if p.info["name"] == "llama-server"}
     process = start_kvbatch("run", str(batch), "--ray", "local", "--ray-actors", "2", *QUIET, cwd=tmp_path)

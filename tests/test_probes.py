@@ -27,7 +27,8 @@ def test_unknown_or_impossible_probes_say_why(embedded_server):
 @pytest.mark.gpu
 def test_nvml_follows_a_gpu_server():
     """Opt-in (KVBATCH_GPU_TESTS=1) on a machine with an NVIDIA GPU and a CUDA build of llama-server."""
-    from kvbatch.serve.server import EmbeddedServer, ServerConfig
+    from kvbatch.serve.config import ServerConfig
+    from kvbatch.serve.server import EmbeddedServer
 
     with EmbeddedServer(ServerConfig(context_tokens=32768)) as server:
         assert server.log().on_gpu

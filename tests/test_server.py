@@ -17,7 +17,9 @@ import pytest
 from kvbatch.batch.sample import system_prompt
 from kvbatch.errors import AuthError, ContextOverflowError, ServerGoneError, ServerStartError
 from kvbatch.serve.backends import get_backend
-from kvbatch.serve.server import EmbeddedServer, ServerConfig, parse_server_log
+from kvbatch.serve.config import ServerConfig
+from kvbatch.serve.log import parse_server_log
+from kvbatch.serve.server import EmbeddedServer
 
 SYSTEM = system_prompt(400)
 

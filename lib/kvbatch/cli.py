@@ -39,7 +39,7 @@ def _add_server_flags(parser: argparse.ArgumentParser, *, with_context: bool) ->
 
 
 def server_config_from_args(args: argparse.Namespace):
-    from kvbatch.serve.server import ServerConfig
+    from kvbatch.serve.config import ServerConfig
     from kvbatch.units import parse_bytes
 
     kv_type = getattr(args, "kv_type", "f16")

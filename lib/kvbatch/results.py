@@ -5,6 +5,8 @@ from kvbatch.report.results import (  # noqa: F401
     load_events,
     load_memory,
     load_metrics,
+    load_plan,
     load_results,
+    load_summary,
     throughput_per_interval,
 )

@@ -30,7 +30,7 @@ from kvbatch.measure import steps
 from kvbatch.measure.kvmodel import KvCacheTypes
 from kvbatch.measure.result import model_identity
 from kvbatch.report.display import size, table
-from kvbatch.serve.server import ServerConfig
+from kvbatch.serve.config import ServerConfig
 
 arch = steps.architecture(backend, url=url, model=model, model_path=model_path)
 identity = model_identity(backend, model, model_path)

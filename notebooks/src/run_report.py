@@ -17,8 +17,8 @@ from kvbatch.report import results as R
 from kvbatch.report.display import clock, duration, integer_axis, key_values, share, size, table
 
 run = Path(run_dir)
-summary = R.load_json(run, "summary.json")
-plan = R.load_json(run, "plan.json")
+summary = R.load_summary(run)
+plan = R.load_plan(run)
 metrics = R.load_metrics(run)
 memory = R.load_memory(run)
 errors = R.load_errors(run)

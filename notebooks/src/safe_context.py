@@ -34,7 +34,7 @@ from kvbatch.measure.experiments import max_loads
 from kvbatch.measure.kvmodel import KvCacheTypes
 from kvbatch.measure.result import model_identity
 from kvbatch.report.display import duration, integer_axis, table
-from kvbatch.serve.server import ServerConfig
+from kvbatch.serve.config import ServerConfig
 
 arch = steps.architecture(backend, url=url, model=model, model_path=model_path)
 identity = model_identity(backend, model, model_path)
@@ -59,16 +59,16 @@ display(Markdown(
        if search["budget"].is_demo else "")))
 
 # %%
-probes = search["probes"]
+steps = search["steps"]
 fig, ax = plt.subplots(figsize=(8, 3.5))
-colors = ["tab:green" if fits else "tab:red" for fits in probes["fits"]]
-ax.scatter(range(1, len(probes) + 1), probes["context_tokens"], c=colors, s=60)
+colors = ["tab:green" if fits else "tab:red" for fits in steps["fits"]]
+ax.scatter(range(1, len(steps) + 1), steps["context_tokens"], c=colors, s=60)
 if result.max_context_tokens:
     ax.axhline(result.max_context_tokens, color="tab:green", ls="--", label="largest that fits")
     ax.axhline(result.safe_context_tokens, color="tab:blue", ls=":", label="safe (with margin)")
-ax.set(title="Probes in order (green: loaded and served, red: too big)", xlabel="load #", ylabel="context tokens")
+ax.set(title="Loads in order (green: loaded and served, red: too big)", xlabel="load #", ylabel="context tokens")
 integer_axis(ax.xaxis)
 ax.legend()
-shown = probes.assign(load=range(1, len(probes) + 1), result=probes["fits"].map({True: "fits", False: "too big"}))
+shown = steps.assign(load=range(1, len(steps) + 1), result=steps["fits"].map({True: "fits", False: "too big"}))
 table(shown[["load", "context_tokens", "result", "reason", "seconds"]], duration_columns=["seconds"],
       rename={"context_tokens": "context (tokens)", "seconds": "time"})

@@ -39,7 +39,8 @@ from kvbatch.measure.sustained import sustained_load
 from kvbatch.report.display import integer_axis, size
 from kvbatch.serve.backends import get_backend
 from kvbatch.serve.probes import OllamaPsProbe, probe_for_server
-from kvbatch.serve.server import EmbeddedServer, ServerConfig
+from kvbatch.serve.config import ServerConfig
+from kvbatch.serve.server import EmbeddedServer
 
 types = KvCacheTypes(kv_type, kv_type)
 identity = model_identity(backend, model, model_path)

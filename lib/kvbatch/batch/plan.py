@@ -11,10 +11,9 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 
-from pydantic import BaseModel, Field
-
 from kvbatch import defaults
 from kvbatch.batch.memory import MemoryBreakdown, MemoryModel
+from kvbatch.batch.plan_record import MemoryRecord, PlanRecord
 from kvbatch.batch.sizes import SizeProfile
 from kvbatch.errors import UserInputError
 from kvbatch.measure.budget import Budget
@@ -23,7 +22,6 @@ from kvbatch.serve.backends import ServerLimits
 from kvbatch.serve.layout import SlotLayout
 from kvbatch.units import format_bytes
 
-PLAN_SCHEMA_VERSION = 2
 MODES = ("independent", "conversation")
 
 
@@ -163,48 +161,6 @@ class Plan:
                      + (f" ({self.measurement_reason})" if self.measurement_reason else ""))  # fmt: skip
         lines += [f"  note: {note}" for note in self.notes]
         return "\n".join(lines)
-
-
-class MemoryRecord(BaseModel):
-    base_bytes: int
-    global_kv_bytes: int
-    sliding_kv_bytes: int
-    checkpoint_bytes: int
-    checkpoints_counted_in_budget: bool
-    total_bytes: int
-
-
-class PlanRecord(BaseModel):
-    """plan.json, and what `kvbatch plan --json` prints."""
-
-    schema_version: int = PLAN_SCHEMA_VERSION
-    mode: str
-    request_count: int
-    system_prompt_tokens: int
-    request_tokens_p99: int
-    slot_context_tokens: int
-    parallel_slots: int
-    total_context_tokens: int
-    chunk_size: int
-    kv_cache_type: str
-    kv_cache_bytes: int | None
-    """The whole KV cache the server allocates for this layout (global and sliding-window layers)."""
-    memory: MemoryRecord | None
-    budget_bytes: int | None
-    budget: str | None
-    safety_margin: float
-    prompt_tokens_without_cache: int
-    prompt_tokens_evaluated: int
-    prompt_tokens_saved_share: float
-    estimated_seconds: float | None
-    estimate_basis: str
-    limits_source: str
-    token_source: str
-    chars_per_token: float
-    measurement_file: str | None
-    measurement_reason: str | None
-    notes: list[str] = Field(default_factory=list)
-    server: dict[str, object] = Field(default_factory=dict)
 
 
 def _duration(seconds: float | None) -> str:

@@ -23,9 +23,10 @@ from kvbatch.measure.result import Measurement, load_measurement, measurement_pa
 from kvbatch.serve.backends import Backend, ServerLimits, get_backend
 from kvbatch.serve.backends.base import is_local
 from kvbatch.serve.backends.ollama_native import server_settings
+from kvbatch.serve.config import ServerConfig, build_has_gpu
 from kvbatch.serve.layout import SlotLayout
 from kvbatch.serve.probes import nvml_available, probe_for_server
-from kvbatch.serve.server import EmbeddedServer, ServerConfig, build_has_gpu, default_model_path
+from kvbatch.serve.server import EmbeddedServer, default_model_path
 from kvbatch.units import format_bytes
 
 PROBE_CONTEXT = 1024

@@ -8,7 +8,7 @@ from typing import Any
 
 from kvbatch import defaults
 from kvbatch.batch.runfolder import RunFolder
-from kvbatch.serve.server import ServerConfig
+from kvbatch.serve.config import ServerConfig
 
 
 @dataclass

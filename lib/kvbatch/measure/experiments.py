@@ -142,7 +142,7 @@ def sweep_in_use(
 
 # ---- safe-context search -----------------------------------------------------------------------------------------
 @dataclass
-class Probe:
+class SearchStep:
     context_tokens: int
     fits: bool
     reason: str
@@ -159,11 +159,11 @@ class SafeContextResult:
     budget_bytes: int
     safety_margin: float
     step_tokens: int
-    probes: list[Probe] = field(default_factory=list)
+    steps: list[SearchStep] = field(default_factory=list)
 
     @property
     def loads(self) -> int:
-        return len(self.probes)
+        return len(self.steps)
 
 
 def safe_from_largest(largest: int, margin: float, step: int) -> int:
@@ -173,7 +173,7 @@ def safe_from_largest(largest: int, margin: float, step: int) -> int:
 
 def try_context(
     loader: Loader, context_tokens: int, budget_bytes: int, *, fill_fraction: float = 1.0, enforce_budget: bool = True
-) -> Probe:
+) -> SearchStep:
     """Load at `context_tokens` under the budget and serve a request filling it.
 
     'Too big': an allocation failure at start, an out-of-memory reply, a crash while serving, memory above the
@@ -188,16 +188,16 @@ def try_context(
             used = loaded.memory().used_bytes
             if not enforce_budget and used > budget_bytes:
                 reason = f"held {used / 2**20:.0f} MiB > budget {budget_bytes / 2**20:.0f} MiB"
-                return Probe(context_tokens, False, reason, time.perf_counter() - started)
+                return SearchStep(context_tokens, False, reason, time.perf_counter() - started)
     except ServerStartError as exc:
         if not (exc.out_of_memory or exc.exit_signal):
             raise MeasurementError(f"the server did not start at {context_tokens} tokens: {exc}") from exc
-        return Probe(context_tokens, False, exc.failure_line or str(exc), time.perf_counter() - started)
+        return SearchStep(context_tokens, False, exc.failure_line or str(exc), time.perf_counter() - started)
     except OutOfMemoryError as exc:
-        return Probe(context_tokens, False, str(exc)[:300], time.perf_counter() - started)
+        return SearchStep(context_tokens, False, str(exc)[:300], time.perf_counter() - started)
     except KvbatchError as exc:
         raise MeasurementError(f"the load at {context_tokens} tokens failed, not for memory: {exc}") from exc
-    return Probe(context_tokens, True, "loaded and served", time.perf_counter() - started)
+    return SearchStep(context_tokens, True, "loaded and served", time.perf_counter() - started)
 
 
 def max_loads(floor_tokens: int, ceiling_tokens: int, step_tokens: int) -> int:
@@ -217,8 +217,8 @@ def search_safe_context(
     safety_margin: float = defaults.SAFETY_MARGIN,
     fill_fraction: float = 1.0,
     enforce_budget: bool = True,
-    known: list[Probe] | None = None,
-    on_probe: Callable[[Probe], None] | None = None,
+    known: list[SearchStep] | None = None,
+    on_step: Callable[[SearchStep], None] | None = None,
 ) -> SafeContextResult:
     """The largest context in [floor, ceiling] on a `step_tokens` grid that loads and serves under the budget.
 
@@ -226,16 +226,16 @@ def search_safe_context(
     steps) until the answer flips, then bisects. When the guess misses twice it falls back to plain bisection
     over what is left, so a poor line never costs more than `max_loads`.
     """
-    result = SafeContextResult(None, None, budget_bytes, safety_margin, step_tokens, probes=list(known or []))
+    result = SafeContextResult(None, None, budget_bytes, safety_margin, step_tokens, steps=list(known or []))
     cache: dict[int, bool] = {probe.context_tokens: probe.fits for probe in known or []}
 
     def fits(context: int) -> bool:
         if context not in cache:
             probe = try_context(loader, context, budget_bytes, fill_fraction=fill_fraction,
                                 enforce_budget=enforce_budget)  # fmt: skip
-            result.probes.append(probe)
-            if on_probe:
-                on_probe(probe)
+            result.steps.append(probe)
+            if on_step:
+                on_step(probe)
             cache[context] = probe.fits
         return cache[context]
 

@@ -15,8 +15,8 @@ from typing import Any
 
 from kvbatch import defaults
 from kvbatch.errors import UserInputError
+from kvbatch.serve.config import KV_CACHE_TYPES
 from kvbatch.serve.layout import SlotLayout
-from kvbatch.serve.server import KV_CACHE_TYPES
 
 KIB = 1024
 CELL_PAD = 256

@@ -18,8 +18,9 @@ from kvbatch import defaults
 from kvbatch.aio import LoopThread
 from kvbatch.errors import KvbatchError, OutOfMemoryError
 from kvbatch.serve.backends import get_backend
+from kvbatch.serve.config import ServerConfig
 from kvbatch.serve.probes import MemoryProbe, OllamaPsProbe, probe_for_server
-from kvbatch.serve.server import EmbeddedServer, ServerConfig
+from kvbatch.serve.server import EmbeddedServer
 
 
 class TooBigError(OutOfMemoryError):
@@ -140,7 +141,7 @@ class EmbeddedLoader(Loader):
         self.probe = probe
         self.log_dir = log_dir
         self._loop = LoopThread()
-        from kvbatch.serve.server import build_has_gpu
+        from kvbatch.serve.config import build_has_gpu
 
         self.on_gpu = build_has_gpu() and self.config.gpu_layers != 0
 

@@ -21,7 +21,7 @@ from kvbatch.measure.kvmodel import KvCacheTypes
 SCHEMA_VERSION = 2
 
 
-class SearchProbe(BaseModel):
+class SearchStepRecord(BaseModel):
     """One load of the safe-context search."""
 
     context_tokens: int
@@ -88,7 +88,7 @@ class Measurement(BaseModel):
     largest_context_tokens: int | None = None
     safe_context_tokens: int | None = None
     safety_margin: float = defaults.SAFETY_MARGIN
-    search_probes: list[SearchProbe] = Field(default_factory=list)
+    search_steps: list[SearchStepRecord] = Field(default_factory=list)
     enforced_by: str | None = None
     server_flags: dict[str, Any] = Field(default_factory=dict)
     build: dict[str, Any] = Field(default_factory=dict)

@@ -16,7 +16,7 @@ from kvbatch.aio import run_sync
 from kvbatch.measure.budget import Budget, resolve_budget
 from kvbatch.measure.experiments import (
     LinearFit,
-    Probe,
+    SearchStep,
     findings,
     fit_line,
     repeat_spread,
@@ -34,7 +34,7 @@ from kvbatch.measure.kvmodel import (
 from kvbatch.measure.loaders import EmbeddedLoader, Loader, OllamaLoader
 from kvbatch.measure.result import (
     Measurement,
-    SearchProbe,
+    SearchStepRecord,
     Sustained,
     load_measurement,
     measurement_path,
@@ -44,8 +44,9 @@ from kvbatch.measure.result import (
 from kvbatch.serve.backends import get_backend
 from kvbatch.serve.backends.base import is_local
 from kvbatch.serve.backends.ollama_native import server_settings
+from kvbatch.serve.config import ServerConfig
 from kvbatch.serve.probes import nvml_available
-from kvbatch.serve.server import ServerConfig, default_model_path
+from kvbatch.serve.server import default_model_path
 
 
 def ollama_server_settings(url: str | None, cache_type: str | None, parallel: int | None) -> tuple[KvCacheTypes, int]:
@@ -176,7 +177,7 @@ def _build(loader: Loader) -> dict[str, Any]:
     return build_summary()
 
 
-def serving_anchor(loader: Loader, floor_tokens: int, fill_fraction: float) -> tuple[Probe, int]:
+def serving_anchor(loader: Loader, floor_tokens: int, fill_fraction: float) -> tuple[SearchStep, int]:
     """Load at the floor and serve a request filling it; return that probe and the memory it then held (on a CPU
     its address space, which a cap limits). Serving costs more than loading (buffers touched, prompt state), so
     the line that guides the search goes through this point rather than a load-only one."""
@@ -188,7 +189,7 @@ def serving_anchor(loader: Loader, floor_tokens: int, fill_fraction: float) -> t
             loaded.fill(max(int(floor_tokens * fill_fraction) - 16, 1), max_tokens=4)
         point = loaded.memory()
     used = point.used_bytes if loader.on_gpu else point.capped_bytes
-    return Probe(floor_tokens, True, "loaded and served", time.perf_counter() - started), used
+    return SearchStep(floor_tokens, True, "loaded and served", time.perf_counter() - started), used
 
 
 def safe_context(
@@ -246,11 +247,11 @@ def safe_context(
         largest_context_tokens=search.max_context_tokens,
         safe_context_tokens=search.safe_context_tokens,
         safety_margin=margin,
-        search_probes=[SearchProbe(**asdict(p)) for p in search.probes],
+        search_steps=[SearchStepRecord(**asdict(p)) for p in search.steps],
         enforced_by=enforced_by,
     )
-    probes = pd.DataFrame([asdict(p) for p in search.probes])
-    return {"result": search, "probes": probes, "budget": resolved, "enforced_by": enforced_by,
+    steps = pd.DataFrame([asdict(p) for p in search.steps])
+    return {"result": search, "steps": steps, "budget": resolved, "enforced_by": enforced_by,
             "ceiling": ceiling, "measurement": result}  # fmt: skip
 
 

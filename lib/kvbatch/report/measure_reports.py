@@ -27,7 +27,7 @@ def headline(step: str, result: Measurement | None) -> dict[str, object]:
                 "flags": len(result.findings)}  # fmt: skip
     if step == "safe_context" and result.largest_context_tokens is not None:
         return {"safe context": result.safe_context_tokens, "largest": result.largest_context_tokens,
-                "loads": len(result.search_probes), "budget": format_bytes(result.budget_bytes or 0)}  # fmt: skip
+                "loads": len(result.search_steps), "budget": format_bytes(result.budget_bytes or 0)}  # fmt: skip
     if step == "sustained_load" and result.sustained:
         return {"verdict": "PASSED" if result.sustained.passed else "FAILED", "requests": result.sustained.requests}
     return {}

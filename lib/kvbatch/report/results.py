@@ -79,9 +79,18 @@ def load_events(run_dir: Path | str) -> pd.DataFrame:
     return pd.DataFrame(_jsonl_records(RunFolder(Path(run_dir)).events))
 
 
-def load_json(run_dir: Path | str, name: str) -> dict[str, Any]:
-    path = Path(run_dir) / name
+def _json(path: Path) -> dict[str, Any]:
     return json.loads(path.read_text("utf-8")) if path.exists() else {}
+
+
+def load_summary(run_dir: Path | str) -> dict[str, Any]:
+    """summary.json as a dict (empty before the first invocation ends)."""
+    return _json(RunFolder(Path(run_dir)).summary)
+
+
+def load_plan(run_dir: Path | str) -> dict[str, Any]:
+    """plan.json as a dict."""
+    return _json(RunFolder(Path(run_dir)).plan)
 
 
 def throughput_per_interval(metrics: pd.DataFrame, interval_s: float = 10.0) -> pd.DataFrame:

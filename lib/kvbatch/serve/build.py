@@ -129,7 +129,8 @@ def smoke_test(binary: Path, *, gpu: bool = False) -> SmokeResult:
     such (SIGILL: an instruction this CPU does not run)."""
     from kvbatch.aio import run_sync
     from kvbatch.serve.backends import get_backend
-    from kvbatch.serve.server import EmbeddedServer, ServerConfig
+    from kvbatch.serve.config import ServerConfig
+    from kvbatch.serve.server import EmbeddedServer
 
     config = ServerConfig(binary=binary, context_tokens=1024, parallel_slots=1, gpu_layers=999 if gpu else None)
     server = EmbeddedServer(config)

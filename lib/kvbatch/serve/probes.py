@@ -191,7 +191,7 @@ class ServerLogKvProbe(MemoryProbe):
         self._read_log_text = read_log_text
 
     def read(self) -> int:
-        from kvbatch.serve.server import parse_server_log
+        from kvbatch.serve.log import parse_server_log
 
         return parse_server_log(self._read_log_text()).kv_total_bytes
 
@@ -206,7 +206,7 @@ def probe_for_server(pid: int, log_text: Callable[[], str], prefer: str | None =
     driver answers), the process tree's RSS otherwise.
     """
     if prefer in (None, "auto"):
-        from kvbatch.serve.server import parse_server_log
+        from kvbatch.serve.log import parse_server_log
 
         if parse_server_log(log_text()).on_gpu and nvml_available():
             return NvmlProcessProbe(pid)

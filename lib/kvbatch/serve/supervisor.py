@@ -17,9 +17,10 @@ from pathlib import Path
 from kvbatch import defaults
 from kvbatch.errors import KvbatchError, OutOfMemoryError, ServerGoneError, ServerLimitError, ServerStartError
 from kvbatch.serve.backends import Backend, get_backend
+from kvbatch.serve.config import ServerConfig
 from kvbatch.serve.layout import SlotLayout
 from kvbatch.serve.probes import MemoryProbe, OllamaPsProbe, probe_for_server
-from kvbatch.serve.server import EmbeddedServer, ServerConfig
+from kvbatch.serve.server import EmbeddedServer
 
 CGROUP_EVENTS = Path("/sys/fs/cgroup/memory.events")
 

@@ -1,0 +1,100 @@
+"""What llama-server's log says: its KV, model and compute buffers (one KV line per cache and device), slot
+contexts, layers offloaded to a GPU, the build's `system_info`, context checkpoints, and the line that explains a
+failure. The server logs these at `--log-verbosity 4`."""
+
+from __future__ import annotations
+
+import re
+import signal
+from dataclasses import dataclass, field
+
+from kvbatch.errors import looks_like_oom
+
+_MIB = 1024 * 1024
+_BUFFER_LINE = re.compile(r"(?P<where>[\w.-]+) (?P<kind>KV|model|compute) buffer size\s*=\s*(?P<mib>[\d.]+) MiB")
+_SLOT_CTX_LINE = re.compile(r"new slot.*?n_ctx(?:_slot)?\s*=\s*(?P<n>\d+)")
+_OFFLOADED_LINE = re.compile(r"offloaded (?P<on>\d+)/(?P<all>\d+) layers to GPU")
+_SYSTEM_INFO_LINE = re.compile(r"system_info: (?P<info>.*)$", re.M)
+_CHECKPOINT_LINE = re.compile(r"created context checkpoint .*?size = (?P<mib>[\d.]+) MiB")
+_LOG_PREFIX = re.compile(r"^\d+\.\d+\.\d+\.\d+ [DIWE] ")  # llama.cpp's "0.00.939.418 E " timestamp and level
+
+
+@dataclass
+class ServerLog:
+    """What the server's log says about its memory, slots, build and failures."""
+
+    kv_buffer_bytes: dict[str, int]
+    slot_context_tokens: list[int]
+    failure_line: str | None
+    out_of_memory: bool
+    model_buffer_bytes: dict[str, int] = field(default_factory=dict)
+    compute_buffer_bytes: dict[str, int] = field(default_factory=dict)
+    layers_offloaded: tuple[int, int] | None = None
+    """(on the GPU, in all), from 'offloaded N/M layers to GPU'."""
+    system_info: str | None = None
+    checkpoint_bytes: list[int] = field(default_factory=list)
+    """Sizes of the context checkpoints the server made, in order (each a copy of one slot's window cache)."""
+
+    @property
+    def kv_total_bytes(self) -> int:
+        return sum(self.kv_buffer_bytes.values())
+
+    @property
+    def on_gpu(self) -> bool:
+        """The server put at least one layer on a GPU."""
+        return bool(self.layers_offloaded and self.layers_offloaded[0] > 0)
+
+    def kv_bytes_on(self, device_prefix: str) -> int:
+        """KV bytes on devices whose name starts with `device_prefix` ('CUDA', 'CPU')."""
+        return sum(v for k, v in self.kv_buffer_bytes.items() if k.split("_", 1)[1].startswith(device_prefix))
+
+
+def parse_server_log(text: str) -> ServerLog:
+    """Buffer sizes (one KV line per cache and device: Gemma 3 has a full-context and a sliding-window cache),
+    slot contexts, layers offloaded, the build's system_info, checkpoints, and the line that explains a failure."""
+    kv: dict[str, int] = {}
+    model: dict[str, int] = {}
+    compute: dict[str, int] = {}
+    cache = "kv"
+    lines = [_LOG_PREFIX.sub("", line.strip()) for line in text.splitlines() if line.strip()]
+    for line in lines:
+        if "creating non-SWA KV cache" in line:
+            cache = "full"
+        elif "creating" in line and "SWA KV cache" in line:
+            cache = "swa"
+        match = _BUFFER_LINE.search(line)
+        if match:
+            size = int(float(match.group("mib")) * _MIB)
+            where = match.group("where")
+            if match.group("kind") == "KV":
+                key = f"{cache}_{where}"
+                kv[key] = kv.get(key, 0) + size
+            else:
+                target = model if match.group("kind") == "model" else compute
+                target[where] = target.get(where, 0) + size
+    slots = [int(m.group("n")) for m in _SLOT_CTX_LINE.finditer(text)]
+    offloaded = _OFFLOADED_LINE.search(text)
+    info = _SYSTEM_INFO_LINE.search(text)
+    checkpoints = [int(float(m.group("mib")) * _MIB) for m in _CHECKPOINT_LINE.finditer(text)]
+    oom_lines = [line for line in lines if looks_like_oom(line)]
+    error_lines = [line for line in lines if re.search(r"\berror\b|failed|exception|terminate", line, re.I)]
+    failure = oom_lines[0] if oom_lines else (error_lines[-1] if error_lines else None)
+    return ServerLog(
+        kv,
+        slots,
+        failure,
+        bool(oom_lines),
+        model,
+        compute,
+        (int(offloaded.group("on")), int(offloaded.group("all"))) if offloaded else None,
+        info.group("info").strip() if info else None,
+        checkpoints,
+    )
+
+
+def describe_exit(code: int | None) -> str:
+    if code is not None and code < 0:
+        name = signal.Signals(-code).name
+        meaning = {"SIGILL": " (illegal instruction)", "SIGKILL": " (killed)", "SIGSEGV": " (segmentation fault)"}
+        return f"was killed by {name}{meaning.get(name, '')}"
+    return f"exited with code {code}"

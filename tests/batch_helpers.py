@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 from kvbatch.batch.journal import completed_ids
@@ -55,3 +56,15 @@ def replace_user_message(batch: Path, line_index: int, content: str) -> dict:
     lines[line_index] = json.dumps(request)
     batch.write_text("\n".join(lines) + "\n")
     return request
+
+
+def wait_for_results(run_dir: Path, at_least: int, process: subprocess.Popen | None = None,
+                     timeout_s: float = 240) -> int:  # fmt: skip
+    """Wait until the run has `at_least` result lines (or its process ended); returns how many it has."""
+    deadline = time.time() + timeout_s
+    while time.time() < deadline:
+        count = len(result_lines(run_dir))
+        if count >= at_least or (process is not None and process.poll() is not None):
+            return count
+        time.sleep(0.05)
+    raise AssertionError(f"fewer than {at_least} results after {timeout_s} s")

@@ -3,12 +3,11 @@ runs the real llama-server): each `mode` answers /api/chat with one of the error
 
 from __future__ import annotations
 
-import asyncio
-import threading
 from dataclasses import dataclass, field
 from typing import Any
 
 from aiohttp import web
+from background import BackgroundApp
 
 MODEL = "gemma3:270m"
 ERRORS = {
@@ -47,30 +46,12 @@ class OllamaDouble:
         return web.json_response(payload, status=status)
 
 
-class RunningDouble:
+class RunningDouble(BackgroundApp):
     """Runs an OllamaDouble on 127.0.0.1 in a background thread; `url` is where it listens."""
 
     def __init__(self, double: OllamaDouble) -> None:
+        super().__init__()
         self.double = double
-        self.url = ""
-        self._loop = asyncio.new_event_loop()
-        self._thread = threading.Thread(target=self._loop.run_forever, daemon=True)
-        self._runner: web.AppRunner | None = None
 
-    def __enter__(self) -> RunningDouble:
-        self._thread.start()
-        asyncio.run_coroutine_threadsafe(self._start(), self._loop).result(10)
-        return self
-
-    async def _start(self) -> None:
-        self._runner = web.AppRunner(self.double.app())
-        await self._runner.setup()
-        site = web.TCPSite(self._runner, "127.0.0.1", 0)
-        await site.start()
-        self.url = f"http://127.0.0.1:{self._runner.addresses[0][1]}"
-
-    def __exit__(self, *exc: object) -> None:
-        assert self._runner is not None
-        asyncio.run_coroutine_threadsafe(self._runner.cleanup(), self._loop).result(10)
-        self._loop.call_soon_threadsafe(self._loop.stop)
-        self._thread.join(5)
+    def make_app(self) -> web.Application:
+        return self.double.app()

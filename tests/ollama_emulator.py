@@ -10,15 +10,15 @@ import asyncio
 import datetime as dt
 import json
 import signal
-import threading
 import time
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import aiohttp
 import psutil
 from aiohttp import web
+from background import BackgroundApp
 from kvbatch.errors import ServerStartError
 from kvbatch.measure.kvmodel import read_gguf_metadata
 from kvbatch.serve.config import ServerConfig
@@ -376,38 +376,16 @@ class Reply:
         return web.Response(text="\n".join(lines) + "\n", content_type="application/x-ndjson")
 
 
-class RunningEmulator:
+class RunningEmulator(BackgroundApp):
     """Runs an OllamaEmulator on 127.0.0.1 in a background thread; `url` is where it listens."""
 
     def __init__(self, emulator: OllamaEmulator) -> None:
+        super().__init__()
         self.emulator = emulator
-        self.url = ""
-        self._loop = asyncio.new_event_loop()
-        self._thread = threading.Thread(target=self._loop.run_forever, daemon=True)
-        self._runner: web.AppRunner | None = None
 
-    def __enter__(self) -> RunningEmulator:
-        self._thread.start()
-        asyncio.run_coroutine_threadsafe(self._start(), self._loop).result(30)
-        return self
-
-    async def _start(self) -> None:
+    def make_app(self) -> web.Application:
         self.emulator.__post_init__()  # its lock belongs to this loop
-        self._runner = web.AppRunner(self.emulator.app())
-        await self._runner.setup()
-        site = web.TCPSite(self._runner, "127.0.0.1", 0)
-        await site.start()
-        self.url = f"http://127.0.0.1:{self._runner.addresses[0][1]}"
-
-    def __exit__(self, *exc: object) -> None:
-        assert self._runner is not None
-        asyncio.run_coroutine_threadsafe(self._runner.cleanup(), self._loop).result(60)
-        self._loop.call_soon_threadsafe(self._loop.stop)
-        self._thread.join(5)
-
-
-def emulator(**settings: Any) -> RunningEmulator:
-    return RunningEmulator(replace(OllamaEmulator(), **settings) if settings else OllamaEmulator())
+        return self.emulator.app()
 
 
 def main() -> None:

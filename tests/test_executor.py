@@ -18,19 +18,10 @@ from batch_helpers import (
     result_lines,
     small_batch,
     start_kvbatch,
+    wait_for_results,
 )
 
 COMMON = ("--no-report", "--no-progress", "--concurrency", "1")
-
-
-def _wait_for_results(run_dir, at_least: int, process, timeout_s: float = 240) -> int:
-    deadline = time.time() + timeout_s
-    while time.time() < deadline:
-        count = len(result_lines(run_dir))
-        if count >= at_least or process.poll() is not None:
-            return count
-        time.sleep(0.05)
-    raise AssertionError(f"fewer than {at_least} results after {timeout_s} s")
 
 
 def test_kill_9_at_random_points_then_resume_gives_each_result_exactly_once(tmp_path):
@@ -41,7 +32,7 @@ def test_kill_9_at_random_points_then_resume_gives_each_result_exactly_once(tmp_
     while kills < 6:
         done_before = len(result_lines(run_dir))
         process = start_kvbatch("run", str(batch), "--run", str(run_dir), *COMMON, cwd=tmp_path)
-        _wait_for_results(run_dir, done_before + rng.randint(1, 4), process)
+        wait_for_results(run_dir, done_before + rng.randint(1, 4), process)
         time.sleep(rng.uniform(0, 0.4))  # land anywhere: mid-request, mid-write, between requests
         if process.poll() is not None:
             break
@@ -64,7 +55,7 @@ def test_killed_server_mid_batch_is_restarted_and_the_run_completes(tmp_path):
     batch = small_batch(tmp_path / "in.jsonl", 16)
     run_dir = tmp_path / "data" / "runs" / "crash"
     process = start_kvbatch("run", str(batch), "--run", str(run_dir), *COMMON, cwd=tmp_path)
-    _wait_for_results(run_dir, 4, process)
+    wait_for_results(run_dir, 4, process)
     servers = [p for p in psutil.Process(process.pid).children(recursive=True) if "llama-server" in p.name()]
     assert len(servers) == 1
     os.kill(servers[0].pid, signal.SIGKILL)
@@ -137,7 +128,7 @@ def test_ctrl_c_stops_cleanly_and_the_same_command_resumes(tmp_path):
     batch = small_batch(tmp_path / "in.jsonl", 12)
     run_dir = tmp_path / "data" / "runs" / "int"
     process = start_kvbatch("run", str(batch), "--run", str(run_dir), *COMMON, cwd=tmp_path)
-    _wait_for_results(run_dir, 3, process)
+    wait_for_results(run_dir, 3, process)
     process.send_signal(signal.SIGINT)
     out, _ = process.communicate(timeout=60)
     assert process.returncode == 130, out

@@ -8,9 +8,16 @@ import os
 import signal
 import subprocess
 import sys
-import time
 
-from batch_helpers import input_ids, kvbatch, replace_user_message, result_lines, small_batch, start_kvbatch
+from batch_helpers import (
+    input_ids,
+    kvbatch,
+    replace_user_message,
+    result_lines,
+    small_batch,
+    start_kvbatch,
+    wait_for_results,
+)
 from fault_server import Faults, RunningFaultServer
 from kvbatch.serve.config import ServerConfig
 from kvbatch.serve.server import EmbeddedServer, free_port
@@ -153,9 +160,7 @@ def test_a_second_run_on_the_same_folder_exits_2_naming_the_first(tmp_path):
         batch = small_batch(tmp_path / "in.jsonl", 200)
         first = start_kvbatch("run", str(batch), "--url", server.url, *QUIET, cwd=tmp_path)
         run = tmp_path / "data" / "runs" / "in"
-        deadline = time.time() + 60
-        while not result_lines(run) and time.time() < deadline:
-            time.sleep(0.05)
+        wait_for_results(run, 1, first)
         second = kvbatch("run", str(batch), "--url", server.url, *QUIET, cwd=tmp_path)
         first.send_signal(signal.SIGINT)
         first.communicate(timeout=60)
@@ -178,9 +183,7 @@ def test_an_input_edited_during_a_run_stops_it_cleanly(tmp_path):
         batch = small_batch(tmp_path / "in.jsonl", 100)
         process = start_kvbatch("run", str(batch), "--url", server.url, *QUIET, cwd=tmp_path)
         run = tmp_path / "data" / "runs" / "in"
-        deadline = time.time() + 60
-        while len(result_lines(run)) < 3 and time.time() < deadline:
-            time.sleep(0.05)
+        wait_for_results(run, 3, process)
         with open(batch, "a") as handle:
             handle.write(batch.read_text().splitlines()[0].replace("candidate-000000", "late") + "\n")
         out, _ = process.communicate(timeout=60)

@@ -7,10 +7,17 @@ from __future__ import annotations
 import asyncio
 import collections
 import json
-import time
 
 import pytest
-from batch_helpers import input_ids, kvbatch, replace_user_message, result_lines, small_batch, start_kvbatch
+from batch_helpers import (
+    input_ids,
+    kvbatch,
+    replace_user_message,
+    result_lines,
+    small_batch,
+    start_kvbatch,
+    wait_for_results,
+)
 from conftest import REPO
 from kvbatch.batch.execution.guard import TruncationGuard
 from kvbatch.batch.openai_batch import iter_openai_batch, scan_openai_batch
@@ -101,9 +108,7 @@ def test_a_batch_through_ollama_sends_the_planned_num_ctx_and_survives_a_killed_
     run_dir = tmp_path / "data" / "runs" / "ollama"
     process = start_kvbatch("run", str(batch), "--run", str(run_dir), "--backend", "ollama", "--url", ollama.url,
                             "--model", MODEL, "--no-report", "--no-progress", cwd=tmp_path)  # fmt: skip
-    deadline = time.time() + 240
-    while len(result_lines(run_dir)) < 3 and process.poll() is None and time.time() < deadline:
-        time.sleep(0.05)
+    wait_for_results(run_dir, 3, process)
     ollama.emulator.kill_runner()  # kill -9 of the llama-server underneath, mid-run
     out, _ = process.communicate(timeout=300)
     assert process.returncode == 0, out

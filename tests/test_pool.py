@@ -5,11 +5,10 @@ from __future__ import annotations
 
 import collections
 import json
-import time
 
 import psutil
 import pytest
-from batch_helpers import input_ids, kvbatch, result_lines, small_batch, start_kvbatch
+from batch_helpers import input_ids, kvbatch, result_lines, small_batch, start_kvbatch, wait_for_results
 from fault_server import Faults, RunningFaultServer
 from kvbatch.serve.server import free_port
 
@@ -50,9 +49,7 @@ def test_an_endpoint_that_dies_is_taken_out_and_re_admitted_with_nothing_lost(tm
         urls = [arg for server in servers for arg in ("--url", server.url)]
         process = start_kvbatch("run", str(batch), *urls, *QUIET, cwd=tmp_path)
         run = tmp_path / "data" / "runs" / "in"
-        deadline = time.time() + 60
-        while len(result_lines(run)) < 60 and time.time() < deadline:
-            time.sleep(0.05)
+        wait_for_results(run, 60, process)
         import threading
 
         threading.Thread(target=servers[2].crash, daemon=True).start()  # down for 8 s, then back
@@ -111,9 +108,7 @@ def test_ray_actors_serve_the_batch_and_survive_a_killed_server(tmp_path):
     before = {p.pid for p in psutil.process_iter(["name"]) if p.info["name"] == "llama-server"}
     process = start_kvbatch("run", str(batch), "--ray", "local", "--ray-actors", "2", *QUIET, cwd=tmp_path)
     run = tmp_path / "data" / "runs" / "in"
-    deadline = time.time() + 300
-    while len(result_lines(run)) < 4 and process.poll() is None and time.time() < deadline:
-        time.sleep(0.1)
+    wait_for_results(run, 4, process, timeout_s=300)
     servers = [p for p in psutil.process_iter(["name", "create_time"]) if p.info["name"] == "llama-server"
                and p.pid not in before]  # fmt: skip
     assert len(servers) >= 2, "one llama-server per actor"

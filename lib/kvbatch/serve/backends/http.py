@@ -13,6 +13,7 @@ from typing import Any
 
 import aiohttp
 
+from kvbatch import defaults
 from kvbatch.errors import (
     MalformedReplyError,
     ServerGoneError,
@@ -20,6 +21,7 @@ from kvbatch.errors import (
     UserInputError,
     classify_http_error,
 )
+from kvbatch.serve.backends.base import Backend
 
 
 def server_error_message(payload: Any, fallback: str) -> str:
@@ -113,3 +115,26 @@ class HttpClient:
         if self._session is not None and not self._session.closed:
             await self._session.close()
         self._session = None
+
+
+class HttpBackend(Backend):
+    """A backend that reaches its server over HTTP through one shared `HttpClient`."""
+
+    unreachable_hint = "is the server running?"
+
+    def __init__(
+        self,
+        base_url: str,
+        model: str | None = None,
+        *,
+        api_key: str | None = None,
+        request_timeout_s: float = defaults.REQUEST_TIMEOUT_S,
+        max_connections: int = 64,
+    ) -> None:
+        super().__init__(base_url, model, api_key=api_key, request_timeout_s=request_timeout_s)
+        self.http = HttpClient(self.base_url, api_key=self.api_key, credentials=self._credentials,
+                               timeout_s=request_timeout_s, max_connections=max_connections,
+                               unreachable_hint=self.unreachable_hint)  # fmt: skip
+
+    async def aclose(self) -> None:
+        await self.http.close()

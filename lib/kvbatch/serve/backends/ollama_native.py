@@ -20,8 +20,8 @@ from pydantic import ConfigDict, ValidationError
 from kvbatch import defaults
 from kvbatch.errors import KvbatchError, MalformedReplyError, classify_http_error
 from kvbatch.serve.backends import register_backend
-from kvbatch.serve.backends.base import Backend, ChatResult, ServerLimits, ServerMemory, is_local
-from kvbatch.serve.backends.http import HttpClient
+from kvbatch.serve.backends.base import ChatResult, ServerLimits, ServerMemory, is_local
+from kvbatch.serve.backends.http import HttpBackend
 from kvbatch.serve.layout import SlotLayout
 
 # OpenAI body keys that Ollama takes inside `options`, with Ollama's name for each.
@@ -130,8 +130,10 @@ def as_openai_completion(reply: dict[str, Any], cached: int | None) -> dict[str,
 
 
 @register_backend("ollama")
-class OllamaBackend(Backend):
+class OllamaBackend(HttpBackend):
     """Ollama's native API. `num_ctx` is sent with every request: changing it makes Ollama reload the model."""
+
+    unreachable_hint = "is `ollama serve` running?"
 
     refused_fields: ClassVar[dict[str, str]] = {
         "n": "Ollama answers one choice per request; give each wanted answer its own custom_id",
@@ -152,18 +154,11 @@ class OllamaBackend(Backend):
         keep_alive: str | float | None = defaults.KEEP_ALIVE,
         max_connections: int = 64,
     ) -> None:
-        super().__init__(base_url, model, api_key=api_key, request_timeout_s=request_timeout_s)
+        super().__init__(base_url, model, api_key=api_key, request_timeout_s=request_timeout_s,
+                         max_connections=max_connections)  # fmt: skip
         self.layout = layout
         """The planned slots and context: every request sends its current `slot_context_tokens` as `num_ctx`."""
         self.keep_alive = keep_alive
-        self.http = HttpClient(
-            self.base_url,
-            api_key=self.api_key,
-            credentials=self._credentials,
-            timeout_s=request_timeout_s,
-            max_connections=max_connections,
-            unreachable_hint="is `ollama serve` running?",
-        )
 
     def _model(self, body: dict[str, Any] | None = None) -> str:
         model = self.model or (body or {}).get("model")
@@ -284,6 +279,3 @@ class OllamaBackend(Backend):
             limits.slot_context_tokens = loaded.context_length
             limits.sources["slot_context_tokens"] = "/api/ps context_length"
         return limits
-
-    async def aclose(self) -> None:
-        await self.http.close()

@@ -12,8 +12,8 @@ from typing import Any
 from kvbatch import defaults
 from kvbatch.errors import BadRequestError, KvbatchError, MalformedReplyError
 from kvbatch.serve.backends import register_backend
-from kvbatch.serve.backends.base import Backend, ChatResult, ServerLimits
-from kvbatch.serve.backends.http import HttpClient
+from kvbatch.serve.backends.base import ChatResult, ServerLimits
+from kvbatch.serve.backends.http import HttpBackend
 
 
 def cached_tokens_from(body: dict[str, Any]) -> int | None:
@@ -33,8 +33,10 @@ def _positive_int(value: Any) -> int | None:
 
 
 @register_backend("openai")
-class OpenAICompatBackend(Backend):
+class OpenAICompatBackend(HttpBackend):
     """Any server that speaks `/v1/chat/completions`."""
+
+    unreachable_hint = "is the server running? Start the embedded one with `kvbatch serve`."
 
     def __init__(
         self,
@@ -47,16 +49,8 @@ class OpenAICompatBackend(Backend):
         slot_pinning: bool = False,
     ) -> None:
         super().__init__(base_url.rstrip("/").removesuffix("/v1"), model, api_key=api_key,
-                         request_timeout_s=request_timeout_s)  # fmt: skip
+                         request_timeout_s=request_timeout_s, max_connections=max_connections)  # fmt: skip
         self.slot_pinning = slot_pinning
-        self.http = HttpClient(
-            self.base_url,
-            api_key=self.api_key,
-            credentials=self._credentials,
-            timeout_s=request_timeout_s,
-            max_connections=max_connections,
-            unreachable_hint="is the server running? Start the embedded one with `kvbatch serve`.",
-        )
 
     async def chat(
         self, body: dict[str, Any], *, slot: int | None = None, timeout_s: float | None = None
@@ -165,6 +159,3 @@ class OpenAICompatBackend(Backend):
             timeout_s=900,
         )
         return int((reply.get("timings") or {}).get("prompt_n") or reply.get("tokens_evaluated") or 0)
-
-    async def aclose(self) -> None:
-        await self.http.close()

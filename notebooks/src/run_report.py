@@ -78,6 +78,7 @@ fig.tight_layout()
 endpoints = pd.DataFrame(summary.get("per_endpoint", []))
 if not endpoints.empty:
     endpoints["server"] = endpoints["server"].map(lambda s: s.get("build") or s.get("url") or "")
+    endpoints["requests_per_s"] = endpoints["requests_per_s"].map(lambda v: f"{v:.3f}" if v is not None else "–")
     display(table(endpoints[["label", "server", "completed", "failed", "retries", "recoveries", "requests_per_s",
                              "cache_share_of_prompt_tokens", "out_of_pool_s"]],
                   share_columns=["cache_share_of_prompt_tokens"], duration_columns=["out_of_pool_s"],
@@ -96,7 +97,11 @@ evaluated = without_cache - (summary.get("cached_prompt_tokens") or 0)
 display(Markdown(f"Prompt tokens evaluated: **{evaluated:,}** of {without_cache:,} sent "
                  f"(**{(without_cache - evaluated):,}** served from the prefix cache). "
                  f"Planned: {plan.get('prompt_tokens_evaluated', 0):,} of {plan.get('prompt_tokens_without_cache', 0):,}."))
-table(per_prefix, share_columns=["from cache"]) if not per_prefix.empty else None
+table(per_prefix[["prefix", "requests", "prompt_tokens", "cached_tokens", "prefix_tokens", "prefix_cached_tokens",
+                  "misses", "from cache"]], share_columns=["from cache"],
+      rename={"prompt_tokens": "prompt tokens", "cached_tokens": "from the cache", "prefix_tokens": "system prompt tokens",
+              "prefix_cached_tokens": "system prompt from the cache", "misses": "cache misses"}) \
+    if not per_prefix.empty else None
 
 # %%
 if not metrics.empty and metrics["cached_tokens"].notna().any():
@@ -138,7 +143,10 @@ else:
     shown = events.copy()
     shown["time"] = shown["t_unix_s"].map(clock)
     details = [c for c in shown.columns if c not in ("t_unix_s", "time", "event")]
-    shown["details"] = shown[details].apply(lambda row: "; ".join(f"{k}: {v}" for k, v in row.items()
+    def readable(value):
+        return f"{value:g}" if isinstance(value, float) else str(value)
+
+    shown["details"] = shown[details].apply(lambda row: "; ".join(f"{k}: {readable(v)}" for k, v in row.items()
                                                                   if pd.notna(v) and v != ""), axis=1)
     display(table(shown[["time", "event", "details"]]))
 

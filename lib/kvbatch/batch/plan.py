@@ -140,6 +140,8 @@ class Plan:
             checkpoints = (
                 f" + checkpoints {format_bytes(memory.checkpoint_bytes)} "
                 f"(<= {defaults.CTX_CHECKPOINTS}/slot, {'counted' if memory.checkpoints_in_budget else 'host RAM'})"
+                if memory.checkpoint_bytes
+                else ""
             )
             lines.append(
                 f"  memory: base {format_bytes(memory.base_bytes)} + KV cache {format_bytes(memory.kv_cache_bytes)} "

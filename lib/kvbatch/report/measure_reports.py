@@ -88,10 +88,14 @@ def run_measurement_notebooks(
     if out.exists():
         result = load_measurement(out)
         if result.kv_bytes_per_token:
+            safe = (
+                f"safe context {result.safe_context_tokens} tokens under {result.budget}"
+                if result.safe_context_tokens
+                else "no safe context yet (the safe_context notebook)"
+            )
             yield (
                 f"slope {result.kv_bytes_per_token / 1024:.2f} KiB/token (predicted "
-                f"{(result.kv_bytes_per_token_predicted or 0) / 1024:.2f}); safe context {result.safe_context_tokens}"
-                f" tokens under {result.budget or 'no budget yet'}; results: {out}"
+                f"{(result.kv_bytes_per_token_predicted or 0) / 1024:.2f}); {safe}; results: {out}"
             )
         for finding in result.findings:
             yield f"  flagged: {finding}"

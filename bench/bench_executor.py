@@ -4,8 +4,8 @@
   2. independent vs conversation mode on the same requests        (original: conversation 1.39x slower)
   3. share of system-prompt tokens served from the prefix cache                       (goal >= 98.8 %)
   4. executor vs a bare aiohttp loop against an instant local server, same in-flight  (goal >= 0.5)
-  5. the 170,000-request input against an instant server, killed with kill -9 three times and resumed: exactly
-     once, the executor's peak memory (goal < 200 MB), resume time (goal < 5 s) (bench/stress.py)
+  5. the 170,000-request input against the fault-injecting server, killed with kill -9 three times and resumed:
+     exactly once, the executor's peak memory (goal < 200 MB), resume time (goal < 5 s) (bench/stress.py)
 
 Usage: .venv/bin/python bench/bench_executor.py [--parts 1,2,3,4,5] [--big-n 170000]
 """
@@ -193,7 +193,7 @@ def part_5(work: Path, n: int) -> None:
     outcome = stress_run(n, 3, work, faults=Faults(seed=7), poison=False, shape=ORIGINAL_SHAPE)
     size = (work / "stress.jsonl").stat().st_size
     row(
-        f"5a. executor peak memory (VmHWM), {n:,}-request input ({size / 2**30:.1f} GiB), 3 kills and resumes",
+        f"5a. executor peak memory (VmHWM), {n:,}-request input ({size / 2**30:.1f} GiB), faults, 3 kills and resumes",
         f"{outcome.peak_rss_bytes / 2**20:.0f} MiB",
         f"{outcome.results:,} results, {outcome.duplicates} duplicated, {outcome.lost} lost, {outcome.wall_s:.0f} s",
         "goal < 200 MB",

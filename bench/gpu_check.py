@@ -47,12 +47,16 @@ def main() -> int:
     card = gpu_memory()[0]
     row("card", f"{card.name}, {card.total_bytes / 2**30:.1f} GiB, {card.others_bytes / 2**30:.2f} GiB held by others")
 
-    from kvbatch.serve.build import installed_build, setup_server
+    from kvbatch.serve.build import BuildError, installed_build, setup_server
 
     build = installed_build()
     if build is None or build.backend != "cuda":
         began = time.perf_counter()
-        build = setup_server(backend="cuda", say=lambda line: print(f"  {line}", flush=True))
+        try:
+            build = setup_server(backend="cuda", say=lambda line: print(f"  {line}", flush=True))
+        except BuildError as exc:
+            print(f"gpu_check: the CUDA build failed: {exc}", file=sys.stderr)
+            return 2
         row("CUDA build", f"{build.describe()} in {time.perf_counter() - began:.0f} s")
     else:
         row("CUDA build", f"{build.describe()} (installed)")

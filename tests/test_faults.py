@@ -8,6 +8,7 @@ import os
 import signal
 import subprocess
 import sys
+import time
 
 from batch_helpers import (
     input_ids,
@@ -198,3 +199,82 @@ def test_a_kernel_oom_kill_is_read_from_the_cgroup(tmp_path):
     events.write_text("low 0\nhigh 0\nmax 12\noom 3\noom_kill 2\n")
     assert kernel_oom_kills(events) == 2
     assert kernel_oom_kills(tmp_path / "missing") is None
+
+
+def test_a_kernel_oom_kill_restarts_the_server_smaller(tmp_path):
+    """The kernel's OOM killer leaves an empty log and exit -9; the cgroup's oom_kill count tells it from a plain
+    kill, and the server comes back with fewer slots."""
+    import asyncio
+
+    from kvbatch.errors import ServerGoneError
+    from kvbatch.serve.config import ServerConfig
+    from kvbatch.serve.layout import SlotLayout
+    from kvbatch.serve.supervisor import EmbeddedSupervisor
+
+    events = tmp_path / "memory.events"
+    events.write_text("oom 0\noom_kill 0\n")
+    layout = SlotLayout(2, 1024)
+    supervisor = EmbeddedSupervisor(ServerConfig(), layout, min_slot_context=512, log_path=tmp_path / "server.log",
+                                    cgroup_events=events)  # fmt: skip
+
+    async def go():
+        await supervisor.start()
+        supervisor.server.kill()  # as the OOM killer would, then the cgroup counts it
+        events.write_text("oom 1\noom_kill 1\n")
+        recovery = await supervisor.recover(ServerGoneError("Server disconnected"))
+        await supervisor.close()
+        return recovery
+
+    recovery = asyncio.run(go())
+    assert recovery.out_of_memory and recovery.action == "restarted with 1 slot(s) x 1024 tokens"
+    assert layout.slots == 1
+
+
+def test_an_out_of_memory_halving_is_not_undone_by_a_later_phase(tmp_path):
+    import asyncio
+
+    from kvbatch.batch.execution.endpoint import Endpoint
+    from kvbatch.batch.execution.recorder import Recorder
+    from kvbatch.batch.execution.stats import RunStats
+    from kvbatch.batch.journal import Fingerprint, Journal
+    from kvbatch.batch.progress import Progress
+    from kvbatch.batch.runfolder import RunFolder
+    from kvbatch.errors import OutOfMemoryError
+    from kvbatch.serve.backends import get_backend
+    from kvbatch.serve.layout import SlotLayout
+    from kvbatch.serve.supervisor import ExternalSupervisor, Recovery
+
+    class OutOfMemoryOnce(ExternalSupervisor):
+        async def recover(self, cause):
+            return Recovery(str(cause), "waited for health", 0.0, True)
+
+    folder = RunFolder(tmp_path)
+    journal = Journal.open(folder, Fingerprint(input_hash="sha256:0", model="m", system_prompt_hash="",
+                                               generation={}, mode="independent"))  # fmt: skip
+    recorder = Recorder(journal, folder, RunStats(), Progress(None, enabled=False), prefix_tokens={})
+
+    async def go():
+        supervisor = OutOfMemoryOnce(get_backend("openai", "http://127.0.0.1:9"), SlotLayout(8, 4096))
+        endpoint = Endpoint(supervisor, label="e", recorder=recorder, pooled=False)
+        assert await endpoint.set_in_flight(8) == 8
+        await endpoint.recover(OutOfMemoryError("out of memory"), endpoint.generation)
+        assert endpoint.gate.limit == 4
+        assert await endpoint.set_in_flight(8) == 4  # the next phase asks for 8 again, and gets 4
+        await supervisor.close()
+
+    asyncio.run(go())
+    recorder.close()
+    journal.close()
+
+
+def test_request_timeout_bounds_a_request_that_never_answers_in_time(tmp_path):
+    with RunningFaultServer(free_port(), Faults(p_slow=1.0, slow_s=3.0)) as server:
+        batch = small_batch(tmp_path / "in.jsonl", 2)
+        started = time.perf_counter()
+        result = kvbatch("run", str(batch), "--url", server.url, *QUIET, "--request-timeout", "0.5",
+                         "--concurrency", "1", cwd=tmp_path)  # fmt: skip
+        elapsed = time.perf_counter() - started
+    assert result.returncode == 0, result.stderr
+    errors = result_lines(tmp_path / "data" / "runs" / "in", "errors.jsonl")
+    assert len(errors) == 2 and all("timed out" in e["error"]["message"] for e in errors)
+    assert elapsed < 60

@@ -172,3 +172,33 @@ def test_plan_json_kv_cache_bytes_match_the_server_log(tmp_path):
     with EmbeddedServer(config) as server:
         logged = server.log().kv_total_bytes
     assert abs(plan["kv_cache_bytes"] / logged - 1) < 0.02
+
+
+def test_a_measurement_file_from_before_schema_2_is_migrated_and_used(tmp_path):
+    """The old layout (sections fit/safe_context, named <gguf stem>__<types>.json) is read into today's model, moved
+    to today's name, and planned from; a newer schema is refused with what to do."""
+    from batch_helpers import small_batch
+    from kvbatch.errors import UserInputError
+    from kvbatch.measure.result import find_measurement, load_measurement
+
+    folder = tmp_path / "data" / "measurements"
+    folder.mkdir(parents=True)
+    legacy = folder / "gemma-3-270m-q4_k_m__f16-f16.json"
+    legacy.write_text(json.dumps({
+        "fit": {"slope_bytes_per_token": 3110.0, "base_bytes": 330e6, "r_squared": 0.9999,
+                "predicted_slope_bytes_per_token": 3072.0, "slope_ci95": [3100.0, 3120.0]},
+        "safe_context": {"max_context_tokens": 7168, "safe_context_tokens": 5632, "budget_bytes": 476082176,
+                         "budget": "0.443 GiB = the model serving at 1024 tokens (430 MiB) + 24 MiB"},
+        "speeds": {"prompt_tokens_per_s": 316.0, "answer_tokens_per_s": 58.0},
+    }))  # fmt: skip
+    batch = small_batch(tmp_path / "in.jsonl", 8)
+    plan = json.loads(kvbatch("plan", str(batch), "--json", cwd=tmp_path).stdout)
+    moved = folder / "embedded__gemma-3-270m-q4_k_m.gguf__f16-f16.json"
+    assert plan["measurement_file"] == "data/measurements/embedded__gemma-3-270m-q4_k_m.gguf__f16-f16.json"
+    assert not legacy.exists() and moved.exists()
+    migrated = load_measurement(moved)
+    assert migrated.schema_version == 2 and migrated.kv_bytes_per_token == 3110.0 and migrated.budget_is_demo
+    assert find_measurement("embedded", "gemma-3-270m-q4_k_m.gguf", KvCacheTypes(), folder) == moved
+    moved.write_text(json.dumps({**json.loads(moved.read_text()), "schema_version": 9}))
+    with pytest.raises(UserInputError, match="written by a newer kvbatch"):
+        load_measurement(moved)

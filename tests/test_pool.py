@@ -40,9 +40,9 @@ def test_a_pool_of_servers_shares_the_batch_and_reports_each(tmp_path):
 
 
 def test_an_endpoint_that_dies_is_taken_out_and_re_admitted_with_nothing_lost(tmp_path):
-    batch = small_batch(tmp_path / "in.jsonl", 400)
-    faults = Faults(service_s=0.02, slots=1, down_s=8.0)
-    servers = [RunningFaultServer(free_port(), faults) for _ in range(4)]
+    batch = small_batch(tmp_path / "in.jsonl", 1600)
+    # down for 7 s: past the pool's 5 s of grace, so it is taken out, then probed and re-admitted
+    servers = [RunningFaultServer(free_port(), Faults(service_s=0.05, slots=1, down_s=7.0)) for _ in range(4)]
     for server in servers:
         server.__enter__()
     try:
@@ -50,22 +50,44 @@ def test_an_endpoint_that_dies_is_taken_out_and_re_admitted_with_nothing_lost(tm
         process = start_kvbatch("run", str(batch), *urls, *QUIET, cwd=tmp_path)
         run = tmp_path / "data" / "runs" / "in"
         wait_for_results(run, 60, process)
-        import threading
-
-        threading.Thread(target=servers[2].crash, daemon=True).start()  # down for 8 s, then back
+        servers[2].crash()  # nothing listening for 7 s, then back on the same port
         out, _ = process.communicate(timeout=300)
+        served_after = servers[2].server.counts["answered"]
     finally:
         for server in servers:
             server.__exit__(None, None, None)
     assert process.returncode == 0, out
     _exactly_once(run, batch)
     events = result_lines(run, "events.jsonl")
-    assert any(e["event"] == "endpoint_out" and e["endpoint"] == "external-2" for e in events)
+    kinds = [(e["event"], e.get("endpoint")) for e in events]
+    assert ("endpoint_out", "external-2") in kinds and ("endpoint_back", "external-2") in kinds
     summary = json.loads((run / "summary.json").read_text())
-    out_s = {e["label"]: e["out_of_pool_s"] for e in summary["per_endpoint"]}
-    if any(e["event"] == "endpoint_back" for e in events):
-        assert out_s["external-2"] > 0
+    by_label = {e["label"]: e for e in summary["per_endpoint"]}
+    assert by_label["external-2"]["out_of_pool_s"] >= 1.0
+    assert by_label["external-2"]["completed"] > 0 and served_after > 0
     assert not result_lines(run, "errors.jsonl")
+
+
+def test_one_embedded_server_per_gpu_is_planned_for_its_own_card(monkeypatch, tmp_path):
+    """Without a GPU the request is one sentence; with cards (NVML's answer recorded for two), one server each,
+    each planned for its own card's memory."""
+    batch = small_batch(tmp_path / "in.jsonl", 2)
+    result = kvbatch("plan", str(batch), "--servers", "per-gpu", cwd=tmp_path)
+    assert result.returncode == 2 and "--servers per-gpu: no NVIDIA GPU answers here" in result.stderr
+    from kvbatch.batch import endpoints
+    from kvbatch.measure import budget
+    from kvbatch.serve import probes
+
+    cards = [probes.GpuMemory(0, "NVIDIA H100", 80 * 2**30, 1 * 2**30, 1 * 2**30),
+             probes.GpuMemory(1, "NVIDIA L4", 24 * 2**30, 0, 0)]  # fmt: skip
+    monkeypatch.setattr(probes, "gpu_memory", lambda exclude_pids=None: cards)
+    monkeypatch.setattr(budget, "gpu_memory", lambda exclude_pids=None: cards)
+    specs = endpoints.endpoint_specs(urls=None, endpoints_file=None, backend="openai", model=None,
+                                     servers="per-gpu", ray=None)  # fmt: skip
+    assert [(s.kind, s.gpu) for s in specs] == [("embedded", 0), ("embedded", 1)]
+    first, second = budget.gpu_budget(0), budget.gpu_budget(1)
+    assert first.bytes == int(80 * 2**30 * 0.9) - 2**30 and "NVIDIA H100" in first.text
+    assert second.bytes == int(24 * 2**30 * 0.9) and "NVIDIA L4" in second.text
 
 
 def test_an_endpoints_file_with_a_typo_names_file_line_and_key(tmp_path):
@@ -112,7 +134,11 @@ def test_ray_actors_serve_the_batch_and_survive_a_killed_server(tmp_path):
     servers = [p for p in psutil.process_iter(["name", "create_time"]) if p.info["name"] == "llama-server"
                and p.pid not in before]  # fmt: skip
     assert len(servers) >= 2, "one llama-server per actor"
-    servers[0].kill()
+    servers[0].kill()  # the actor restarts its own server
+    wait_for_results(run, 8, process, timeout_s=300)
+    actors = [p for p in psutil.process_iter(["cmdline"]) if "ray::ServerActor" in " ".join(p.info["cmdline"] or [])]
+    assert len(actors) == 2, "one Ray actor per server"
+    actors[1].kill()  # the actor itself dies: Ray restarts it, and it starts a new server
     out, _ = process.communicate(timeout=600)
     assert process.returncode == 0, out
     _exactly_once(run, batch)
@@ -120,3 +146,4 @@ def test_ray_actors_serve_the_batch_and_survive_a_killed_server(tmp_path):
     assert sorted(e["label"] for e in summary["per_endpoint"]) == ["ray-0", "ray-1"]
     events = result_lines(run, "events.jsonl")
     assert any(e["event"] == "recovery" and e["action"].startswith("actor: restarted") for e in events)
+    assert any(e["event"] == "recovery" and e["action"] == "Ray restarted the actor" for e in events)

@@ -13,7 +13,7 @@ def test_a_cpu_server_is_followed_by_its_rss_and_the_log_is_exact(embedded_serve
     assert probe.name == "process-rss"
     assert probe.read() > 200 * 2**20  # the model's weights alone are 253 MB on disk
     log_probe = probe_for_server(embedded_server.pid, embedded_server.log_text, "server-log-kv")
-    assert log_probe.reading().bytes == 54 * 2**20 and log_probe.reading().probe == "server-log-kv"
+    assert log_probe.read() == 54 * 2**20 and log_probe.name == "server-log-kv"
 
 
 def test_unknown_or_impossible_probes_say_why(embedded_server):

@@ -83,3 +83,6 @@ def test_the_report_of_a_real_run_speaks_to_a_person(in_tmp_repo):
         assert raw not in html, raw
     assert "MiB" in html and "%" in html and "KV cache (global + sliding window)" in html
     assert "estimated by the plan" in html and "re-estimated from the run" in html
+    summary = json.loads((in_tmp_repo / "data" / "runs" / "real" / "summary.json").read_text())
+    cut = [r for r in load_results(in_tmp_repo / "data" / "runs" / "real").itertuples() if r.finish_reason == "length"]
+    assert summary["answers_cut_at_max_tokens"] == len(cut) > 0  # 6-token answers: every one reaches max_tokens

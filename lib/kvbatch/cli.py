@@ -267,6 +267,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 def cmd_plan(args: argparse.Namespace) -> int:
     from kvbatch.batch.runner import plan_only
+    from kvbatch.serve.backends import public_url
 
     quiet = args.json
     prepared = plan_only(settings_from_args(args), say=(lambda *_: None) if quiet else print)
@@ -278,7 +279,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
         return 0
     for index, endpoint in enumerate(prepared.plans):
         if len(prepared.plans) > 1:
-            print(f"[endpoint {index}: {endpoint.spec.url or endpoint.spec.kind}]")
+            print(f"[endpoint {index}: {public_url(endpoint.spec.url) or endpoint.spec.kind}]")
         print(endpoint.plan.describe())
     print(f"planned {prepared.plan.request_count} requests; nothing was run")
     return 0

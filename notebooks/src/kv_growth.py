@@ -4,6 +4,8 @@
 # beside what the model's architecture predicts. Sweep B keeps one allocation and fills it step by step.
 
 # %% [parameters]
+from kvbatch import defaults
+
 backend = "embedded"  # "embedded" (llama-server started here) or "ollama" (a running Ollama at `url`)
 url = None
 model = None  # Ollama model name, e.g. "gemma3:12b"
@@ -13,10 +15,10 @@ parallel = 1  # Ollama's OLLAMA_NUM_PARALLEL (it allocates num_ctx x parallel)
 contexts = [2048, 8192, 16384, 32768]
 repeats = 2
 swa_full_variants = [False, True]  # the sliding-window cache as shipped, and with --swa-full (embedded only)
-fill_context = 4096
+fill_context = defaults.CONTEXT_TOKENS
 fill_fractions = [0.1, 0.25, 0.5, 0.75, 0.95]
 probe = "auto"
-out_dir = "data/measurements"
+out_dir = str(defaults.MEASUREMENTS_DIR)
 
 # %%
 from pathlib import Path
@@ -52,6 +54,11 @@ for swa_full in (swa_full_variants if backend == "embedded" else [False]):
     finally:
         loader.close()
     runs[swa_full]["out"] = out
+
+# %%
+first = next(iter(runs.values()))["result"]
+flags = ", ".join(f"{k}={v}" for k, v in first.server_flags.items() if v is not None and k != "instruction_sets")
+display(Markdown(f"**Server**: {first.build.get('build', 'Ollama at ' + str(url))}; {flags}. Probe: `{first.probe}`."))
 
 # %% [markdown]
 # ## Sweep A: memory vs allocated context

@@ -8,20 +8,22 @@
 # The safe context is the largest that worked times the margin, always below it.
 
 # %% [parameters]
+from kvbatch import defaults
+
 backend = "embedded"
 url = None
 model = None
 model_path = None
 kv_type = "f16"
 parallel = 1
-budget = "+24MiB"  # the memory the server may use ("8GiB", "auto"), or the demo: headroom above the model's need
-safety_margin = 0.8
+budget = defaults.DEMO_BUDGET  # the memory the server may use ("8GiB", "auto"), or the demo: headroom above the need
+safety_margin = defaults.SAFETY_MARGIN
 floor_tokens = 1024
 ceiling_tokens = None  # default: the model's trained context
 step_tokens = 256
 fill_fraction = 1.0
 swa_full = False
-out_dir = "data/measurements"
+out_dir = str(defaults.MEASUREMENTS_DIR)
 
 # %%
 from pathlib import Path
@@ -56,7 +58,10 @@ display(Markdown(
     f"**{result.safe_context_tokens} tokens**. It took **{result.loads} loads** (bound: "
     f"{max_loads(floor_tokens, search['ceiling'], step_tokens)})."
     + ("\n\n*The budget is the 2-core demo: the plan of a run never takes it as yours.*"
-       if search["budget"].is_demo else "")))
+       if search["budget"].is_demo else "")
+    + f"\n\n**Server**: {search['measurement'].build.get('build', 'Ollama at ' + str(url))}; flags: "
+    + ", ".join(f"{k}={v}" for k, v in search["measurement"].server_flags.items()
+                if v is not None and k != "instruction_sets")))
 
 # %%
 steps = search["steps"]

@@ -5,19 +5,21 @@
 # FAILED on any request error, on memory above the budget, or on a drift above max(1 %, 64 MiB) over the second half.
 
 # %% [parameters]
+from kvbatch import defaults
+
 backend = "embedded"  # embedded, or "ollama" with `url` and `model`
 url = None
 model = None
 model_path = None
 kv_type = "f16"
 parallel = 1
-input_path = "data/sample/requests.jsonl"  # the batch whose request sizes (and plan) are tested
+input_path = str(defaults.SAMPLE_INPUT)  # the batch whose request sizes (and plan) are tested
 budget = None  # the memory the server may use (default: the machine's, as the plan takes it)
 slots = None  # default: the plan's
 slot_context_tokens = None  # default: the plan's
-duration_s = 60
-interval_s = 15
-out_dir = "data/measurements"
+duration_s = defaults.SUSTAINED_DURATION_S
+interval_s = defaults.SUSTAINED_INTERVAL_S
+out_dir = str(defaults.MEASUREMENTS_DIR)
 
 # %%
 import itertools

@@ -78,6 +78,8 @@ def read_endpoints_file(path: Path) -> list[EndpointSpec]:
         raise UserInputError(f'{path}: no [[endpoint]] tables; each needs at least url = "http://..."')
     specs = []
     for index, entry in enumerate(entries):
+        if not isinstance(entry, dict):
+            raise UserInputError(f'{path}: endpoint {index + 1} must be a [[endpoint]] table with url = "..."')
         for key in entry:
             if key not in ENDPOINT_KEYS:
                 raise UserInputError(f"{path}:{_line_of(text, key, index)}: {key}: unknown key (known: "

@@ -20,6 +20,7 @@ class MemoryBreakdown:
     sliding_bytes: float
     checkpoint_bytes: float
     checkpoints_in_budget: bool
+    ctx_checkpoints: int = 0
 
     @property
     def kv_cache_bytes(self) -> float:
@@ -65,7 +66,7 @@ class MemoryModel:
         global_bytes = cache.global_bytes * (self.slope(types) * cache.global_cells / predicted_global) \
             if predicted_global else cache.global_bytes  # fmt: skip
         return MemoryBreakdown(self.base_bytes, global_bytes, cache.sliding_bytes, cache.checkpoint_bytes,
-                               self.checkpoints_in_budget)  # fmt: skip
+                               self.checkpoints_in_budget, self.ctx_checkpoints)  # fmt: skip
 
     @classmethod
     def from_measurement(cls, arch: KvArchitecture, measurement: Measurement, types: KvCacheTypes, **options):

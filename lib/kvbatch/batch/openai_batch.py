@@ -7,6 +7,7 @@ here alone; a resume of an unchanged input loads it instead of scanning again.
 
 from __future__ import annotations
 
+import collections
 import hashlib
 import json
 import os
@@ -43,9 +44,15 @@ def _decode(raw: bytes, line_no: int) -> str:
     return raw.decode("utf-8").rstrip("\r\n")
 
 
-def scan_openai_batch(path: Path, *, max_problems: int = 1000, refused: dict[str, str] | None = None) -> InputReport:
+def scan_openai_batch(
+    path: Path,
+    *,
+    max_problems: int = 1000,
+    refused: dict[str, str] | None = None,
+    accepted: frozenset[str] | None = None,
+) -> InputReport:
     """Validate an OpenAI Batch JSONL file line by line, and index it for the executor. `refused` names body
-    fields the chosen server cannot honour."""
+    fields the chosen server cannot honour; `accepted`, when given, the only ones it takes (the rest are noted)."""
     path = Path(path)
     if not path.is_file():
         raise UserInputError(f"input file not found: {path}")
@@ -55,6 +62,7 @@ def scan_openai_batch(path: Path, *, max_problems: int = 1000, refused: dict[str
     first_line_of: dict[str, int] = {}
     foreign_models: dict[str, int] = {}
     streamed = pinned = 0
+    not_sent: collections.Counter = collections.Counter()
     offset = 0
     with open(path, "rb") as handle:
         for line_no, raw in enumerate(handle, start=1):
@@ -103,7 +111,7 @@ def scan_openai_batch(path: Path, *, max_problems: int = 1000, refused: dict[str
                          f"{record.get('url')!r} is not supported; use {SUPPORTED_URLS[0]}")  # fmt: skip
                 continue
             body = record.get("body")
-            messages = check_body(body, (str(path), line_no), report.problems, refused)
+            messages = check_body(body, (str(path), line_no), report.problems, refused, accepted, not_sent)
             if messages is None:
                 continue
             if body.get("model"):
@@ -125,6 +133,8 @@ def scan_openai_batch(path: Path, *, max_problems: int = 1000, refused: dict[str
             f"{streamed} line(s) ask for stream: true; batch results are collected whole, so they run with "
             "stream: false"
         )
+    for key, count in sorted(not_sent.items()):
+        report.notes.append(f"body.{key} on {count} line(s): the server does not take it, so it is not sent")
     if pinned:
         report.notes.append(f"{pinned} line(s) set id_slot; kvbatch assigns slots itself, so it is not sent")
     return report

@@ -62,7 +62,6 @@ class Plan:
 
     mode: str
     layout: SlotLayout
-    chunk_size: int
     sizes: SizeProfile
     kv_types: KvCacheTypes
     memory: MemoryBreakdown | None
@@ -80,6 +79,12 @@ class Plan:
     @property
     def request_count(self) -> int:
         return self.sizes.request_count
+
+    @property
+    def chunk_size(self) -> int:
+        """Requests per conversation (conversation mode), from the layout's current per-slot context: a back-off
+        that shrinks the context shortens the chunks too."""
+        return conversation_chunk(self.sizes, self.layout.slot_context_tokens) if self.mode == "conversation" else 1
 
     @property
     def prompt_tokens_saved_share(self) -> float:
@@ -139,7 +144,7 @@ class Plan:
             memory = self.memory
             checkpoints = (
                 f" + checkpoints {format_bytes(memory.checkpoint_bytes)} "
-                f"(<= {defaults.CTX_CHECKPOINTS}/slot, {'counted' if memory.checkpoints_in_budget else 'host RAM'})"
+                f"(<= {memory.ctx_checkpoints}/slot, {'counted' if memory.checkpoints_in_budget else 'host RAM'})"
                 if memory.checkpoint_bytes
                 else ""
             )
@@ -231,7 +236,6 @@ def make_plan(
     if mode not in MODES:
         raise PlanError(f"unknown mode {mode!r}; use independent or conversation")
     notes: list[str] = []
-    per_message = defaults.CHAT_TEMPLATE_TOKENS_PER_MESSAGE
     limits = inputs.server_limits
     ceiling = inputs.trained_context_tokens or 10**9
     if limits and limits.max_model_len:
@@ -309,10 +313,7 @@ def make_plan(
             notes.append("a q8_0 KV cache (OLLAMA_KV_CACHE_TYPE=q8_0, with flash attention) would halve the cache")
 
     layout = SlotLayout(slots, slot_context)
-    chunk_size = 1
-    if mode == "conversation":
-        turn = per_message * 2 + sizes.user_tokens_p99 + sizes.max_tokens_p99
-        chunk_size = max(1, int((slot_context - sizes.system_prompt_tokens - per_message) // turn))
+    chunk_size = conversation_chunk(sizes, slot_context) if mode == "conversation" else 1
     evaluated, without_cache = _prompt_tokens(sizes, mode, slots, chunk_size)
     estimate, basis = _estimate(sizes, inputs, mode, slots)
     if inputs.budget and inputs.measured_budget:
@@ -323,7 +324,6 @@ def make_plan(
     return Plan(
         mode=mode,
         layout=layout,
-        chunk_size=chunk_size,
         sizes=sizes,
         kv_types=kv_types,
         memory=memory,
@@ -338,6 +338,13 @@ def make_plan(
         measurement_reason=inputs.measurement_reason,
         notes=notes,
     )
+
+
+def conversation_chunk(sizes: SizeProfile, slot_context: int) -> int:
+    """How many requests one conversation holds after the system prompt, at the p99 turn size."""
+    per_message = defaults.CHAT_TEMPLATE_TOKENS_PER_MESSAGE
+    turn = per_message * 2 + sizes.user_tokens_p99 + sizes.max_tokens_p99
+    return max(1, int((slot_context - sizes.system_prompt_tokens - per_message) // turn))
 
 
 def _no_fit(sizes: SizeProfile, inputs: PlanInputs, slot_context: int, types: KvCacheTypes, slots: int) -> str:

@@ -15,11 +15,11 @@ from kvbatch.batch.requests import InputReport
 from kvbatch.batch.settings import BatchSettings
 from kvbatch.batch.sizes import SizeProfile, size_profile
 from kvbatch.batch.tokens import Calibration, calibrate
-from kvbatch.errors import UserInputError
+from kvbatch.errors import ServerStartError, UserInputError
 from kvbatch.measure.budget import Budget, default_budget, gpu_budget, ram_budget, resolve_budget
 from kvbatch.measure.kvmodel import KvArchitecture, KvCacheTypes, architecture_from_gguf, architecture_from_metadata
 from kvbatch.measure.kvmodel import kv_cache as kv_cache_of
-from kvbatch.measure.result import Measurement, load_measurement, measurement_path
+from kvbatch.measure.result import Measurement, find_measurement, load_measurement, measurement_path
 from kvbatch.serve.backends import Backend, ServerLimits, get_backend
 from kvbatch.serve.backends.base import is_local
 from kvbatch.serve.backends.ollama_native import server_settings
@@ -59,10 +59,15 @@ def kv_candidates(kv_type: str) -> tuple[KvCacheTypes, ...]:
     return (KvCacheTypes(kv_type, kv_type),)
 
 
-def model_identity(settings: BatchSettings, spec: EndpointSpec) -> str:
-    """Backend, model and KV cache types, for the run's fingerprint (not the address: a server may move)."""
+async def model_identity(settings: BatchSettings, spec: EndpointSpec) -> str:
+    """Backend, model and KV cache types, for the run's fingerprint (not the address: a server may move). A server
+    named without --model is asked which model it serves."""
     if spec.kind == "external":
-        return f"{spec.backend}:{spec.model or 'server-default'}:{settings.kv_type}"
+        model = spec.model
+        if not model:
+            async with get_backend(spec.backend, spec.url, api_key=spec.api_key()) as backend:
+                model = await backend.served_model()
+        return f"{spec.backend}:{model or 'server-default'}:{settings.kv_type}"
     model = Path(settings.server.model_path).name if settings.server.model_path else default_model_path().name
     return f"{spec.kind}:{model}:{settings.kv_type}{'-swafull' if settings.server.swa_full else ''}"
 
@@ -122,10 +127,11 @@ async def _embedded_plan(settings: BatchSettings, sizes: SizeProfile, spec: Endp
     candidates = kv_candidates(settings.kv_type)
     on_gpu = build_has_gpu() and settings.server.gpu_layers != 0
     types = replace(candidates[0], swa_full=settings.server.swa_full)
-    path = settings.measurement_path or measurement_path("embedded", model_path.name, types)
+    path = settings.measurement_path or find_measurement("embedded", model_path.name, types)
     measurement, shown, reason = _load_measurement(path)
     if settings.memory_budget:
         budget = resolve_budget(settings.memory_budget, on_gpu=on_gpu)
+        budget = budget if spec.gpu is not None else _shared(budget, share)  # servers on one memory share it
     elif settings.server.memory_cap_bytes:
         cap = settings.server.memory_cap_bytes
         budget = Budget(cap, f"{format_bytes(cap)} (--memory-cap, of address space)", "user")
@@ -169,7 +175,7 @@ async def _ollama_plan(settings: BatchSettings, sizes: SizeProfile, spec: Endpoi
         spec.url, None if settings.kv_type in ("auto", "f16") else settings.kv_type, settings.parallel
     )
     types = KvCacheTypes(kind, kind)
-    arch = architecture_from_metadata(await backend.model_info(), source=f"{spec.url} /api/show {spec.model}")
+    arch = architecture_from_metadata(await backend.model_info(), source=f"{backend.base_url} /api/show {spec.model}")
     path = settings.measurement_path or measurement_path("ollama", spec.model, types)
     measurement, shown, reason = _load_measurement(path)
     on_gpu = is_local(spec.url) and nvml_available()
@@ -272,11 +278,15 @@ async def prepare(settings: BatchSettings, report: InputReport, requests_fn, spe
     elif first.backend == "ollama":
         async with get_backend("ollama", first.url, model=first.model, api_key=first.api_key()) as ollama:
             gguf = await ollama.model_file() if first.model else None
+        calibration = None
         if gguf:
             local = dataclasses.replace(settings, server=replace(settings.server, gpu_layers=0))
-            calibration, _ = await _sizes_from_embedded(local, report, requests_fn, Path(gguf), log_dir)
-            calibration.source = "the model's own tokenizer (its GGUF, on this machine)"
-        else:
+            try:
+                calibration, _ = await _sizes_from_embedded(local, report, requests_fn, Path(gguf), log_dir)
+                calibration.source = "the model's own tokenizer (its GGUF, on this machine)"
+            except ServerStartError:
+                calibration = None  # no embedded server to tokenize with: the server's own counts calibrate
+        if calibration is None:
             calibration = await calibrate(None, report, requests_fn)
     else:
         async with get_backend(first.backend, first.url, model=first.model, api_key=first.api_key()) as backend:

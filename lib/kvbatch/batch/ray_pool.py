@@ -25,7 +25,7 @@ from kvbatch.batch.settings import BatchSettings
 from kvbatch.batch.sizes import SizeProfile
 from kvbatch.errors import KvbatchError, OutOfMemoryError, ServerGoneError, UserInputError
 from kvbatch.serve.backends import get_backend
-from kvbatch.serve.backends.ray_actor import RayActorBackend, call_actor
+from kvbatch.serve.backends.ray_actor import ActorGoneError, RayActorBackend, call_actor
 from kvbatch.serve.layout import SlotLayout
 from kvbatch.serve.supervisor import EmbeddedSupervisor, ExternalSupervisor, Recovery, Supervisor, backoff_delays
 
@@ -88,15 +88,18 @@ class ServerActor:
             from kvbatch.batch.prepare import EndpointSpec, _embedded_plan, probe_base
 
             logs = Path(tempfile.mkdtemp(prefix="kvbatch-ray-"))
+            gpus = _ray().get_gpu_ids()  # the card Ray gave this actor: its plan is for that card
+            node = EndpointSpec("embedded", gpu=int(gpus[0]) if gpus else None)
             base = await asyncio.to_thread(probe_base, spec.settings, logs)
-            planned = await _embedded_plan(spec.settings, spec.sizes, EndpointSpec("embedded"), base, 1)
+            planned = await _embedded_plan(spec.settings, spec.sizes, node, base, 1)
             need = min(
                 planned.plan.layout.slot_context_tokens,
                 int(spec.sizes.longest_request_tokens * defaults.CONTEXT_HEADROOM) // 256 * 256 + 256,
             )
             assert planned.config is not None
             supervisor = EmbeddedSupervisor(planned.config, planned.plan.layout, min_slot_context=need,
-                                            log_path=logs / "server.log")  # fmt: skip
+                                            log_path=logs / "server.log",
+                                            request_timeout_s=spec.settings.request_timeout_s)  # fmt: skip
         await supervisor.start()
         self.supervisor = supervisor
 
@@ -165,7 +168,7 @@ class RaySupervisor(Supervisor):
                                                            isinstance(cause, OutOfMemoryError))  # fmt: skip
             self.layout.slots, self.layout.slot_context_tokens = slots, context
             return Recovery(str(cause)[:300], f"actor: {action}", time.perf_counter() - started, oom)
-        except ServerGoneError:
+        except ActorGoneError:
             pass  # the actor itself died: Ray restarts it, and its __init__ starts a new server
         for delay in backoff_delays(1.0):
             if time.perf_counter() - started > self.max_wait_s:
@@ -173,7 +176,7 @@ class RaySupervisor(Supervisor):
             try:
                 await self._refresh()
                 break
-            except ServerGoneError:
+            except ActorGoneError:
                 await asyncio.sleep(delay)
         return Recovery(str(cause)[:300], "Ray restarted the actor", time.perf_counter() - started, False)
 
@@ -201,7 +204,10 @@ def start_actors(specs: list[ActorSpec], *, on_gpu: bool, label: str = "ray", cp
     from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
     bundle = {"CPU": cpus, "GPU": 1} if on_gpu else {"CPU": cpus}
-    group = placement_group([bundle] * len(specs), strategy="SPREAD")
+    nodes = sum(1 for node in ray.nodes() if node.get("Alive"))
+    # one per node where there are enough nodes (a CPU cluster); else as evenly as Ray can (GPUs, or more actors)
+    strategy = "STRICT_SPREAD" if not on_gpu and len(specs) <= nodes and nodes > 1 else "SPREAD"
+    group = placement_group([bundle] * len(specs), strategy=strategy)
     ray.get(group.ready(), timeout=120)
     remote = ray.remote(max_restarts=ACTOR_RESTARTS, max_task_retries=0, max_concurrency=64)(ServerActor)
     supervisors = []

@@ -11,6 +11,7 @@ import hashlib
 import json
 import math
 from array import array
+from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -139,9 +140,15 @@ def _is_count(value: Any) -> bool:
 
 
 def check_body(
-    body: Any, where: tuple[str, int], problems: list[InputProblem], refused: dict[str, str] | None = None
+    body: Any,
+    where: tuple[str, int],
+    problems: list[InputProblem],
+    refused: dict[str, str] | None = None,
+    accepted: frozenset[str] | None = None,
+    not_sent: Counter | None = None,
 ) -> list[dict[str, Any]] | None:
-    """The messages of a valid chat body, or None after adding the first problem found."""
+    """The messages of a valid chat body, or None after adding the first problem found. Fields outside `accepted`
+    (when the server takes only some) are counted in `not_sent`, for a note."""
     path, line_no = where
 
     def problem(name: str, reason: str) -> None:
@@ -187,6 +194,8 @@ def check_body(
         if key in body:
             problem(f"body.{key}", reason)
             return None
+    if accepted is not None and not_sent is not None:
+        not_sent.update(key for key in body if key not in accepted)
     return messages
 
 

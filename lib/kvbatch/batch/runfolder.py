@@ -40,7 +40,6 @@ EVENTS_FILE = "events.jsonl"
 MEMORY_FILE = "memory.csv"
 INDEX_FILE = "input-index.json"
 SERVER_LOG = "server.log"
-PROBE_SERVER_LOG = "probe-server.log"
 LOCK_FILE = ".lock"
 
 
@@ -110,10 +109,6 @@ class RunFolder:
     @property
     def server_log(self) -> Path:
         return self.path / SERVER_LOG
-
-    @property
-    def probe_server_log(self) -> Path:
-        return self.path / PROBE_SERVER_LOG
 
     def is_run(self) -> bool:
         return self.run_file.exists()

@@ -26,7 +26,7 @@ from kvbatch.batch.settings import BatchSettings
 from kvbatch.batch.summary import EndpointSummary, Summary
 from kvbatch.batch.table import TableInput
 from kvbatch.errors import UserInputError
-from kvbatch.serve.backends import backend_class
+from kvbatch.serve.backends import backend_class, public_url
 from kvbatch.serve.supervisor import EmbeddedSupervisor, ExternalSupervisor, OllamaSupervisor, Supervisor
 
 
@@ -39,16 +39,28 @@ class RunOutcome:
     message: str
 
 
-def refused_fields(specs: list[EndpointSpec]) -> dict[str, str]:
-    """Body fields some server of this run cannot honour (refused at validation, never dropped silently)."""
+@dataclass(frozen=True)
+class FieldRules:
+    """What the servers of a run do with request body fields: refuse some (at validation, with the reason), and
+    (Ollama) take only some, the others named in a note; never dropped silently."""
+
+    refused: dict[str, str]
+    accepted: frozenset[str] | None
+
+
+def field_rules(specs: list[EndpointSpec]) -> FieldRules:
     refused: dict[str, str] = {}
+    accepted: frozenset[str] | None = None
     for spec in specs:
         if spec.kind == "external":
-            refused.update(backend_class(spec.backend).refused_fields)
-    return refused
+            backend = backend_class(spec.backend)
+            refused.update(backend.refused_fields)
+            if backend.accepted_fields is not None:
+                accepted = backend.accepted_fields if accepted is None else accepted & backend.accepted_fields
+    return FieldRules(refused, accepted)
 
 
-def load_input(settings: BatchSettings, refused: dict[str, str] | None = None) -> tuple[InputReport, Any]:
+def load_input(settings: BatchSettings, rules: FieldRules | None = None) -> tuple[InputReport, Any]:
     """Scan (validate and index) the input; return the report and a function giving the requests to run, with the
     generation overrides and a `max_tokens` for every request that sets none."""
     overrides = dict(settings.generation)
@@ -71,7 +83,8 @@ def load_input(settings: BatchSettings, refused: dict[str, str] | None = None) -
 
         return report, table_requests
     report = load_index(settings.folder.index, settings.input_path)
-    report = report or scan_openai_batch(settings.input_path, refused=refused)
+    rules = rules or FieldRules({}, None)
+    report = report or scan_openai_batch(settings.input_path, refused=rules.refused, accepted=rules.accepted)
 
     def requests(done):
         for request in iter_openai_batch(report, done):
@@ -80,9 +93,9 @@ def load_input(settings: BatchSettings, refused: dict[str, str] | None = None) -
     return report, requests
 
 
-def load_valid_input(settings: BatchSettings, say, refused: dict[str, str] | None = None):
+def load_valid_input(settings: BatchSettings, say, rules: FieldRules | None = None):
     """load_input, then refuse an invalid input (every problem listed) and say the notes."""
-    report, requests_fn = load_input(settings, refused)
+    report, requests_fn = load_input(settings, rules)
     report.raise_if_invalid()
     for note in report.notes:
         say(f"note: {note}")
@@ -99,14 +112,16 @@ def _describe(prepared: Prepared) -> str:
         return prepared.plan.describe()
     parts = []
     for index, endpoint in enumerate(prepared.plans):
-        where = endpoint.spec.url or (f"GPU {endpoint.spec.gpu}" if endpoint.spec.gpu is not None else "embedded")
+        where = public_url(endpoint.spec.url) or (
+            f"GPU {endpoint.spec.gpu}" if endpoint.spec.gpu is not None else "embedded"
+        )
         parts.append(f"[endpoint {index}: {where}]\n{endpoint.plan.describe()}")
     return "\n".join(parts)
 
 
 async def plan_only_async(settings: BatchSettings, *, say=print) -> Prepared:
     specs = _specs(settings)
-    report, requests_fn = load_valid_input(settings, say, refused_fields(specs))
+    report, requests_fn = load_valid_input(settings, say, field_rules(specs))
     if report.request_count == 0:
         raise UserInputError(f"nothing to plan: {settings.input_path} holds no requests")
     with tempfile.TemporaryDirectory() as scratch:
@@ -157,10 +172,10 @@ def _supervisors(settings: BatchSettings, prepared: Prepared, folder: RunFolder)
     return supervisors
 
 
-def _fingerprint(settings: BatchSettings, report: InputReport, specs: list[EndpointSpec]) -> Fingerprint:
+async def _fingerprint(settings: BatchSettings, report: InputReport, specs: list[EndpointSpec]) -> Fingerprint:
     return Fingerprint(
         input_hash=report.input_hash,
-        model=model_identity(settings, specs[0]),
+        model=await model_identity(settings, specs[0]),
         system_prompt_hash=report.system_prompt_hash(),
         generation={"overrides": settings.generation, "default_max_tokens": settings.default_max_tokens},
         mode=settings.mode,
@@ -169,12 +184,12 @@ def _fingerprint(settings: BatchSettings, report: InputReport, specs: list[Endpo
 
 async def run_batch_async(settings: BatchSettings, *, say=print) -> RunOutcome:
     specs = _specs(settings)
-    report, requests_fn = load_valid_input(settings, say, refused_fields(specs))
+    report, requests_fn = load_valid_input(settings, say, field_rules(specs))
     folder = settings.folder
     if report.request_count == 0:
         return RunOutcome(folder, None, None, None, f"nothing to do: {settings.input_path} holds no requests")
     with RunLock(folder):
-        fingerprint = _fingerprint(settings, report, specs)
+        fingerprint = await _fingerprint(settings, report, specs)
         if folder.is_run():
             Journal.open(folder, fingerprint).close()  # refuses a different run before any planning
         failed = completed_ids(folder.errors)
@@ -220,7 +235,7 @@ async def _execute(settings: BatchSettings, report: InputReport, requests_fn, pr
     options = RunOptions(
         mode=settings.mode,
         concurrency=settings.concurrency,
-        chunk_size=plan.chunk_size,
+        chunk_size=lambda: plan.chunk_size,  # read live: a back-off that shrinks the context shortens chunks
         max_attempts=settings.max_attempts,
         max_wait_s=settings.max_wait_s,
         request_timeout_s=settings.request_timeout_s,

@@ -215,13 +215,13 @@ class OllamaLoader(Loader):
         started = time.perf_counter()
         self.loop.call(self.backend.fill(1, context_tokens=context_tokens, max_tokens=1))
         loaded = _OllamaLoaded(self, context_tokens, time.perf_counter() - started)
-        if self.on_gpu:
-            point = loaded.memory()
-            if point.offloaded_share is not None and point.offloaded_share < 1.0:
-                raise TooBigError(
-                    f"Ollama put {point.offloaded_share:.0%} of the model on the GPU at num_ctx {context_tokens} "
-                    "(size_vram < size): the rest runs on the CPU"
-                )
+        point = loaded.memory()
+        # Some layers on a GPU and some not (0 < size_vram < size): the context did not fit the card, local or remote.
+        if point.offloaded_share is not None and 0 < point.offloaded_share < 1.0:
+            raise TooBigError(
+                f"Ollama put {point.offloaded_share:.0%} of the model on the GPU at num_ctx {context_tokens} "
+                "(size_vram < size): the rest runs on the CPU"
+            )
         yield loaded
 
     def close(self) -> None:

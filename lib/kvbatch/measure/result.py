@@ -127,6 +127,19 @@ def measurement_path(
     return Path(directory) / f"{kind}__{safe}__{types.label}.json"
 
 
+def find_measurement(
+    backend: str, model: str, types: KvCacheTypes, directory: Path = defaults.MEASUREMENTS_DIR
+) -> Path:
+    """The measurement file for (backend, model, types): `measurement_path`, after moving a file written under the
+    name kvbatch used before schema 2 (`<gguf stem>__<types>.json`) there, migrated."""
+    path = measurement_path(backend, model, types, directory)
+    legacy = Path(directory) / f"{Path(model).stem}__{types.label}.json"
+    if backend == "embedded" and not path.exists() and legacy.exists():
+        save_measurement(load_measurement(legacy), path)
+        legacy.unlink()
+    return path
+
+
 def _migrate(data: dict[str, Any], path: Path) -> dict[str, Any]:
     """Files from before schema 2 (sections `fit`, `safe_context`, `sustained`, `speeds`) read into today's fields."""
     if "schema_version" in data:

@@ -10,7 +10,6 @@ from __future__ import annotations
 import abc
 import asyncio
 import functools
-import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
@@ -21,13 +20,6 @@ from kvbatch.errors import UserInputError
 
 if TYPE_CHECKING:
     from kvbatch.serve.backends.ollama_native import OllamaBackend
-
-
-@dataclass(frozen=True)
-class MemoryReading:
-    probe: str
-    bytes: int
-    t_s: float
 
 
 class MemoryProbe(abc.ABC):
@@ -42,9 +34,6 @@ class MemoryProbe(abc.ABC):
     async def aread(self) -> int:
         """The same from async code (probes that ask a server over HTTP override this)."""
         return await asyncio.to_thread(self.read)
-
-    def reading(self) -> MemoryReading:
-        return MemoryReading(self.name, self.read(), time.time())
 
 
 # ---- NVIDIA GPUs -------------------------------------------------------------------------------------------------

@@ -144,7 +144,8 @@ class EmbeddedServer:
         self._log_offset = self.log_path.stat().st_size if self.log_path.exists() else 0
         started = time.perf_counter()
         env = dict(os.environ, LLAMA_API_KEY=self.api_key)
-        if config.gpu_index is not None:
+        if config.gpu_index is not None:  # NVML numbers cards by PCI bus; make CUDA use the same numbers
+            env["CUDA_DEVICE_ORDER"] = "PCI_BUS_ID"
             env["CUDA_VISIBLE_DEVICES"] = str(config.gpu_index)
         if config.malloc_arena_max:
             env["MALLOC_ARENA_MAX"] = str(config.malloc_arena_max)

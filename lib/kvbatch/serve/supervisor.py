@@ -110,7 +110,9 @@ class EmbeddedSupervisor(Supervisor):
         min_slot_context: int,
         log_path: Path,
         request_timeout_s: float = defaults.REQUEST_TIMEOUT_S,
+        cgroup_events: Path = CGROUP_EVENTS,
     ) -> None:
+        self.cgroup_events = cgroup_events
         self.base_config = replace(config, kv_unified=False)
         self.layout = layout
         self.min_slot_context = min_slot_context
@@ -172,7 +174,7 @@ class EmbeddedSupervisor(Supervisor):
         while True:
             started = time.perf_counter()
             self.server = EmbeddedServer(self.config, log_path=self.log_path, api_key=self.api_key)
-            self._oom_kills_at_start = kernel_oom_kills()
+            self._oom_kills_at_start = kernel_oom_kills(self.cgroup_events)
             try:
                 self.server.start()
             except ServerStartError as exc:
@@ -191,7 +193,7 @@ class EmbeddedSupervisor(Supervisor):
         """The kernel's OOM killer ended the server (its own log says nothing: it got no chance to)."""
         if self.server is None or self.server.returncode != -signal.SIGKILL:
             return False
-        now = kernel_oom_kills()
+        now = kernel_oom_kills(self.cgroup_events)
         return now is not None and self._oom_kills_at_start is not None and now > self._oom_kills_at_start
 
     async def recover(self, cause: KvbatchError) -> Recovery:
@@ -291,7 +293,7 @@ class OllamaSupervisor(ExternalSupervisor):
                 f"{asked} asked for (num_ctx): the server caps it (OLLAMA_CONTEXT_LENGTH, or the model's trained "
                 f"length). Plan for it with --slot-ctx {loaded.context_length}, or lift the cap on the server."
             )
-        if self.gpu_budget and loaded.offloaded_to_cpu and not self.allow_cpu_spill:
+        if loaded.offloaded_to_cpu and not self.allow_cpu_spill:  # local or remote: some layers on a GPU, some not
             share = loaded.vram_bytes / loaded.size_bytes
             raise ServerLimitError(
                 f"Ollama put only {share:.0%} of {self.backend.model} on the GPU at num_ctx {asked} (size_vram "

@@ -41,13 +41,14 @@ class Endpoint:
         self.ready = asyncio.Event()
         self.ready.set()
         self.out = False
+        self.gave_up = False
         self.back = asyncio.Event()
         self.back.set()
         self.fatal: KvbatchError | None = None
         self.first_reply_checked = False
         self.monitor: MemoryMonitor | None = None
         self._lock = asyncio.Lock()
-        self._out_since: float | None = None
+        self._out_since = 0.0
         self._readmit: asyncio.Task | None = None
 
     @property
@@ -110,8 +111,22 @@ class Endpoint:
         self.ready.set()  # workers wake, see `out`, and hand their requests back
         self._readmit = asyncio.create_task(self._probe_until_back())
 
+    async def wait_back(self, all_done: asyncio.Event) -> bool:
+        """After a hand-back: wait until the endpoint is back in the pool (True), or the batch is done without it,
+        or it was given up (False: the worker stops)."""
+        waits = {asyncio.ensure_future(self.back.wait()), asyncio.ensure_future(all_done.wait())}
+        _, pending = await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
+        for task in pending:
+            task.cancel()
+        return self.back.is_set() and not self.out
+
     async def _probe_until_back(self) -> None:
         for delay in backoff_delays(1.0, defaults.BACKOFF_CAP_S):
+            if time.monotonic() - self._out_since > self.max_wait_s:
+                self.gave_up = True
+                self.recorder.event("endpoint_given_up", endpoint=self.label, out_s=round(self.max_wait_s, 1))
+                self.back.set()  # its workers wake, see it is still out, and stop
+                return
             await asyncio.sleep(delay)
             try:
                 healthy = await self.backend.health()
@@ -121,14 +136,10 @@ class Endpoint:
                 healthy = False
             if healthy:
                 break
-        assert self._out_since is not None
         self.recorder.stats.endpoint(self.label).out_s += time.monotonic() - self._out_since
         self.recorder.event("endpoint_back", endpoint=self.label, out_s=round(time.monotonic() - self._out_since, 1))
         self.out = False
         self.back.set()
-
-    def out_for_s(self) -> float:
-        return time.monotonic() - self._out_since if self.out and self._out_since else 0.0
 
     async def close(self) -> None:
         if self._readmit is not None:

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
 from kvbatch import defaults
@@ -27,6 +27,7 @@ from kvbatch.batch.monitor import MemoryMonitor
 from kvbatch.batch.progress import Progress
 from kvbatch.batch.requests import BatchRequest
 from kvbatch.batch.runfolder import RunFolder
+from kvbatch.errors import ServerGoneError
 from kvbatch.serve.supervisor import Supervisor
 
 
@@ -35,7 +36,8 @@ class RunOptions:
     mode: str = "independent"
     concurrency: int | str = "auto"
     trials: ConcurrencyTrials = field(default_factory=ConcurrencyTrials)
-    chunk_size: int = 1
+    chunk_size: int | Callable[[], int] = 1
+    """Requests per conversation, or how to read it from the plan (which a back-off may change)."""
     max_attempts: int = defaults.MAX_ATTEMPTS
     max_wait_s: float = defaults.MAX_WAIT_S
     request_timeout_s: float = defaults.REQUEST_TIMEOUT_S
@@ -177,6 +179,11 @@ class Executor:
             else:
                 in_flight = {e: int(self.options.concurrency) for e in self.endpoints}
             await self._phase(workers, in_flight, None)
+            if not feed.all_done.is_set() and all(e.gave_up for e in self.endpoints):
+                raise RunStopped(ServerGoneError(
+                    f"every server was out of the pool for --max-wait ({self.options.max_wait_s:.0f} s); every "
+                    "finished request is saved: run the same command again once they are back"
+                ))  # fmt: skip
         except RunStopped as stopped:
             raise stopped.error from None
         finally:

@@ -67,6 +67,8 @@ class Feed:
         self._lookahead = lookahead
         self.exhausted = False
         self.outstanding = 0
+        self.all_done = asyncio.Event()
+        """Set when every request has an outcome: nothing to hand out, nothing in flight."""
         self._changed = asyncio.Condition()
 
     async def next(self, prefer_prefix: str | None = None) -> BatchRequest | None:
@@ -81,6 +83,8 @@ class Feed:
     async def finished(self, count: int = 1) -> None:
         """`count` taken requests are done (recorded as a success or a failure)."""
         self.outstanding -= count
+        if self.outstanding == 0 and self.drained:
+            self.all_done.set()
         async with self._changed:
             self._changed.notify_all()
 

@@ -6,12 +6,13 @@ comparison)."""
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 from kvbatch.batch.execution.endpoint import Endpoint, EndpointOut
 from kvbatch.batch.execution.sender import Outcome, Sender
 from kvbatch.batch.requests import BatchRequest, message_text
-from kvbatch.errors import ContextOverflowError
+from kvbatch.errors import ContextOverflowError, KvbatchError
 
 if TYPE_CHECKING:
     from kvbatch.batch.execution.gate import Feed
@@ -40,7 +41,9 @@ class Quota:
 class Workers:
     """What every worker shares: the feed, the sender, the recorder, the memory monitor, the chunk size."""
 
-    def __init__(self, feed: Feed, sender: Sender, recorder: Recorder, *, chunk_size: int = 1) -> None:
+    def __init__(
+        self, feed: Feed, sender: Sender, recorder: Recorder, *, chunk_size: int | Callable[[], int] = 1
+    ) -> None:
         self.feed = feed
         self.sender = sender
         self.recorder = recorder
@@ -54,8 +57,8 @@ class Workers:
                 endpoint.first_reply_checked = True
                 try:
                     await endpoint.supervisor.check_after_first_reply()
-                except Exception as exc:  # a ServerLimitError: the server does not give what the plan needs
-                    raise self.sender.stop(exc) from exc  # type: ignore[arg-type]
+                except KvbatchError as exc:  # a ServerLimitError: the server does not give what the plan needs
+                    raise self.sender.stop(exc) from exc
         else:
             assert outcome.error is not None
             self.recorder.failure(request, outcome.error, attempts=outcome.attempts, endpoint=endpoint.label,
@@ -81,7 +84,8 @@ class Workers:
                 except EndpointOut:
                     quota.give_back()
                     await self.feed.hand_back([request])
-                    await endpoint.back.wait()
+                    if not await endpoint.wait_back(self.feed.all_done):
+                        return
                     continue
                 await self._record(endpoint, request, outcome, slot)
                 last_prefix = request.prefix_key
@@ -113,7 +117,7 @@ class Workers:
             except EndpointOut:
                 quota.give_back()
                 await self.feed.hand_back([request])
-                await endpoint.back.wait()
+                await endpoint.wait_back(self.feed.all_done)
                 return
             if outcome.result is None and isinstance(outcome.error, ContextOverflowError) and turns > 0:
                 quota.give_back()
@@ -126,7 +130,8 @@ class Workers:
             turns += 1
             history += [request.body["messages"][-1], {"role": "assistant", "content": outcome.result.text}]
             used_tokens = (outcome.result.prompt_tokens or 0) + (outcome.result.completion_tokens or 0)
-            if turns >= self.chunk_size or not quota.take():
+            limit = self.chunk_size() if callable(self.chunk_size) else self.chunk_size
+            if turns >= limit or not quota.take():
                 return
             following = self.feed.take()
             if following is None:

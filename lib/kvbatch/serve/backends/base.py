@@ -108,6 +108,9 @@ class Backend(abc.ABC):
     name: str = ""
     refused_fields: ClassVar[dict[str, str]] = {}
     """Request body fields this server cannot honour, with the reason; validation refuses them up front."""
+    accepted_fields: ClassVar[frozenset[str] | None] = None
+    """The body fields this backend sends or translates; any other is named in the input notes as not sent (None:
+    the body goes to the server as it is)."""
 
     def __init__(
         self,
@@ -150,6 +153,10 @@ class Backend(abc.ABC):
 
     async def model_info(self) -> dict[str, Any] | None:
         """The model's architecture keys (GGUF names), where the server reports them."""
+        return None
+
+    async def served_model(self) -> str | None:
+        """The model the server answers with when none is named (the first in /v1/models), where it says."""
         return None
 
     async def model_file(self) -> str | None:

@@ -37,8 +37,8 @@ OPTION_NAMES = {
     "frequency_penalty": "frequency_penalty",
     "min_p": "min_p",
 }
-# OpenAI body keys that mean nothing to Ollama's chat and change no answer: dropped on purpose.
-IGNORED_FIELDS = {"model", "stream", "stream_options", "user", "store", "metadata", "id_slot"}
+# OpenAI body keys that mean nothing to Ollama's chat and change no answer: not sent, on purpose.
+IGNORED_FIELDS = {"model", "stream", "stream_options", "user", "store", "metadata", "id_slot", "n"}
 
 
 class _ChatReply(ollama.ChatResponse):
@@ -136,12 +136,14 @@ class OllamaBackend(HttpBackend):
     unreachable_hint = "is `ollama serve` running?"
 
     refused_fields: ClassVar[dict[str, str]] = {
-        "n": "Ollama answers one choice per request; give each wanted answer its own custom_id",
         "tools": "tool calls are not run by a batch; remove `tools`",
         "tool_choice": "tool calls are not run by a batch; remove `tool_choice`",
         "functions": "function calls are not run by a batch; remove `functions`",
         "logit_bias": "Ollama has no logit bias",
     }
+    accepted_fields: ClassVar[frozenset[str] | None] = frozenset(
+        {"messages", "response_format", "options", *OPTION_NAMES, *IGNORED_FIELDS}
+    )
 
     def __init__(
         self,
@@ -182,10 +184,7 @@ class OllamaBackend(HttpBackend):
         started = time.perf_counter()
         raw = await self._post("/api/chat", request, timeout_s)
         latency_s = time.perf_counter() - started
-        try:
-            parsed = _ChatReply.model_validate(raw)
-        except ValidationError as exc:
-            raise MalformedReplyError(f"{self.base_url}/api/chat: unexpected reply ({exc.errors()[0]['msg']})") from exc
+        parsed = self._parse(_ChatReply, raw, "/api/chat")
         reply = parsed.model_dump()
         cached = (parsed.model_extra or {}).get("prompt_eval_cached_count")
         cached = int(cached) if cached is not None else None
@@ -218,7 +217,7 @@ class OllamaBackend(HttpBackend):
             "options": {"num_ctx": num_ctx, "num_predict": max_tokens},
         }
         raw = await self._post("/api/generate", payload, 900)
-        return _GenerateReply.model_validate(raw).model_dump()
+        return self._parse(_GenerateReply, raw, "/api/generate").model_dump()
 
     async def fill(self, tokens: int, *, context_tokens: int, max_tokens: int = 4) -> int:
         reply = await self.generate(" hello" * max(tokens, 1), num_ctx=context_tokens, max_tokens=max_tokens)
@@ -229,7 +228,7 @@ class OllamaBackend(HttpBackend):
 
     async def loaded_models(self) -> list[ServerMemory]:
         """`/api/ps`: `size`, `size_vram` and the per-slot `context_length` of each loaded model."""
-        reply = ollama.ProcessResponse.model_validate(await self.http.request("GET", "/api/ps", timeout_s=10))
+        reply = self._parse(ollama.ProcessResponse, await self.http.request("GET", "/api/ps", timeout_s=10), "/api/ps")
         return [
             ServerMemory(
                 model=entry.model or entry.name or "",
@@ -249,9 +248,15 @@ class OllamaBackend(HttpBackend):
         return None
 
     async def _show(self) -> ollama.ShowResponse:
-        return ollama.ShowResponse.model_validate(
-            await self.http.request("POST", "/api/show", {"model": self._model()}, timeout_s=30)
-        )
+        reply = await self.http.request("POST", "/api/show", {"model": self._model()}, timeout_s=30)
+        return self._parse(ollama.ShowResponse, reply, "/api/show")
+
+    def _parse(self, model, reply: Any, path: str):
+        """A reply in the client's typed model; one that does not fit is a malformed reply, not a traceback."""
+        try:
+            return model.model_validate(reply)
+        except ValidationError as exc:
+            raise MalformedReplyError(f"{self.base_url}{path}: unexpected reply ({exc.errors()[0]['msg']})") from exc
 
     async def model_info(self) -> dict[str, Any]:
         """`/api/show` `model_info`: the same architecture keys a GGUF file holds."""

@@ -4,6 +4,7 @@ actor raised; an actor that died or is being restarted by Ray is a server gone a
 
 from __future__ import annotations
 
+import asyncio
 from typing import Any
 
 from kvbatch import defaults
@@ -11,19 +12,25 @@ from kvbatch.errors import KvbatchError, ServerGoneError
 from kvbatch.serve.backends.base import Backend, ChatResult, ServerLimits
 
 
-async def call_actor(method, *args: Any) -> Any:
-    """Await one actor call; turn Ray's failures into kvbatch errors."""
+class ActorGoneError(ServerGoneError):
+    """The actor itself died or is being restarted by Ray (not an error its server raised)."""
+
+
+async def call_actor(method, *args: Any, timeout_s: float | None = None) -> Any:
+    """Await one actor call; turn Ray's failures into kvbatch errors (the actor's own errors come back as raised)."""
     from ray import exceptions
 
     try:
-        return await method.remote(*args)
+        return await asyncio.wait_for(method.remote(*args), timeout_s) if timeout_s else await method.remote(*args)
+    except asyncio.TimeoutError as exc:
+        raise ServerGoneError(f"the Ray actor did not answer within {timeout_s:.0f} s (--request-timeout)") from exc
     except exceptions.RayTaskError as exc:
         cause = exc.cause if isinstance(getattr(exc, "cause", None), BaseException) else None
         if isinstance(cause, KvbatchError):
             raise cause from None
-        raise ServerGoneError(f"the Ray actor failed: {exc}") from exc
+        raise ActorGoneError(f"the Ray actor failed: {exc}") from exc
     except (exceptions.RayActorError, exceptions.ActorUnavailableError) as exc:
-        raise ServerGoneError(f"the Ray actor is gone or restarting ({type(exc).__name__})") from exc
+        raise ActorGoneError(f"the Ray actor is gone or restarting ({type(exc).__name__})") from exc
 
 
 class RayActorBackend(Backend):
@@ -38,7 +45,7 @@ class RayActorBackend(Backend):
     async def chat(
         self, body: dict[str, Any], *, slot: int | None = None, timeout_s: float | None = None
     ) -> ChatResult:
-        reply = await call_actor(self.actor.chat, body, slot)
+        reply = await call_actor(self.actor.chat, body, slot, timeout_s=timeout_s or self.request_timeout_s)
         return ChatResult(**reply)
 
     async def health(self) -> bool:

@@ -23,10 +23,9 @@ from kvbatch.batch.execution.guard import TruncationGuard
 from kvbatch.batch.openai_batch import iter_openai_batch, scan_openai_batch
 from kvbatch.batch.sample import write_sample
 from kvbatch.measure.experiments import fit_line, search_safe_context, sweep_allocated
-from kvbatch.measure.kvmodel import GEMMA3_270M, KvCacheTypes, kv_bytes_per_token
+from kvbatch.measure.kvmodel import GEMMA3_270M, kv_bytes_per_token
 from kvbatch.measure.loaders import OllamaLoader
 from kvbatch.measure.result import load_measurement
-from kvbatch.measure.steps import kv_growth, result_file
 from kvbatch.serve.backends import ChatResult, get_backend
 from ollama_emulator import OllamaEmulator, RunningEmulator
 
@@ -85,22 +84,24 @@ async def _loaded(url: str):
 
 
 def test_measure_then_run_through_ollama_use_one_measurement_file(ollama, tmp_path):
-    types = KvCacheTypes()
-    out = result_file("ollama", MODEL, None, types, tmp_path / "data" / "measurements")
-    assert out.name == "ollama__gemma3-270m__f16-f16.json"
-    loader = OllamaLoader(ollama.url, MODEL)
-    try:
-        kv_growth(loader, GEMMA3_270M, types, [2048, 8192], 1, 1024, [0.5], out, backend="ollama", model=MODEL)
-    finally:
-        loader.close()
+    """`kvbatch measure --backend ollama` writes the file `kvbatch run --backend ollama` plans from (the two named it
+    differently before: gemma3-12b__... and gemma3:12b__...)."""
+    measured = kvbatch("measure", "--backend", "ollama", "--url", ollama.url, "--model", MODEL, "--only", "kv_growth",
+                       "--contexts", "2048,8192", "--repeats", "1", cwd=tmp_path, timeout=600)  # fmt: skip
+    assert measured.returncode == 0, measured.stdout + measured.stderr
+    out = tmp_path / "data" / "measurements" / "ollama__gemma3-270m__f16-f16.json"
+    assert f"results: data/measurements/{out.name}" in measured.stdout
     assert load_measurement(out).kv_bytes_per_token
-    batch = small_batch(tmp_path / "in.jsonl", 8)
-    result = kvbatch("plan", str(batch), "--json", "--backend", "ollama", "--url", ollama.url, "--model", MODEL,
-                     "--memory-budget", "2GiB", cwd=tmp_path)  # fmt: skip
+    batch = small_batch(tmp_path / "in.jsonl", 4)
+    result = kvbatch("run", str(batch), "--backend", "ollama", "--url", ollama.url, "--model", MODEL, "--no-report",
+                     "--no-progress", "--memory-budget", "2GiB", cwd=tmp_path)  # fmt: skip
     assert result.returncode == 0, result.stderr
-    plan = json.loads(result.stdout)
-    assert plan["measurement_file"] == "data/measurements/ollama__gemma3-270m__f16-f16.json"
+    plan = json.loads((tmp_path / "data" / "runs" / "in" / "plan.json").read_text())
+    assert plan["measurement_file"] == f"data/measurements/{out.name}"
     assert plan["limits_source"].startswith("measured base and slope")
+    assert {r["options"]["num_ctx"] for r in ollama.emulator.received if "messages" in r} == {
+        plan["slot_context_tokens"]
+    }
 
 
 def test_a_batch_through_ollama_sends_the_planned_num_ctx_and_survives_a_killed_runner(ollama, tmp_path):

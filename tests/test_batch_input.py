@@ -205,3 +205,17 @@ def test_the_id_column_is_part_of_a_tables_fingerprint(tmp_path):
     by_id = TableInput(table, system, "Name: {name}", "id").scan()
     by_row = TableInput(table, system, "Name: {name}", None).scan()
     assert by_id.input_hash != by_row.input_hash
+
+
+def test_a_resume_skips_done_requests_by_their_top_level_id_only(tmp_path):
+    """The quick read of a done line's id must not take a "custom_id" inside the body for the line's own."""
+    path = tmp_path / "in.jsonl"
+    tricky = {
+        "body": {"messages": [{"role": "user", "content": "x"}], "metadata": {"custom_id": "a"}},
+        "custom_id": "b",
+    }
+    path.write_text(_line() + "\n" + json.dumps(tricky) + "\n")
+    report = scan_openai_batch(path)
+    assert not report.problems
+    assert [r.custom_id for r in iter_openai_batch(report, done={"a"})] == ["b"]
+    assert [r.custom_id for r in iter_openai_batch(report, done={"b"})] == ["a"]

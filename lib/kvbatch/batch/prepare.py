@@ -59,15 +59,11 @@ def kv_candidates(kv_type: str) -> tuple[KvCacheTypes, ...]:
     return (KvCacheTypes(kv_type, kv_type),)
 
 
-async def model_identity(settings: BatchSettings, spec: EndpointSpec) -> str:
-    """Backend, model and KV cache types, for the run's fingerprint (not the address: a server may move). A server
-    named without --model is asked which model it serves."""
+def model_identity(settings: BatchSettings, spec: EndpointSpec) -> str:
+    """Backend, model and KV cache types, for the run's fingerprint (not the address: a server may move). It is
+    made from the command line alone, so a resume while a server is down is not refused for that."""
     if spec.kind == "external":
-        model = spec.model
-        if not model:
-            async with get_backend(spec.backend, spec.url, api_key=spec.api_key()) as backend:
-                model = await backend.served_model()
-        return f"{spec.backend}:{model or 'server-default'}:{settings.kv_type}"
+        return f"{spec.backend}:{spec.model or 'server-default'}:{settings.kv_type}"
     model = Path(settings.server.model_path).name if settings.server.model_path else default_model_path().name
     return f"{spec.kind}:{model}:{settings.kv_type}{'-swafull' if settings.server.swa_full else ''}"
 

@@ -172,10 +172,10 @@ def _supervisors(settings: BatchSettings, prepared: Prepared, folder: RunFolder)
     return supervisors
 
 
-async def _fingerprint(settings: BatchSettings, report: InputReport, specs: list[EndpointSpec]) -> Fingerprint:
+def _fingerprint(settings: BatchSettings, report: InputReport, specs: list[EndpointSpec]) -> Fingerprint:
     return Fingerprint(
         input_hash=report.input_hash,
-        model=await model_identity(settings, specs[0]),
+        model=model_identity(settings, specs[0]),
         system_prompt_hash=report.system_prompt_hash(),
         generation={"overrides": settings.generation, "default_max_tokens": settings.default_max_tokens},
         mode=settings.mode,
@@ -189,7 +189,7 @@ async def run_batch_async(settings: BatchSettings, *, say=print) -> RunOutcome:
     if report.request_count == 0:
         return RunOutcome(folder, None, None, None, f"nothing to do: {settings.input_path} holds no requests")
     with RunLock(folder):
-        fingerprint = await _fingerprint(settings, report, specs)
+        fingerprint = _fingerprint(settings, report, specs)
         if folder.is_run():
             Journal.open(folder, fingerprint).close()  # refuses a different run before any planning
         failed = completed_ids(folder.errors)

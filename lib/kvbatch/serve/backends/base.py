@@ -155,10 +155,6 @@ class Backend(abc.ABC):
         """The model's architecture keys (GGUF names), where the server reports them."""
         return None
 
-    async def served_model(self) -> str | None:
-        """The model the server answers with when none is named (the first in /v1/models), where it says."""
-        return None
-
     async def model_file(self) -> str | None:
         """The GGUF file behind the model when the server names it and it is on this machine."""
         return None

@@ -111,12 +111,6 @@ class OpenAICompatBackend(HttpBackend):
         except KvbatchError:
             return None
 
-    async def served_model(self) -> str | None:
-        models = await self._get("/v1/models")
-        entries = models.get("data") if isinstance(models, dict) else None
-        first = entries[0] if isinstance(entries, list) and entries and isinstance(entries[0], dict) else {}
-        return str(first["id"]) if first.get("id") else None
-
     async def limits(self) -> ServerLimits:
         """llama-server's `/props` (total slots, context per slot) and `/slots`; vLLM's `max_model_len` in
         `/v1/models`. What none of them says stays unknown and is marked assumed by the planner."""

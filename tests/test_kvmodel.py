@@ -36,6 +36,12 @@ def test_gemma3_12b_global_layers_cost_64_kib_per_token():
     assert kv_bytes_per_token(GEMMA3_12B, KvCacheTypes(swa_full=True)) == 384 * KIB
 
 
+def test_the_synthetic_12b_shape_has_the_real_12bs_attention():
+    from kvbatch.measure.synthetic import GEMMA3_12B_SHAPE
+
+    assert GEMMA3_12B_SHAPE.architecture == GEMMA3_12B
+
+
 def test_gemma3_12b_at_16_slots_the_sliding_window_is_twice_the_global_cache():
     cache = kv_cache(GEMMA3_12B, SlotLayout(16, 3840))
     assert cache.global_bytes == 64 * KIB * 61440 == 3.75 * 2**30

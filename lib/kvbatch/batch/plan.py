@@ -340,6 +340,11 @@ def make_plan(
     )
 
 
+def least_slot_context(sizes: SizeProfile, slot_context: int) -> int:
+    """The smallest per-slot context an out-of-memory back-off may shrink to: what the largest request needs."""
+    return min(align_context(sizes.longest_request_tokens * defaults.CONTEXT_HEADROOM), slot_context)
+
+
 def conversation_chunk(sizes: SizeProfile, slot_context: int) -> int:
     """How many requests one conversation holds after the system prompt, at the p99 turn size."""
     per_message = defaults.CHAT_TEMPLATE_TOKENS_PER_MESSAGE

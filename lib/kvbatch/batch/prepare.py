@@ -242,26 +242,32 @@ async def _openai_plan(settings: BatchSettings, sizes: SizeProfile, spec: Endpoi
     return EndpointPlan(spec, plan, backend=backend)
 
 
-async def _sizes_from_embedded(settings: BatchSettings, report: InputReport, requests_fn, model_path: Path,
-                               log_dir: Path) -> tuple[Calibration, float]:  # fmt: skip
-    """A short-lived server at a small context: the real tokenizer, and the memory the model needs before any KV."""
+def _probe_server(settings: BatchSettings, model_path: Path, log_dir: Path) -> EmbeddedServer:
+    """A short-lived server at a small context, one slot, no warm-up: for the tokenizer and the base memory."""
     config = replace(settings.server, model_path=model_path, context_tokens=PROBE_CONTEXT, parallel_slots=1,
                      memory_cap_bytes=None, extra_args=[*settings.server.extra_args, "--no-warmup"])  # fmt: skip
-    with EmbeddedServer(config, log_path=log_dir / "probe-server.log") as server:
+    return EmbeddedServer(config, log_path=log_dir / "probe-server.log")
+
+
+def _base_bytes(server: EmbeddedServer) -> float:
+    """What the model holds before any KV cache: the server's memory less its logged KV buffers."""
+    return float(probe_for_server(server.pid, server.log_text).read() - server.log().kv_total_bytes)
+
+
+async def _sizes_from_embedded(settings: BatchSettings, report: InputReport, requests_fn, model_path: Path,
+                               log_dir: Path) -> tuple[Calibration, float]:  # fmt: skip
+    """The real tokenizer, and the memory the model needs before any KV, from one probe server."""
+    with _probe_server(settings, model_path, log_dir) as server:
         async with get_backend("openai", server.url, api_key=server.api_key) as backend:
             calibration = await calibrate(backend, report, requests_fn)
-        base = probe_for_server(server.pid, server.log_text).read() - server.log().kv_total_bytes
-    return calibration, float(base)
+        return calibration, _base_bytes(server)
 
 
 def probe_base(settings: BatchSettings, log_dir: Path) -> float:
-    """The memory the model needs before any KV cache, from a short-lived server at a small context (a Ray actor
-    plans for its own node with it)."""
+    """The base memory alone (a Ray actor plans for its own node with it)."""
     model_path = Path(settings.server.model_path) if settings.server.model_path else default_model_path()
-    config = replace(settings.server, model_path=model_path, context_tokens=PROBE_CONTEXT, parallel_slots=1,
-                     memory_cap_bytes=None)  # fmt: skip
-    with EmbeddedServer(config, log_path=log_dir / "probe-server.log") as server:
-        return float(probe_for_server(server.pid, server.log_text).read() - server.log().kv_total_bytes)
+    with _probe_server(settings, model_path, log_dir) as server:
+        return _base_bytes(server)
 
 
 async def prepare(settings: BatchSettings, report: InputReport, requests_fn, specs: list[EndpointSpec],

@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from kvbatch import defaults
+from kvbatch.batch.plan import least_slot_context
 from kvbatch.batch.settings import BatchSettings
 from kvbatch.batch.sizes import SizeProfile
 from kvbatch.errors import KvbatchError, OutOfMemoryError, ServerGoneError, UserInputError
@@ -92,10 +93,7 @@ class ServerActor:
             node = EndpointSpec("embedded", gpu=int(gpus[0]) if gpus else None)
             base = await asyncio.to_thread(probe_base, spec.settings, logs)
             planned = await _embedded_plan(spec.settings, spec.sizes, node, base, 1)
-            need = min(
-                planned.plan.layout.slot_context_tokens,
-                int(spec.sizes.longest_request_tokens * defaults.CONTEXT_HEADROOM) // 256 * 256 + 256,
-            )
+            need = least_slot_context(spec.sizes, planned.plan.layout.slot_context_tokens)
             assert planned.config is not None
             supervisor = EmbeddedSupervisor(planned.config, planned.plan.layout, min_slot_context=need,
                                             log_path=logs / "server.log",

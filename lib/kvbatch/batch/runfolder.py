@@ -22,6 +22,7 @@ import contextlib
 import fcntl
 import json
 import os
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -109,6 +110,11 @@ class RunFolder:
     @property
     def server_log(self) -> Path:
         return self.path / SERVER_LOG
+
+    def append_event(self, kind: str, **details: Any) -> None:
+        """One line in events.jsonl (recoveries, back-offs, trials): the one place that writes it."""
+        with open(self.events, "a", encoding="utf-8") as handle:
+            handle.write(json.dumps({"t_unix_s": time.time(), "event": kind, **details}, default=str) + "\n")
 
     def is_run(self) -> bool:
         return self.run_file.exists()

@@ -10,7 +10,6 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
-from kvbatch import defaults
 from kvbatch.aio import run_sync
 from kvbatch.batch.endpoints import EndpointSpec, endpoint_specs
 from kvbatch.batch.execution.executor import Executor, RunOptions
@@ -18,7 +17,7 @@ from kvbatch.batch.execution.guard import TruncationGuard
 from kvbatch.batch.execution.stats import RunStats
 from kvbatch.batch.journal import Fingerprint, Journal, completed_ids
 from kvbatch.batch.openai_batch import iter_openai_batch, load_index, save_index, scan_openai_batch
-from kvbatch.batch.plan import Plan, align_context
+from kvbatch.batch.plan import Plan, least_slot_context
 from kvbatch.batch.prepare import EndpointPlan, Prepared, model_identity, prepare
 from kvbatch.batch.requests import InputReport
 from kvbatch.batch.runfolder import RunFolder, RunLock, write_json
@@ -142,8 +141,7 @@ def _supervisors(settings: BatchSettings, prepared: Prepared, folder: RunFolder)
     embedded = [p for p in prepared.plans if p.spec.kind == "embedded"]
     for index, endpoint in enumerate(prepared.plans):
         plan = endpoint.plan
-        need = align_context(prepared.sizes.longest_request_tokens * defaults.CONTEXT_HEADROOM)
-        smallest = min(need, plan.layout.slot_context_tokens)  # a back-off never goes below what the requests need
+        smallest = least_slot_context(prepared.sizes, plan.layout.slot_context_tokens)
         if endpoint.spec.kind == "embedded":
             log = folder.server_log if len(embedded) == 1 else folder.path / f"server-{index}.log"
             assert endpoint.config is not None
@@ -250,7 +248,7 @@ async def _execute(settings: BatchSettings, report: InputReport, requests_fn, pr
     try:
         for supervisor in supervisors:
             for backoff in await supervisor.start():
-                _event(settings.folder, "start_backoff", endpoint=supervisor.label, **backoff.__dict__)
+                settings.folder.append_event("start_backoff", endpoint=supervisor.label, **backoff.__dict__)
         stats = await executor.run(requests_fn(journal.done))  # the journal's own set: no 20 MB copy
     finally:
         await asyncio.gather(*(s.close() for s in supervisors), return_exceptions=True)
@@ -259,7 +257,7 @@ async def _execute(settings: BatchSettings, report: InputReport, requests_fn, pr
             import ray
 
             ray.shutdown()
-    summary = _summary(report, prepared, stats, executor, started, settings.folder, remaining)
+    summary = _summary(report, prepared, stats, executor, started, journal, remaining)
     write_json(settings.folder.summary, summary.model_dump())
     message = (
         f"{summary.completed_total} of {report.request_count} requests done, {summary.failed_total} failed for "
@@ -268,15 +266,8 @@ async def _execute(settings: BatchSettings, report: InputReport, requests_fn, pr
     return RunOutcome(settings.folder, plan, stats, summary, message)
 
 
-def _event(folder: RunFolder, kind: str, **details: Any) -> None:
-    import json
-
-    with open(folder.events, "a", encoding="utf-8") as handle:
-        handle.write(json.dumps({"t_unix_s": time.time(), "event": kind, **details}, default=str) + "\n")
-
-
 def _summary(report: InputReport, prepared: Prepared, stats: RunStats, executor: Executor, started: float,
-             folder: RunFolder, remaining: int) -> Summary:  # fmt: skip
+             journal: Journal, remaining: int) -> Summary:  # fmt: skip
     elapsed = time.time() - started
     plan = prepared.plan
     endpoints = []
@@ -294,8 +285,8 @@ def _summary(report: InputReport, prepared: Prepared, stats: RunStats, executor:
         requests_in_input=report.request_count,
         completed_this_invocation=stats.completed,
         failed_this_invocation=stats.failed,
-        completed_total=len(completed_ids(folder.results)),
-        failed_total=len(completed_ids(folder.errors)),
+        completed_total=len(journal.done - journal.failed),  # the journal's own sets: no re-read of the files
+        failed_total=len(journal.failed),
         retries=stats.retried,
         waited_s=round(stats.waited_s, 2),
         elapsed_s=round(elapsed, 3),

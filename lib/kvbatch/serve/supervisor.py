@@ -57,6 +57,12 @@ def backoff_delays(start_s: float = defaults.BACKOFF_START_S, cap_s: float = def
         delay = min(delay * 2, cap_s)
 
 
+def halved_context(layout: SlotLayout, minimum: int) -> int:
+    """Half the per-slot context on the 256 grid, never below `minimum` (what the largest request needs)."""
+    align = defaults.CONTEXT_ALIGN_TOKENS
+    return max(layout.slot_context_tokens // 2 // align * align, minimum)
+
+
 class Supervisor(abc.ABC):
     backend: Backend
     layout: SlotLayout
@@ -158,8 +164,7 @@ class EmbeddedSupervisor(Supervisor):
         if layout.slots > 1:
             layout.slots //= 2
             return f"restarted with {layout.describe()}"
-        align = defaults.CONTEXT_ALIGN_TOKENS
-        smaller = max(layout.slot_context_tokens // 2 // align * align, self.min_slot_context)
+        smaller = halved_context(layout, self.min_slot_context)
         if smaller >= layout.slot_context_tokens:
             raise OutOfMemoryError(
                 f"the server runs out of memory even at {layout.slot_context_tokens} tokens and 1 slot, and the "
@@ -306,8 +311,7 @@ class OllamaSupervisor(ExternalSupervisor):
         if not isinstance(cause, OutOfMemoryError):
             return Recovery(str(cause)[:300], "waited for health", waited, False)
         layout = self.layout
-        align = defaults.CONTEXT_ALIGN_TOKENS
-        smaller = max(layout.slot_context_tokens // 2 // align * align, self.min_slot_context)
+        smaller = halved_context(layout, self.min_slot_context)
         if smaller >= layout.slot_context_tokens:
             # Already the least the requests need: Ollama reloads at the same size. A request that keeps taking
             # the runner down is found by the executor's suspect runs and fails alone.

@@ -38,9 +38,7 @@ class Recorder:
         self._metrics = open(folder.metrics, "a", encoding="utf-8")  # noqa: SIM115 (closed in close())
 
     def event(self, kind: str, **details: Any) -> None:
-        record = {"t_unix_s": time.time(), "event": kind, **details}
-        with open(self.folder.events, "a", encoding="utf-8") as handle:
-            handle.write(json.dumps(record, default=str) + "\n")
+        self.folder.append_event(kind, **details)
         shown = ", ".join(f"{key}={value}" for key, value in details.items() if key != "cause")
         self.progress.note(f"{kind}: {shown}")
 

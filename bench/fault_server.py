@@ -82,11 +82,19 @@ class FaultServer:
         """Every connection dropped, nothing listening for `down_s`, then back on the same port."""
         if self._down:
             return
+        await self.go_down()
+        await asyncio.sleep(self.faults.down_s)
+        await self.come_back()
+
+    async def go_down(self) -> None:
+        """Every connection dropped and nothing listening, until `come_back` (a test that needs an outage to last
+        until something has happened, however slow the machine, holds it this way)."""
         self._down = True
         await self._site.stop()
         for transport in list(self._transports):
             transport.abort()
-        await asyncio.sleep(self.faults.down_s)
+
+    async def come_back(self) -> None:
         await self._listen()
         self._down = False
 
@@ -201,6 +209,12 @@ class RunningFaultServer:
 
     def crash(self) -> None:
         asyncio.run_coroutine_threadsafe(self.server.crash("asked"), self._loop).result(30)
+
+    def go_down(self) -> None:
+        asyncio.run_coroutine_threadsafe(self.server.go_down(), self._loop).result(30)
+
+    def come_back(self) -> None:
+        asyncio.run_coroutine_threadsafe(self.server.come_back(), self._loop).result(30)
 
     def __exit__(self, *exc: object) -> None:
         asyncio.run_coroutine_threadsafe(self.server.stop(), self._loop).result(10)

@@ -167,6 +167,8 @@ def _sustain(model: Path, planned: dict, batch: Path, duration_s: float) -> str:
             async with get_backend("openai", server.url, api_key=server.api_key, slot_pinning=True) as backend:
                 return await sustained_load(backend, probe_for_server(server.pid, server.log_text), bodies,
                                             slots=planned["parallel_slots"], duration_s=duration_s,
+                                            slot_context_tokens=planned["total_context_tokens"]
+                                            // planned["parallel_slots"],
                                             budget_bytes=planned["budget_bytes"])  # fmt: skip
 
         outcome = asyncio.run(go())

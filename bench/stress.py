@@ -123,6 +123,14 @@ def stress_run(n: int, kills: int, workdir: Path, *, faults: Faults = STRESS_FAU
     resume_s: list[float] = []
     with RunningFaultServer(free_port(), faults) as server:
         command += ["--url", server.url]
+
+        def convicting() -> bool:
+            """The poison has crashed the server but is not yet in errors.jsonl: a kill now would restart its
+            conviction from nothing (the suspects are the invocation's own), so the kill waits for it."""
+            if not poison_id or not server.server.counts.get("crash (poison)"):
+                return False
+            return poison_id not in {line["custom_id"] for line in _lines(run_dir / "errors.jsonl")}
+
         for kill in range(kills + 1):
             before = _count(run_dir / "results.jsonl")
             began = time.perf_counter()
@@ -136,7 +144,7 @@ def stress_run(n: int, kills: int, workdir: Path, *, faults: Faults = STRESS_FAU
                     resumed = True
                     if kill > 0:
                         resume_s.append(time.perf_counter() - began)
-                if kill < kills and done >= kill_at:
+                if kill < kills and done >= kill_at and not convicting():
                     process.kill()
                     break
                 time.sleep(0.05)

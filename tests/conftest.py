@@ -18,6 +18,15 @@ from ollama_double import OllamaDouble, RunningDouble  # noqa: E402
 REPO = Path(__file__).resolve().parents[1]
 
 
+@pytest.fixture(autouse=True)
+def _no_leftover_kvbatch():
+    """A test that fails mid-way leaves no `kvbatch` it started running into the next test."""
+    from batch_helpers import stop_started
+
+    yield
+    stop_started()
+
+
 @pytest.fixture(scope="session")
 def embedded_server():
     """One real llama-server on Gemma 3 270M for the tests that only talk to it."""

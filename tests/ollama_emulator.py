@@ -74,11 +74,14 @@ class OllamaEmulator:
     def runner(self) -> EmbeddedServer | None:
         return self._runner
 
-    def kill_runner(self, *, mid_request: bool = True, timeout_s: float = 60.0) -> None:
+    def kill_runner(self, *, mid_request: bool = True, timeout_s: float = 1200.0) -> None:
         """kill -9 of the llama-server underneath, as the kernel's OOM killer would: by default while a request
-        is being served (between requests Ollama would only reload, unseen)."""
+        is being served (between requests Ollama would only reload, unseen). It waits for a request in flight
+        however slow the machine; none within `timeout_s` is an error, never a kill nobody sees."""
         deadline = time.monotonic() + timeout_s
-        while mid_request and self._in_flight == 0 and time.monotonic() < deadline:
+        while mid_request and self._in_flight == 0:
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"no request was in flight within {timeout_s:.0f} s: nothing to kill mid-request")
             time.sleep(0.01)
         if self._runner is not None:
             self._runner.kill()
@@ -126,7 +129,7 @@ class OllamaEmulator:
         runner = self._runner
         assert runner is not None
         if self._session is None:
-            self._session = aiohttp.ClientSession()
+            self._session = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=None))  # Ollama sets none
         try:
             async with self._session.post(
                 runner.url + path, json=payload, headers={"Authorization": f"Bearer {runner.api_key}"}

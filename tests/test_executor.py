@@ -12,6 +12,7 @@ import time
 
 import psutil
 from batch_helpers import (
+    WAIT_CEILING_S,
     input_ids,
     kvbatch,
     replace_user_message,
@@ -59,7 +60,7 @@ def test_killed_server_mid_batch_is_restarted_and_the_run_completes(tmp_path):
     servers = [p for p in psutil.Process(process.pid).children(recursive=True) if "llama-server" in p.name()]
     assert len(servers) == 1
     os.kill(servers[0].pid, signal.SIGKILL)
-    out, _ = process.communicate(timeout=300)
+    out, _ = process.communicate(timeout=WAIT_CEILING_S)
     assert process.returncode == 0, out
     assert sorted(r["custom_id"] for r in result_lines(run_dir)) == sorted(input_ids(batch))
     events = result_lines(run_dir, "events.jsonl")
@@ -130,7 +131,7 @@ def test_ctrl_c_stops_cleanly_and_the_same_command_resumes(tmp_path):
     process = start_kvbatch("run", str(batch), "--run", str(run_dir), *COMMON, cwd=tmp_path)
     wait_for_results(run_dir, 3, process)
     process.send_signal(signal.SIGINT)
-    out, _ = process.communicate(timeout=60)
+    out, _ = process.communicate(timeout=WAIT_CEILING_S)
     assert process.returncode == 130, out
     assert "Every finished request is saved; run the same command to resume." in out
     assert "Traceback" not in out

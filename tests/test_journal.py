@@ -89,8 +89,8 @@ def test_one_writer_per_run_folder_names_the_holder(tmp_path):
     holder = subprocess.Popen(
         [sys.executable, "-c", "import sys, time; from pathlib import Path; from kvbatch.batch.runfolder import "
          "RunFolder, RunLock; RunLock(RunFolder(Path(sys.argv[1]))).acquire(); print('held', flush=True); "
-         "time.sleep(60)", str(tmp_path)],
-        stdout=subprocess.PIPE, text=True,
+         "sys.stdin.read()", str(tmp_path)],
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
     )  # fmt: skip
     try:
         assert holder.stdout.readline().strip() == "held"

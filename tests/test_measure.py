@@ -76,8 +76,9 @@ def test_safe_context_search_finds_a_boundary_that_holds_under_a_real_cap(loader
     loader = loader_for(ServerConfig(swa_full=True))
     with loader.load(1024) as loaded:
         base_virtual = loaded.memory().virtual_bytes
-    # a cap that admits some contexts but not all: about 3,000 tokens more, at 20 KiB of address space each
-    budget = base_virtual + 3000 * 20 * 1024
+    # a cap that admits some contexts but not all: about 1,500 tokens more, at 20 KiB of address space each (each
+    # context that fits is filled whole, so a small boundary keeps the prompt tokens few on a slow machine)
+    budget = base_virtual + 1500 * 20 * 1024
     step = 512
     result = search_safe_context(loader, budget, floor_tokens=1024, ceiling_tokens=32768, step_tokens=step)
     assert result.max_context_tokens is not None
@@ -175,28 +176,50 @@ def _bodies(count: int) -> list[dict]:
             for _ in range(count)]  # fmt: skip
 
 
-def _sustain(server: EmbeddedServer, bodies: list[dict], budget: int | None, duration_s: float = 6.0):
+def _sustain(
+    server: EmbeddedServer,
+    bodies: list[dict],
+    budget: int | None,
+    *,
+    duration_s: float = 0.0,
+    ceiling_s: float = 1800.0,
+    slot_context_tokens: int | None = None,
+):
+    """A sustained load on the server's own layout: it ends when the load is filled, an error or the budget ends it,
+    never on a clock a slower machine would miss (the ceiling is far beyond what any test needs)."""
+
     async def go():
         async with get_backend("openai", server.url, api_key=server.api_key, slot_pinning=True) as backend:
             return await sustained_load(backend, ProcessRssProbe(server.pid), bodies, slots=2,
-                                        duration_s=duration_s, interval_s=2.0, budget_bytes=budget)  # fmt: skip
+                                        slot_context_tokens=slot_context_tokens or server.config.slot_context_tokens,
+                                        duration_s=duration_s, ceiling_s=ceiling_s, interval_s=2.0,
+                                        budget_bytes=budget)  # fmt: skip
 
     return asyncio.run(go())
 
 
-def test_sustained_load_passes_at_a_plan_that_holds_and_fails_above_the_budget():
+def test_sustained_load_runs_until_every_slot_served_its_context_and_fails_above_the_budget():
     with EmbeddedServer(ServerConfig(context_tokens=4096, parallel_slots=2)) as server:
         held = _sustain(server, _bodies(6), budget=4 * 2**30)
         assert held.passed, held.reasons
-        assert held.requests > 2 and held.memory_peak_bytes and held.prompt_tokens_per_s
+        assert held.stopped_by.startswith("every slot served its context (2,048 tokens)")
+        assert all(s.requests >= 2 and s.tokens >= 2048 for s in held.served), held.served
+        assert held.requests == sum(s.requests for s in held.served)
+        assert held.memory_peak_bytes and held.prompt_tokens_per_s
         tiny = _sustain(server, _bodies(6), budget=50 * 2**20)
-    assert not tiny.passed
+    assert not tiny.passed and tiny.stopped_by == "memory above the budget"
     assert any("above the budget 50 MiB" in reason for reason in tiny.reasons)
 
 
 def test_sustained_load_fails_on_a_request_error():
     too_long = {"messages": [{"role": "user", "content": "word " * 5000}], "max_tokens": 4}
     with EmbeddedServer(ServerConfig(context_tokens=2048, parallel_slots=2)) as server:
-        outcome = _sustain(server, [*_bodies(2), too_long], budget=None, duration_s=4.0)
-    assert not outcome.passed
+        outcome = _sustain(server, [*_bodies(2), too_long], budget=None)
+    assert not outcome.passed and outcome.stopped_by == "a request error"
     assert any("request error(s), first: ContextOverflowError" in reason for reason in outcome.reasons)
+
+
+def test_a_load_stopped_by_its_ceiling_before_the_slots_filled_does_not_pass(embedded_server):
+    outcome = _sustain(embedded_server, _bodies(2), budget=None, ceiling_s=1.0, slot_context_tokens=10**9)
+    assert not outcome.passed and outcome.stopped_by == "the ceiling of 1 s"
+    assert any("before every slot had served its context once (slot 0:" in reason for reason in outcome.reasons)

@@ -10,6 +10,7 @@ import json
 
 import pytest
 from batch_helpers import (
+    WAIT_CEILING_S,
     input_ids,
     kvbatch,
     replace_user_message,
@@ -87,7 +88,8 @@ def test_measure_then_run_through_ollama_use_one_measurement_file(ollama, tmp_pa
     """`kvbatch measure --backend ollama` writes the file `kvbatch run --backend ollama` plans from (the two named it
     differently before: gemma3-12b__... and gemma3:12b__...)."""
     measured = kvbatch("measure", "--backend", "ollama", "--url", ollama.url, "--model", MODEL, "--only", "kv_growth",
-                       "--contexts", "2048,8192", "--repeats", "1", cwd=tmp_path, timeout=600)  # fmt: skip
+                       "--contexts", "2048,8192", "--repeats", "1", "--fill-context", "1024",
+                       cwd=tmp_path)  # fmt: skip
     assert measured.returncode == 0, measured.stdout + measured.stderr
     out = tmp_path / "data" / "measurements" / "ollama__gemma3-270m__f16-f16.json"
     assert f"results: data/measurements/{out.name}" in measured.stdout
@@ -111,7 +113,7 @@ def test_a_batch_through_ollama_sends_the_planned_num_ctx_and_survives_a_killed_
                             "--model", MODEL, "--no-report", "--no-progress", cwd=tmp_path)  # fmt: skip
     wait_for_results(run_dir, 3, process)
     ollama.emulator.kill_runner()  # kill -9 of the llama-server underneath, mid-run
-    out, _ = process.communicate(timeout=300)
+    out, _ = process.communicate(timeout=WAIT_CEILING_S)
     assert process.returncode == 0, out
     ids = [r["custom_id"] for r in result_lines(run_dir)]
     assert sorted(ids) == sorted(input_ids(batch)) and not [i for i, n in collections.Counter(ids).items() if n > 1]

@@ -8,7 +8,17 @@ import json
 
 import psutil
 import pytest
-from batch_helpers import input_ids, kvbatch, result_lines, small_batch, start_kvbatch, wait_for_results
+from batch_helpers import (
+    WAIT_CEILING_S,
+    has_event,
+    input_ids,
+    kvbatch,
+    result_lines,
+    small_batch,
+    start_kvbatch,
+    wait_for_results,
+    wait_until,
+)
 from fault_server import Faults, RunningFaultServer
 from kvbatch.serve.server import free_port
 
@@ -41,8 +51,9 @@ def test_a_pool_of_servers_shares_the_batch_and_reports_each(tmp_path):
 
 def test_an_endpoint_that_dies_is_taken_out_and_re_admitted_with_nothing_lost(tmp_path):
     batch = small_batch(tmp_path / "in.jsonl", 1600)
-    # down for 7 s: past the pool's 5 s of grace, so it is taken out, then probed and re-admitted
-    servers = [RunningFaultServer(free_port(), Faults(service_s=0.05, slots=1, down_s=7.0)) for _ in range(4)]
+    # one goes down until the pool has taken it out (past its grace, however long that takes here), then comes back
+    # and must be probed and re-admitted while the others still have work
+    servers = [RunningFaultServer(free_port(), Faults(service_s=0.05, slots=1)) for _ in range(4)]
     for server in servers:
         server.__enter__()
     try:
@@ -50,8 +61,11 @@ def test_an_endpoint_that_dies_is_taken_out_and_re_admitted_with_nothing_lost(tm
         process = start_kvbatch("run", str(batch), *urls, *QUIET, cwd=tmp_path)
         run = tmp_path / "data" / "runs" / "in"
         wait_for_results(run, 60, process)
-        servers[2].crash()  # nothing listening for 7 s, then back on the same port
-        out, _ = process.communicate(timeout=300)
+        servers[2].go_down()  # nothing listening, every connection dropped
+        wait_until(lambda: has_event(run, lambda e: e["event"] == "endpoint_out"), "the endpoint taken out", process)
+        servers[2].come_back()  # on the same port
+        wait_until(lambda: has_event(run, lambda e: e["event"] == "endpoint_back"), "the endpoint re-admitted", process)
+        out, _ = process.communicate(timeout=WAIT_CEILING_S)
         served_after = servers[2].server.counts["answered"]
     finally:
         for server in servers:
@@ -124,31 +138,42 @@ def test_several_embedded_servers_on_one_machine(tmp_path):
     assert (run / "server-0.log").exists() and (run / "server-1.log").exists()
 
 
-def _busiest(actors: list[psutil.Process]) -> psutil.Process:
-    """The actor whose llama-server is computing right now: it has a request in flight."""
-    while True:
+def _busiest(actors: list[psutil.Process], process) -> psutil.Process:
+    """The actor whose llama-server is computing right now, twice in a row: it has a request in flight."""
+
+    def computing() -> psutil.Process | None:
         for actor in actors:
             servers = [c for c in actor.children(recursive=True) if c.name() == "llama-server"]
-            if servers and servers[0].cpu_percent(interval=0.2) > 20:
+            if servers and all(servers[0].cpu_percent(interval=0.2) > 20 for _ in range(2)):
                 return actor
+        return None
+
+    return wait_until(computing, "an actor's server computing a request", process)
 
 
-@pytest.mark.timeout(900)
+def _recovered(event: dict) -> bool:
+    return event["event"] == "recovery" and event["action"].startswith("actor: restarted")
+
+
+@pytest.mark.timeout(2 * WAIT_CEILING_S)
 def test_ray_actors_serve_the_batch_and_survive_a_killed_server(tmp_path):
-    batch = small_batch(tmp_path / "in.jsonl", 24)
+    batch = small_batch(tmp_path / "in.jsonl", 40)  # enough that requests are still in flight after both kills
     before = {p.pid for p in psutil.process_iter(["name"]) if p.info["name"] == "llama-server"}
     process = start_kvbatch("run", str(batch), "--ray", "local", "--ray-actors", "2", *QUIET, cwd=tmp_path)
     run = tmp_path / "data" / "runs" / "in"
-    wait_for_results(run, 4, process, timeout_s=300)
+    wait_for_results(run, 4, process)
     servers = [p for p in psutil.process_iter(["name", "create_time"]) if p.info["name"] == "llama-server"
                and p.pid not in before]  # fmt: skip
     assert len(servers) >= 2, "one llama-server per actor"
     servers[0].kill()  # the actor restarts its own server
-    wait_for_results(run, 8, process, timeout_s=300)
+    # the next step needs that recovery over (however long a restart takes here) and requests flowing again
+    wait_until(lambda: has_event(run, _recovered), "the actor restarted its server", process)
+    done = len(result_lines(run))
+    wait_for_results(run, done + 2, process)
     actors = [p for p in psutil.process_iter(["cmdline"]) if "ray::ServerActor" in " ".join(p.info["cmdline"] or [])]
     assert len(actors) == 2, "one Ray actor per server"
-    _busiest(actors).kill()  # the actor itself dies mid-request: Ray restarts it, and it starts a new server
-    out, _ = process.communicate(timeout=600)
+    _busiest(actors, process).kill()  # the actor itself dies mid-request: Ray restarts it, and it starts a server
+    out, _ = process.communicate(timeout=WAIT_CEILING_S)
     assert process.returncode == 0, out
     _exactly_once(run, batch)
     summary = json.loads((run / "summary.json").read_text())

@@ -78,6 +78,7 @@ def test_the_report_of_a_real_run_speaks_to_a_person(in_tmp_repo):
     result = kvbatch("run", str(batch), "--run", "real", "--no-progress", "--concurrency", "1", cwd=in_tmp_repo)
     assert result.returncode == 0, result.stderr
     assert "report: reports/run-real.html" in result.stdout
+    assert "IPKernelApp" not in result.stdout + result.stderr  # the kernel's noise stays out of the terminal
     html = (in_tmp_repo / "reports" / "run-real.html").read_text()
     for raw in ("memory_peak_bytes", "predicted_kv_bytes", "e+09", "t_unix_s", "cache_share_of_prompt_tokens"):
         assert raw not in html, raw

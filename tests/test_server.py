@@ -15,6 +15,7 @@ import urllib.request
 
 import psutil
 import pytest
+from batch_helpers import WAIT_CEILING_S
 from kvbatch.batch.sample import system_prompt
 from kvbatch.errors import AuthError, ContextOverflowError, ServerGoneError, ServerStartError
 from kvbatch.serve.backends import get_backend
@@ -116,8 +117,8 @@ def test_server_dies_with_its_parent_even_on_kill_9(tmp_path):
     assert psutil.pid_exists(child_pid)
     os.kill(parent.pid, signal.SIGKILL)
     parent.wait()
-    deadline = time.time() + 10
-    while time.time() < deadline and psutil.pid_exists(child_pid):
+    deadline = time.monotonic() + WAIT_CEILING_S  # the loop ends as soon as the child is gone
+    while time.monotonic() < deadline and psutil.pid_exists(child_pid):
         try:
             if psutil.Process(child_pid).status() == psutil.STATUS_ZOMBIE:
                 break
@@ -149,11 +150,11 @@ def test_kvbatch_serve_prints_a_url_that_answers(tmp_path):
         request = urllib.request.Request(
             url + "/v1/chat/completions", body, {"Content-Type": "application/json", "Authorization": f"Bearer {key}"}
         )
-        with urllib.request.urlopen(request, timeout=60) as reply:
+        with urllib.request.urlopen(request, timeout=WAIT_CEILING_S) as reply:
             assert json.loads(reply.read())["choices"][0]["message"]["content"] is not None
     finally:
         process.send_signal(signal.SIGINT)
-        out, _ = process.communicate(timeout=30)
+        out, _ = process.communicate(timeout=WAIT_CEILING_S)
     assert "llama-server stopped" in out
     assert process.returncode == 0
 

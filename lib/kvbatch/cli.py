@@ -124,12 +124,19 @@ def build_parser() -> argparse.ArgumentParser:
     measure.add_argument("--parallel", type=int, default=None, help="Ollama's OLLAMA_NUM_PARALLEL (default: env)")
     measure.add_argument("--contexts", default="2048,8192,16384,32768", help="sweep A context sizes, comma-separated")
     measure.add_argument("--repeats", type=int, default=2)
+    measure.add_argument("--fill-context", type=int, default=defaults.CONTEXT_TOKENS,
+                         help="the allocation sweep B fills step by step (memory against tokens in use)")  # fmt: skip
     measure.add_argument("--budget", default=defaults.DEMO_BUDGET,
                          help="memory the server may use (8GiB, auto for the machine's default), or +24MiB above "
                               "the model's own need (the 2-core demo, the default)")  # fmt: skip
     measure.add_argument("--margin", type=float, default=defaults.SAFETY_MARGIN,
                          help="safety margin applied to the largest context")  # fmt: skip
-    measure.add_argument("--duration", type=float, default=defaults.SUSTAINED_DURATION_S, help="sustained-load seconds")
+    measure.add_argument("--duration", type=float, default=defaults.SUSTAINED_DURATION_S,
+                         help="the least seconds of sustained load (it goes on until every slot has served its "
+                              "context once)")  # fmt: skip
+    measure.add_argument("--ceiling", type=float, default=defaults.SUSTAINED_CEILING_S,
+                         help="the most seconds of sustained load; stopped there before every slot was filled, it "
+                              "does not pass")  # fmt: skip
     measure.add_argument(
         "--input",
         default=str(defaults.SAMPLE_INPUT),
@@ -305,7 +312,8 @@ def cmd_measure(args: argparse.Namespace) -> int:
     for line in run_measurement_notebooks(
         backend=args.backend, url=args.url, model=args.model, model_path=args.model_path, kv_type=args.kv_type,
         parallel=args.parallel, contexts=contexts, repeats=args.repeats, budget=args.budget, margin=args.margin,
-        duration_s=args.duration, input_path=args.input, only=[s.strip() for s in args.only.split(",") if s.strip()],
+        duration_s=args.duration, ceiling_s=args.ceiling, fill_context=args.fill_context, input_path=args.input,
+        only=[s.strip() for s in args.only.split(",") if s.strip()],
     ):  # fmt: skip
         print(line, flush=True)
     return 0

@@ -16,6 +16,9 @@ REPORTS_DIR = Path("reports")
 NOTEBOOKS_DIR = Path(__file__).resolve().parents[2] / "notebooks"
 """The notebooks of the checkout kvbatch is installed from (editable), wherever kvbatch is started."""
 SAMPLE_INPUT = Path("data/sample/requests.jsonl")
+KERNEL_START_TIMEOUT_S = 300.0
+"""How long a report's notebook kernel may take to start (papermill's own limit is 60 s): importing pandas and
+matplotlib on a busy, slow 2-core machine can take most of a minute."""
 
 # ---- the embedded server -----------------------------------------------------------------------------------------
 CONTEXT_TOKENS = 4096
@@ -33,6 +36,9 @@ which the plan prices."""
 CACHE_RAM_MIB = 0
 """llama-server's host-RAM prompt cache (its default is 8 GiB) is off: slot pinning keeps each slot's prefix warm
 without it, and memory stays what the plan prices."""
+SERVER_THREADS_ENV = "KVBATCH_SERVER_THREADS"
+"""The environment variable that sets the threads of every embedded server started without `--threads`: to leave
+cores to other work, or to hold the test suite's servers to a slow machine's speed (`tools/slow-suite`)."""
 STARTUP_TIMEOUT_S = 180.0
 """Loading a 12B model from a cold disk can take a minute or two; the 270M loads in about 1.5 s here."""
 MALLOC_ARENA_MAX = 1
@@ -103,4 +109,11 @@ SUSTAINED_DRIFT_BYTES = 64 * 2**20
 """Sustained load fails on memory drift over the second half above max(1 %, 64 MiB): allocator noise on a
 CPU server is a few MiB, a leak or unbounded checkpoints grow by hundreds."""
 SUSTAINED_DURATION_S = 60.0
+"""The least time a sustained load runs; it runs longer until every slot has served its context once."""
+SUSTAINED_MIN_REQUESTS_PER_SLOT = 2
+"""Requests each slot serves at least: the second one reuses the slot's prefix cache and makes its checkpoints,
+which is where memory grows after load."""
+SUSTAINED_CEILING_S = 3600.0
+"""The most a sustained load runs: a 4.5x slower 2-core machine fills 4 slots of the sample in under 10 minutes;
+a load the ceiling stops before every slot was filled does not pass."""
 SUSTAINED_INTERVAL_S = 15.0

@@ -135,6 +135,8 @@ def classify_http_error(status_code: int, message: str, *, url: str = "") -> Kvb
     text = f"HTTP {status_code}{where}: {message}"
     if status_code in (400, 413, 422) and any(marker in lowered for marker in _OVERFLOW_MARKERS):
         return ContextOverflowError(text, status_code=status_code, server_message=message)
+    if looks_like_oom(message):  # llama-server answers 400 when serving a request threw std::bad_alloc
+        return OutOfMemoryError(text, status_code=status_code, server_message=message)
     if status_code in (401, 403):
         return AuthError(
             f"{text}; check the API key (kvbatch reads it from the KVBATCH_API_KEY environment variable)",
@@ -148,8 +150,6 @@ def classify_http_error(status_code: int, message: str, *, url: str = "") -> Kvb
     if status_code in (408, 429, 502, 503, 504):
         return ServerBusyError(text, status_code=status_code, server_message=message)
     if status_code >= 500:
-        if looks_like_oom(message):
-            return OutOfMemoryError(text, status_code=status_code, server_message=message)
         return ServerGoneError(text, status_code=status_code, server_message=message)
     return BadRequestError(text, status_code=status_code, server_message=message)
 

@@ -1,8 +1,10 @@
 # %% [markdown]
 # # Sustained load: does the plan hold?
-# Requests of the batch's own sizes (by default the shipped sample's shape) run for a set time at the plan's slots
-# and per-slot context, one worker per slot. Memory is compared with the budget every interval. The verdict is
-# FAILED on any request error, on memory above the budget, or on a drift above max(1 %, 64 MiB) over the second half.
+# Requests of the batch's own sizes (by default the shipped sample's shape) run at the plan's slots and per-slot
+# context, one worker per slot, until every slot has served its own context's worth of tokens (over at least two
+# requests) and the set duration has passed, whichever is later, up to a ceiling. Memory is compared with the budget
+# every interval. The verdict is FAILED on any request error, on memory above the budget, on a drift above
+# max(1 %, 64 MiB) over the second half, or when the ceiling came before every slot was filled.
 
 # %% [parameters]
 from kvbatch import defaults
@@ -17,7 +19,8 @@ input_path = str(defaults.SAMPLE_INPUT)  # the batch whose request sizes (and pl
 budget = None  # the memory the server may use (default: the machine's, as the plan takes it)
 slots = None  # default: the plan's
 slot_context_tokens = None  # default: the plan's
-duration_s = defaults.SUSTAINED_DURATION_S
+duration_s = defaults.SUSTAINED_DURATION_S  # the least time; it runs on until every slot has served its context
+ceiling_s = defaults.SUSTAINED_CEILING_S
 interval_s = defaults.SUSTAINED_INTERVAL_S
 out_dir = str(defaults.MEASUREMENTS_DIR)
 
@@ -66,8 +69,9 @@ budget_bytes = plan.budget.bytes if plan.budget else None
 
 
 async def measure_at(backend_obj, probe):
-    return await sustained_load(backend_obj, probe, bodies, slots=layout.slots, duration_s=duration_s,
-                                interval_s=interval_s, budget_bytes=budget_bytes)
+    return await sustained_load(backend_obj, probe, bodies, slots=layout.slots,
+                                slot_context_tokens=layout.slot_context_tokens, duration_s=duration_s,
+                                ceiling_s=ceiling_s, interval_s=interval_s, budget_bytes=budget_bytes)
 
 
 if backend == "ollama":
@@ -87,7 +91,9 @@ else:
         flags = server.config.flags()
 steps.save_sustained(out, outcome, backend=backend, model=identity, types=types, layout=layout)
 verdict = "PASSED" if outcome.passed else "FAILED: " + "; ".join(outcome.reasons)
-display(Markdown(f"**{verdict}**. {outcome.requests} requests in {outcome.duration_s:.0f} s at {layout.describe()}; "
+served = ", ".join(f"slot {i}: {s.requests} requests, {s.tokens:,} tokens" for i, s in enumerate(outcome.served))
+display(Markdown(f"**{verdict}**. {outcome.requests} requests in {outcome.duration_s:.0f} s at {layout.describe()} "
+                 f"(stopped by {outcome.stopped_by}; ceiling {outcome.ceiling_s:.0f} s); {served}; "
                  f"memory peak {size(outcome.memory_peak_bytes)} (budget {size(budget_bytes)}), "
                  f"drift over the second half {size(outcome.memory_drift_bytes)}; {len(outcome.errors)} request "
                  "error(s)."))
@@ -103,8 +109,14 @@ if plan.memory:
 ax1.set(title="Server memory under load", xlabel="seconds", ylabel="MiB")
 ax1.set_ylim(bottom=0)
 ax1.legend()
-ax2.bar([i * interval_s for i in range(len(outcome.requests_per_interval))], outcome.requests_per_interval,
-        width=interval_s * 0.8, align="edge")
-ax2.set(title=f"Requests finished per {interval_s} s interval", xlabel="seconds", ylabel="requests")
-integer_axis(ax2.yaxis)
+if sum(1 for n in outcome.requests_per_interval if n) >= 2:
+    ax2.bar([i * interval_s for i in range(len(outcome.requests_per_interval))], outcome.requests_per_interval,
+            width=interval_s * 0.8, align="edge")
+    ax2.set(title=f"Requests finished per {interval_s:.0f} s interval", xlabel="seconds", ylabel="requests")
+    integer_axis(ax2.yaxis)
+else:  # one bar (or none) is no rate over time: say what happened instead of drawing an empty axis
+    ax2.set_axis_off()
+    ax2.text(0.5, 0.5, f"{outcome.requests} request(s) finished in {outcome.duration_s:.0f} s:\n"
+             f"too few {interval_s:.0f} s intervals with a finished request\nto chart a rate over time",
+             ha="center", va="center", transform=ax2.transAxes)
 fig.tight_layout()

@@ -4,6 +4,7 @@ estimate, or 4 characters per token when tiktoken's encoding cannot be loaded of
 
 from __future__ import annotations
 
+import functools
 import itertools
 from dataclasses import dataclass
 
@@ -29,12 +30,21 @@ class TokenCounts:
         return chars / tokens if tokens else FALLBACK_CHARS_PER_TOKEN
 
 
-def _tiktoken_counts(texts: list[str]) -> list[int] | None:
+@functools.lru_cache(maxsize=1)
+def _tiktoken_encoding():
+    """tiktoken's encoding, or None: asked once per process (without a cached copy tiktoken downloads it, and a
+    failed download is not cached by tiktoken, so a run without network would ask again for every estimate)."""
     try:
         import tiktoken
 
-        encoding = tiktoken.get_encoding("cl100k_base")
+        return tiktoken.get_encoding("cl100k_base")
     except Exception:  # no cached encoding and no network: tiktoken raises requests/OS errors
+        return None
+
+
+def _tiktoken_counts(texts: list[str]) -> list[int] | None:
+    encoding = _tiktoken_encoding()
+    if encoding is None:
         return None
     return [len(encoding.encode(text, disallowed_special=())) for text in texts]
 

@@ -46,6 +46,12 @@ class Sustained(BaseModel):
     memory_drift_bytes: float | None = None
     budget_bytes: int | None = None
     requests_per_interval: list[int] = Field(default_factory=list)
+    slot_requests: list[int] = Field(default_factory=list)
+    slot_tokens: list[int] = Field(default_factory=list)
+    """Tokens each slot served (prompt + answer, the server's counts): a load is sustained once each reaches the
+    slot's context."""
+    stopped_by: str | None = None
+    ceiling_s: float | None = None
 
 
 class Measurement(BaseModel):

@@ -276,6 +276,10 @@ def save_sustained(out: Path, outcome, *, backend: str, model: str, types: KvCac
             memory_drift_bytes=outcome.memory_drift_bytes,
             budget_bytes=outcome.budget_bytes,
             requests_per_interval=outcome.requests_per_interval,
+            slot_requests=[s.requests for s in outcome.served],
+            slot_tokens=[s.tokens for s in outcome.served],
+            stopped_by=outcome.stopped_by,
+            ceiling_s=outcome.ceiling_s,
         ),
         **{key: value for key, value in speeds.items() if value},
     )

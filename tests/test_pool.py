@@ -77,7 +77,7 @@ def test_an_endpoint_that_dies_is_taken_out_and_re_admitted_with_nothing_lost(tm
     assert ("endpoint_out", "external-2") in kinds and ("endpoint_back", "external-2") in kinds
     summary = json.loads((run / "summary.json").read_text())
     by_label = {e["label"]: e for e in summary["per_endpoint"]}
-    assert by_label["external-2"]["out_of_pool_s"] >= 1.0
+    assert by_label["external-2"]["out_of_pool_s"] > 0
     assert by_label["external-2"]["completed"] > 0 and served_after > 0
     assert not result_lines(run, "errors.jsonl")
 

@@ -41,6 +41,14 @@ class Faults:
     refuse_marker: str | None = None
     """Requests holding this text are refused as too long (HTTP 400), as a server with a smaller context would."""
     require_key: str | None = None
+    llama_server: bool = True
+    """Answer /props as llama-server does (slots, context); False plays vLLM or SGLang, which say neither."""
+    slow_marker: str | None = None
+    """Requests holding this text are answered after `slow_s`, every time (a request the server is slow on)."""
+    fail_marker: str | None = None
+    """Requests holding this text get HTTP 500 every time, while the others are answered."""
+    wedge_after: int | None = None
+    """After this many answers, HTTP 500 to every request while /health stays ok (a wedged engine)."""
     seed: int = 1
 
 
@@ -93,6 +101,9 @@ class FaultServer:
         await self._site.stop()
         for transport in list(self._transports):
             transport.abort()
+        # a crashed process closes every socket, idle keep-alive ones too (else /health would still answer on one)
+        for handler in list(self._runner.server.connections if self._runner and self._runner.server else []):
+            handler.force_close()
 
     async def come_back(self) -> None:
         await self._listen()
@@ -102,6 +113,8 @@ class FaultServer:
         return web.json_response({"status": "ok"})
 
     async def props(self, request: web.Request) -> web.Response:
+        if not self.faults.llama_server:
+            raise web.HTTPNotFound()
         return web.json_response({"total_slots": self.faults.slots,
                                   "default_generation_settings": {"n_ctx": 8192}})  # fmt: skip
 
@@ -136,8 +149,18 @@ class FaultServer:
             return web.json_response({"error": {"code": 400, "type": "exceed_context_size_error",
                                                 "message": "the request exceeds the available context size"}},
                                      status=400)  # fmt: skip
-        if POISON in (last if isinstance(last, str) else json.dumps(last)):
+        text = last if isinstance(last, str) else json.dumps(last)
+        if POISON in text:
             return await self._gone(request, "poison")
+        if (self.faults.fail_marker and self.faults.fail_marker in text) or (
+            self.faults.wedge_after is not None and self.counts["answered"] >= self.faults.wedge_after
+        ):
+            self.counts["500"] += 1
+            return web.json_response({"error": {"code": 500, "message": "EngineCore encountered an issue"}},
+                                     status=500)  # fmt: skip
+        if self.faults.slow_marker and self.faults.slow_marker in text:
+            self.counts["slow"] += 1
+            await asyncio.sleep(self.faults.slow_s)
         roll = self.rng.random()
         faults = self.faults
         edges = [("503", faults.p503), ("drop", faults.p_drop), ("not json", faults.p_not_json),
@@ -229,6 +252,8 @@ def main() -> None:
         parser.add_argument(f"--{name.replace('_', '-')}", type=float, default=getattr(Faults(), name))
     parser.add_argument("--slots", type=int, default=8)
     parser.add_argument("--seed", type=int, default=1)
+    parser.add_argument("--vllm", dest="llama_server", action="store_false",
+                        help="no /props: a server that does not say how many requests it runs at once")  # fmt: skip
     args = parser.parse_args()
     faults = Faults(**{k: v for k, v in vars(args).items() if k != "port"})
 

@@ -177,3 +177,54 @@ def test_memory_above_the_threshold_ends_conversations_early_and_is_logged(tmp_p
     assert [e["event"] for e in events].count("memory_high") == 1
     ended = [e for e in events if e["event"] == "chunk_end" and e["reason"] == "memory threshold"]
     assert len(ended) == 3  # every conversation ended after one turn while memory stayed above 1 MiB
+
+
+def test_after_an_out_of_memory_back_off_only_the_remaining_slot_ids_are_leased(tmp_path):
+    """4 slots, an out-of-memory kill mid-run (kill -9 as the kernel's OOM killer would, and the cgroup's count
+    rising): the server comes back with 2 slots, no request names slot 2 or 3 again, and both remaining slots
+    serve (each worker leases a free id for every attempt, instead of keeping its own)."""
+    import asyncio
+
+    from kvbatch.batch.execution.executor import Executor, RunOptions
+    from kvbatch.batch.journal import Fingerprint, Journal
+    from kvbatch.batch.openai_batch import iter_openai_batch, scan_openai_batch
+    from kvbatch.batch.runfolder import RunFolder
+    from kvbatch.serve.config import ServerConfig
+    from kvbatch.serve.layout import SlotLayout
+    from kvbatch.serve.supervisor import EmbeddedSupervisor
+
+    batch = small_batch(tmp_path / "in.jsonl", 40)
+    report = scan_openai_batch(batch)
+    folder = RunFolder(tmp_path / "run")
+    journal = Journal.open(folder, Fingerprint(input_hash=report.input_hash, model="m", system_prompt_hash="",
+                                               generation={}, mode="independent"))  # fmt: skip
+    events = tmp_path / "memory.events"
+    events.write_text("oom 0\noom_kill 0\n")
+    layout = SlotLayout(4, 1024)
+    supervisor = EmbeddedSupervisor(ServerConfig(), layout, min_slot_context=512, log_path=tmp_path / "server.log",
+                                    oom_counter_files=[events])  # fmt: skip
+    executor = Executor(journal, [supervisor], RunOptions(concurrency=4, progress=False), folder=folder,
+                        total=report.request_count)  # fmt: skip
+
+    async def kill_for_memory_mid_run() -> None:
+        while executor.stats.completed < 8:
+            await asyncio.sleep(0.05)
+        events.write_text("oom 1\noom_kill 1\n")
+        await asyncio.to_thread(supervisor.server.kill)
+
+    async def go() -> None:
+        await supervisor.start()
+        killer = asyncio.create_task(kill_for_memory_mid_run())
+        await executor.run(iter_openai_batch(report))
+        await killer
+        await supervisor.close()
+
+    asyncio.run(go())
+    journal.close()
+    assert layout.slots == 2
+    assert sorted(r["custom_id"] for r in result_lines(folder.path)) == sorted(input_ids(batch))
+    recovery = next(e for e in result_lines(folder.path, "events.jsonl") if e["event"] == "recovery")
+    assert recovery["out_of_memory"] and "kill count rose from 0 to 1" in recovery["oom_evidence"]
+    metrics = result_lines(folder.path, "metrics.jsonl")
+    after = [m["slot"] for m in metrics if m["t_done_unix_s"] > recovery["t_unix_s"]]
+    assert after and set(after) == {0, 1}, after  # no id 2 or 3 is sent; both remaining slots stay busy

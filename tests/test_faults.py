@@ -8,6 +8,7 @@ import os
 import signal
 import subprocess
 import sys
+from pathlib import Path
 
 from batch_helpers import (
     WAIT_CEILING_S,
@@ -21,8 +22,8 @@ from batch_helpers import (
 )
 from fault_server import Faults, RunningFaultServer
 from kvbatch.serve.config import ServerConfig
+from kvbatch.serve.oomkill import OomWatch, cgroup_counter_files, oom_kill_count
 from kvbatch.serve.server import EmbeddedServer, free_port
-from kvbatch.serve.supervisor import kernel_oom_kills
 from stress import stress_run
 
 QUIET = ("--no-report", "--no-progress")
@@ -67,7 +68,7 @@ def test_a_rejected_key_stops_the_run_at_once_and_burns_nothing(tmp_path):
     again = subprocess.run([sys.executable, "-m", "kvbatch.cli", "run", str(batch), "--url", "http://127.0.0.1:9",
                             "--run", "nobody", *QUIET, "--max-wait", "1"], cwd=tmp_path, capture_output=True,
                            text=True)  # fmt: skip
-    assert "did not become healthy within 1 s" in again.stderr and again.returncode == 2
+    assert "did not become healthy within 1 s" in again.stderr and again.returncode == 3  # down: run it again
 
 
 def test_a_running_llama_servers_limits_are_discovered(tmp_path):
@@ -93,7 +94,7 @@ def test_transient_faults_are_waited_out_and_a_long_outage_stops_without_failing
     with RunningFaultServer(free_port(), Faults(p503=1.0)) as server:
         batch = small_batch(tmp_path / "down.jsonl", 5)
         result = kvbatch("run", str(batch), "--url", server.url, *QUIET, "--max-wait", "3", cwd=tmp_path)
-    assert result.returncode == 2
+    assert result.returncode == 3  # stopped with nothing lost: the same command again, later
     assert "kept failing for 3 s (--max-wait)" in result.stderr and "run the same command again" in result.stderr
     assert not result_lines(tmp_path / "data" / "runs" / "down", "errors.jsonl")
 
@@ -104,7 +105,7 @@ def test_retry_failed_sends_the_failed_requests_again(tmp_path):
     run = tmp_path / "data" / "runs" / "in"
     with RunningFaultServer(free_port(), Faults(refuse_marker="TOO-LONG")) as server:
         first = kvbatch("run", str(batch), "--url", server.url, *QUIET, cwd=tmp_path)
-    assert first.returncode == 0, first.stderr
+    assert first.returncode == 1, first.stderr  # done, one failed for good
     assert [e["custom_id"] for e in result_lines(run, "errors.jsonl")] == [long_one["custom_id"]]
     with RunningFaultServer(free_port(), Faults()) as server:  # the server's context was raised meanwhile
         unchanged = kvbatch("run", str(batch), "--url", server.url, *QUIET, cwd=tmp_path)
@@ -195,11 +196,21 @@ def test_an_input_edited_during_a_run_stops_it_cleanly(tmp_path):
     assert len(ids) == len(set(ids)) and "Traceback" not in out
 
 
-def test_a_kernel_oom_kill_is_read_from_the_cgroup(tmp_path):
-    events = tmp_path / "memory.events"
-    events.write_text("low 0\nhigh 0\nmax 12\noom 3\noom_kill 2\n")
-    assert kernel_oom_kills(events) == 2
-    assert kernel_oom_kills(tmp_path / "missing") is None
+def test_a_kernel_oom_kill_is_read_from_the_process_own_cgroup_v1_or_v2(tmp_path):
+    v2 = tmp_path / "app.slice" / "memory.events"
+    v2.parent.mkdir()
+    v2.write_text("low 0\nhigh 0\nmax 12\noom 3\noom_kill 2\n")
+    v1 = tmp_path / "memory" / "process_api" / "abc" / "memory.oom_control"
+    v1.parent.mkdir(parents=True)
+    v1.write_text("oom_kill_disable 0\nunder_oom 0\noom_kill 5\n")
+    assert cgroup_counter_files("0::/app.slice\n", root=tmp_path) == [v2]  # a host's v2: the process's own group
+    assert cgroup_counter_files("4:memory:/process_api/abc\n0::/\n", root=tmp_path) == [v1]  # v1, as here
+    assert oom_kill_count([v2]) == 2 and oom_kill_count([v1]) == 5 and oom_kill_count([tmp_path / "missing"]) is None
+    watch = OomWatch.now([v2])
+    assert watch.evidence(12345, -9) is None  # a plain kill -9: nothing counted
+    v2.write_text("oom 4\noom_kill 3\n")
+    assert "out-of-memory kill count rose from 2 to 3" in watch.evidence(12345, -9)
+    assert watch.evidence(12345, 1) is None  # not a SIGKILL: not the OOM killer
 
 
 def test_a_kernel_oom_kill_restarts_the_server_smaller(tmp_path):
@@ -216,7 +227,7 @@ def test_a_kernel_oom_kill_restarts_the_server_smaller(tmp_path):
     events.write_text("oom 0\noom_kill 0\n")
     layout = SlotLayout(2, 1024)
     supervisor = EmbeddedSupervisor(ServerConfig(), layout, min_slot_context=512, log_path=tmp_path / "server.log",
-                                    cgroup_events=events)  # fmt: skip
+                                    oom_counter_files=[events])  # fmt: skip
 
     async def go():
         await supervisor.start()
@@ -228,6 +239,7 @@ def test_a_kernel_oom_kill_restarts_the_server_smaller(tmp_path):
 
     recovery = asyncio.run(go())
     assert recovery.out_of_memory and recovery.action == "restarted with 1 slot(s) x 1024 tokens"
+    assert "out-of-memory kill count rose from 0 to 1" in recovery.oom_evidence
     assert layout.slots == 1
 
 
@@ -268,16 +280,98 @@ def test_an_out_of_memory_halving_is_not_undone_by_a_later_phase(tmp_path):
     journal.close()
 
 
-def test_request_timeout_bounds_a_request_that_never_answers_in_time(tmp_path):
-    with RunningFaultServer(free_port(), Faults(p_slow=1.0, slow_s=3.0)) as server:
-        batch = small_batch(tmp_path / "in.jsonl", 2)
-        result = kvbatch("run", str(batch), "--url", server.url, *QUIET, "--request-timeout", "0.5",
-                         "--concurrency", "1", cwd=tmp_path)  # fmt: skip
-        sent = server.server.counts["slow"]
-    assert result.returncode == 0, result.stderr
+SLOW = "SLOW-REQUEST"
+
+
+def test_a_request_that_times_out_while_others_are_answered_fails_alone_and_is_no_crash(tmp_path):
+    """The server answers 59 requests at once and one always too late: that one fails for good as timed out
+    (four times, after the limit), nothing else is charged, the server is never treated as crashed."""
+    batch = small_batch(tmp_path / "in.jsonl", 60)
+    slow = replace_user_message(batch, 30, f"{SLOW} please")
+    with RunningFaultServer(free_port(), Faults(slow_marker=SLOW, slow_s=8.0)) as server:
+        result = kvbatch("run", str(batch), "--url", server.url, *QUIET, "--request-timeout", "3",
+                         "--concurrency", "4", cwd=tmp_path)  # fmt: skip
+        sent_slow = server.server.counts["slow"]
+    assert result.returncode == 1, result.stdout + result.stderr  # done, one failed for good
+    run = tmp_path / "data" / "runs" / "in"
+    errors = result_lines(run, "errors.jsonl")
+    assert [e["custom_id"] for e in errors] == [slow["custom_id"]]
+    message = errors[0]["error"]["message"]
+    assert "timed out 4 times after 3 s while the server answered other requests" in message, message
+    assert "takes it down" not in message and sent_slow == errors[0]["attempts"] == 4
+    assert len(result_lines(run)) == 59
+    events = result_lines(run, "events.jsonl")
+    assert not [e for e in events if e["event"] == "recovery"]  # a timeout is not a crash: nothing restarted
+    decisions = [e for e in events if e["event"] == "failure"]
+    assert decisions and all(e["custom_id"] == slow["custom_id"] and e["error"] == "RequestTimeoutError"
+                             for e in decisions)  # fmt: skip
+
+
+def test_a_wedged_server_stops_the_run_and_charges_no_request(tmp_path):
+    """500 to every request after the first 5 while /health says ok: the fault is the server's. The run stops with
+    exit 3 and one sentence, nothing in errors.jsonl, after a handful of attempts (not the whole input)."""
+    batch = small_batch(tmp_path / "in.jsonl", 300)
+    with RunningFaultServer(free_port(), Faults(wedge_after=5)) as server:
+        result = kvbatch("run", str(batch), "--url", server.url, *QUIET, "--max-wait", "3", cwd=tmp_path)
+        sent = server.server.counts["requests"]
+    assert result.returncode == 3, result.stdout + result.stderr
+    run = tmp_path / "data" / "runs" / "in"
+    assert not result_lines(run, "errors.jsonl")
+    assert len(result_lines(run)) == 5
+    stderr = result.stderr
+    assert "stopped serving" in stderr and "different request(s) failed" in stderr and "server errors" in stderr
+    assert "EngineCore encountered an issue" in stderr and "Nothing was charged to those requests" in stderr
+    assert "Traceback" not in stderr
+    assert sent < 5 + 60, sent  # the breaker and a few probes, not 1,185 requests
+    summary = json.loads((run / "summary.json").read_text())  # written after the stop, for what was done
+    assert summary["completed_total"] == 5 and summary["failed_total"] == 0
+    events = result_lines(run, "events.jsonl")
+    assert any(e["event"] == "failure" and e["action"] == "take the server out and probe it" for e in events)
+    assert any(e["event"] == "stopped" for e in events)
+
+
+def test_a_request_the_server_always_fails_fails_alone_while_others_succeed(tmp_path):
+    batch = small_batch(tmp_path / "in.jsonl", 40)
+    bad = replace_user_message(batch, 7, "BAD-REQUEST here")
+    with RunningFaultServer(free_port(), Faults(fail_marker="BAD-REQUEST")) as server:
+        result = kvbatch("run", str(batch), "--url", server.url, *QUIET, "--concurrency", "1", cwd=tmp_path)
+        failed_500 = server.server.counts["500"]
+    assert result.returncode == 1, result.stdout + result.stderr
     errors = result_lines(tmp_path / "data" / "runs" / "in", "errors.jsonl")
-    assert len(errors) == 2 and all("timed out" in e["error"]["message"] for e in errors)
-    assert sent == sum(e["attempts"] for e in errors)  # bounded by attempts, not by the clock
+    assert [e["custom_id"] for e in errors] == [bad["custom_id"]]
+    assert failed_500 == errors[0]["attempts"] == 4  # alone, its server asked with a request of ours each time
+    assert "failed 4 times for this request while it answered others" in errors[0]["error"]["message"]
+
+
+def test_in_a_pool_a_wedged_endpoint_is_taken_out_while_the_others_carry_on(tmp_path):
+    batch = small_batch(tmp_path / "in.jsonl", 200)
+    with RunningFaultServer(free_port(), Faults(service_s=0.01, slots=2)) as good, RunningFaultServer(
+        free_port(), Faults(service_s=0.01, slots=2, wedge_after=3)
+    ) as wedged:  # fmt: skip
+        result = kvbatch("run", str(batch), "--url", good.url, "--url", wedged.url, *QUIET, "--max-wait", "5",
+                         cwd=tmp_path)  # fmt: skip
+    assert result.returncode == 0, result.stdout + result.stderr
+    run = tmp_path / "data" / "runs" / "in"
+    assert len(result_lines(run)) == 200 and not result_lines(run, "errors.jsonl")
+    events = result_lines(run, "events.jsonl")
+    assert any(e["event"] == "endpoint_out" and e["endpoint"] == "external-1" for e in events)
+
+
+def test_exit_codes_a_script_can_act_on():
+    from kvbatch.errors import (
+        AuthError,
+        RequestTimeoutError,
+        ServerFaultError,
+        ServerGoneError,
+        UserInputError,
+        exit_code,
+    )
+
+    assert exit_code(UserInputError("bad line")) == 2 and exit_code(AuthError("401")) == 2
+    assert exit_code(ServerGoneError("down")) == 3 and exit_code(ServerFaultError("500")) == 3
+    assert exit_code(RequestTimeoutError("slow")) == 3
+    help_text = kvbatch("run", "--help", cwd=Path.cwd()).stdout
+    assert "3    stopped with nothing lost" in help_text and "130  interrupted" in help_text
 
 
 def test_an_allocation_failure_is_out_of_memory_whatever_the_status():

@@ -10,7 +10,15 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from kvbatch import defaults
-from kvbatch.errors import KvbatchError, UserInputError
+from kvbatch.errors import (
+    EXIT_CODES_HELP,
+    EXIT_DONE,
+    EXIT_INTERRUPTED,
+    EXIT_SOME_FAILED,
+    KvbatchError,
+    UserInputError,
+    exit_code,
+)
 
 KV_TYPE_CHOICES = ("f16", "q8_0", "q4_0", "bf16", "f32", "auto")
 
@@ -97,7 +105,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_server_flags(serve, with_context=True)
     serve.set_defaults(handler=cmd_serve)
 
-    run = commands.add_parser("run", help="run a batch (the same command again resumes it)")
+    run = commands.add_parser("run", help="run a batch (the same command again resumes it)", epilog=EXIT_CODES_HELP,
+                              formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
     _add_batch_flags(run)
     run.add_argument("--no-report", action="store_true", help="skip rendering the HTML run report")
     run.add_argument("--retry-failed", action="store_true", help="send the requests in errors.jsonl again")
@@ -258,18 +267,32 @@ def settings_from_args(args: argparse.Namespace):
 def cmd_run(args: argparse.Namespace) -> int:
     from kvbatch.batch.runner import run_batch
 
-    outcome = run_batch(settings_from_args(args))
+    settings = settings_from_args(args)
+    try:
+        outcome = run_batch(settings)
+    except KeyboardInterrupt:  # summary.json is written for what was done; the report too
+        print("stopped (Ctrl-C). Every finished request is saved; run the same command to resume.", file=sys.stderr)
+        if settings.folder.summary.exists() and not args.no_report:
+            _report(settings.folder.path)
+        return EXIT_INTERRUPTED
     print(outcome.message)
     if outcome.plan is None and outcome.summary is None:
-        return 0
+        return EXIT_DONE
     if not args.no_report:
-        from kvbatch.report.render import render_run_report
+        _report(outcome.folder.path)
+    if outcome.stopped is not None:
+        print(f"kvbatch run: stopped: {outcome.stopped}", file=sys.stderr)
+        return exit_code(outcome.stopped)
+    return EXIT_SOME_FAILED if outcome.summary and outcome.summary.failed_total else EXIT_DONE
 
-        try:
-            print(f"report: {render_run_report(outcome.folder.path)}")
-        except KvbatchError as exc:  # the run itself succeeded: say why there is no report, and how to make it
-            print(f"no report ({exc}); make it later with `kvbatch report --run {outcome.folder.path}`")
-    return 0
+
+def _report(run_dir: Path) -> None:
+    from kvbatch.report.render import render_run_report
+
+    try:
+        print(f"report: {render_run_report(run_dir)}")
+    except KvbatchError as exc:  # the run's results stand: say why there is no report, and how to make it
+        print(f"no report ({exc}); make it later with `kvbatch report --run {run_dir}`")
 
 
 def cmd_plan(args: argparse.Namespace) -> int:
@@ -339,12 +362,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return int(args.handler(args) or 0)
     except KeyboardInterrupt:
-        resume = " Every finished request is saved; run the same command to resume." if args.command == "run" else ""
-        print(f"stopped (Ctrl-C).{resume}", file=sys.stderr)
-        return 130
+        print("stopped (Ctrl-C).", file=sys.stderr)
+        return EXIT_INTERRUPTED
     except KvbatchError as exc:
         print(f"kvbatch {args.command}: {exc}", file=sys.stderr)
-        return 2
+        return exit_code(exc)
 
 
 if __name__ == "__main__":

@@ -84,11 +84,26 @@ server restart or a model reload takes minutes, never half an hour."""
 MAX_ATTEMPTS = 2
 """Crashes a request may cause while sent alone before it fails for good: twice alone is proof it is the cause
 (a request in flight during two crashes is only a suspect, and is then sent alone)."""
+MAX_SERVER_FAULTS = 4
+"""Server faults (5xx, a timeout, a dropped connection while the server stays up) one request may meet while the
+server answers others before it fails for good: a random 1 % of dropped connections hits one request four times in
+a row once in 100 million, a request the server cannot serve does so every time."""
+POOL_GRACE_S = 5.0
+"""In a pool, a server someone else runs that is not healthy within this long is taken out (the others carry on)
+and probed with back-off until it is back. Servers we start (embedded, Ray actors) are restarted instead."""
+BREAKER_REQUESTS = 4
+"""Different requests that fail in a row on one server (5xx, timeouts, dropped connections while it stays up) with
+nothing served in between before the fault is taken to be the server's: a wedged server answers 500 to every
+request while /health says ok, and would otherwise burn the input a request at a time."""
 BACKOFF_START_S = 0.5
 BACKOFF_CAP_S = 30.0
-CONCURRENCY_LADDER = (1, 2, 4, 8, 16, 32)
-"""In-flight counts `--concurrency auto` tries, stopping when the steady rate stops improving."""
-TRIAL_REQUESTS_PER_SLOT = 3
+CONCURRENCY_LADDER = (1, 2, 4, 8, 16, 32, 64, 128, 256)
+"""In-flight counts `--concurrency auto` tries (with the plan's own slot count), up to the server's slots, stopping
+when the steady rate stops improving by 5 %."""
+UNKNOWN_SERVER_SLOTS = 256
+"""The most requests in flight tried on a server that does not say how many it runs at once (vLLM, SGLang, LM Studio,
+Ollama's /v1): continuous batching runs dozens at once, so the run measures instead of assuming one."""
+TRIAL_REQUESTS_PER_SLOT = 2
 """Requests per slot in each concurrency trial (after one warm-up request per slot)."""
 FSYNC_EVERY_RESULTS = 32
 """Result lines between fsyncs (and at least once per conversation chunk): a kill loses no whole line, a power

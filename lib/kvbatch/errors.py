@@ -78,6 +78,23 @@ class ServerUnreachableError(ServerGoneError):
     cannot be to blame for it."""
 
 
+class ConnectionDroppedError(ServerGoneError):
+    """The connection was dropped mid-request: a crash, or a proxy or network hiccup. Recovery finds out which
+    (a server that is still up and healthy did not crash: the request is retried, nothing charged)."""
+
+
+class RequestTimeoutError(TransientError):
+    """No reply within the request's time limit (`--request-timeout`). The server may be up and slow: a timeout
+    is not a crash. Waited out while other requests succeed; charged to a request only when others succeed
+    while it times out."""
+
+
+class ServerFaultError(TransientError):
+    """The server is up and answered 5xx (vLLM's "EngineCore encountered an issue", Ollama's "model runner has
+    unexpectedly stopped", a CUDA error on every request). One request failing while others succeed is that
+    request's fault; many different requests failing with nothing succeeding in between is the server's."""
+
+
 class OutOfMemoryError(ServerGoneError):
     """The server ran out of memory (at load or while serving). Restart smaller, then retry."""
 
@@ -150,10 +167,29 @@ def classify_http_error(status_code: int, message: str, *, url: str = "") -> Kvb
     if status_code in (408, 429, 502, 503, 504):
         return ServerBusyError(text, status_code=status_code, server_message=message)
     if status_code >= 500:
-        return ServerGoneError(text, status_code=status_code, server_message=message)
+        return ServerFaultError(text, status_code=status_code, server_message=message)
     return BadRequestError(text, status_code=status_code, server_message=message)
 
 
 def _model_in(message: str) -> str:
     match = re.search(r"model ['\"]?([\w.:/-]+)['\"]? not found", message)
     return match.group(1) if match else "MODEL"
+
+
+EXIT_DONE = 0
+EXIT_SOME_FAILED = 1
+EXIT_WRONG_INPUT = 2
+EXIT_STOPPED = 3
+EXIT_INTERRUPTED = 130
+EXIT_CODES_HELP = """exit codes:
+  0    every request done
+  1    done, but some requests failed for good (errors.jsonl)
+  2    the input or the command is wrong (a bad line, a flag, a key, a model the server lacks): fix it first
+  3    stopped with nothing lost (the server down or failing past --max-wait): run the same command again
+  130  interrupted (Ctrl-C): run the same command again to resume"""
+
+
+def exit_code(error: KvbatchError) -> int:
+    """What a script can act on: 3 when running the same command again later may succeed (the server was down or
+    failing), 2 when something given to kvbatch must change first."""
+    return EXIT_STOPPED if isinstance(error, TransientError) else EXIT_WRONG_INPUT

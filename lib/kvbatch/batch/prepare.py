@@ -226,8 +226,8 @@ async def _openai_plan(settings: BatchSettings, sizes: SizeProfile, spec: Endpoi
         limits.slots = spec.slots
         limits.sources["slots"] = "endpoints file"
     if not limits.slots:
-        limits.slots = settings.slots or 1
-        limits.sources["slots"] = "--slots" if settings.slots else "assumed"
+        limits.slots = settings.slots or defaults.UNKNOWN_SERVER_SLOTS
+        limits.sources["slots"] = "--slots" if settings.slots else "not reported: the run measures how many in flight"
     if not limits.slot_context_tokens:
         wanted = settings.slot_context_tokens or sizes.longest_request_tokens
         limits.slot_context_tokens = wanted

@@ -119,12 +119,12 @@ class ServerActor:
         await self._start()
         return await self.supervisor.backend.health()
 
-    async def recover(self, cause: str, out_of_memory: bool) -> tuple[str, bool, int, int]:
+    async def recover(self, cause: str, out_of_memory: bool) -> tuple[str, bool, int, int, bool]:
         await self._start()
         error = OutOfMemoryError(cause) if out_of_memory else ServerGoneError(cause)
         recovery = await self.supervisor.recover(error)
         layout = self.supervisor.layout
-        return recovery.action, recovery.out_of_memory, layout.slots, layout.slot_context_tokens
+        return recovery.action, recovery.out_of_memory, layout.slots, layout.slot_context_tokens, recovery.found_down
 
     def server_pid(self) -> int | None:
         return self.supervisor.pid if self.supervisor else None
@@ -162,10 +162,10 @@ class RaySupervisor(Supervisor):
     async def recover(self, cause: KvbatchError) -> Recovery:
         started = time.perf_counter()
         try:
-            action, oom, slots, context = await call_actor(self.actor.recover, str(cause)[:300],
-                                                           isinstance(cause, OutOfMemoryError))  # fmt: skip
+            action, oom, slots, context, found_down = await call_actor(self.actor.recover, str(cause)[:300],
+                                                                       isinstance(cause, OutOfMemoryError))  # fmt: skip
             self.layout.slots, self.layout.slot_context_tokens = slots, context
-            return Recovery(str(cause)[:300], f"actor: {action}", time.perf_counter() - started, oom)
+            return Recovery(str(cause)[:300], f"actor: {action}", time.perf_counter() - started, oom, found_down)
         except ActorGoneError:
             pass  # the actor itself died: Ray restarts it, and its __init__ starts a new server
         for delay in backoff_delays(1.0):

@@ -24,7 +24,7 @@ from kvbatch.batch.runfolder import RunFolder, RunLock, write_json
 from kvbatch.batch.settings import BatchSettings
 from kvbatch.batch.summary import EndpointSummary, Summary
 from kvbatch.batch.table import TableInput
-from kvbatch.errors import UserInputError
+from kvbatch.errors import KvbatchError, UserInputError
 from kvbatch.serve.backends import backend_class, public_url
 from kvbatch.serve.supervisor import EmbeddedSupervisor, ExternalSupervisor, OllamaSupervisor, Supervisor
 
@@ -36,6 +36,8 @@ class RunOutcome:
     stats: RunStats | None
     summary: Summary | None
     message: str
+    stopped: KvbatchError | None = None
+    """Why the run stopped before every request had an outcome (everything done is saved, summary.json too)."""
 
 
 @dataclass(frozen=True)
@@ -245,11 +247,15 @@ async def _execute(settings: BatchSettings, report: InputReport, requests_fn, pr
     executor = Executor(journal, supervisors, options, folder=settings.folder, total=remaining, guard=guard,
                         prefix_tokens=calibration.prefix_tokens)  # fmt: skip
     started = time.time()
+    stopped: KvbatchError | None = None
     try:
         for supervisor in supervisors:
             for backoff in await supervisor.start():
                 settings.folder.append_event("start_backoff", endpoint=supervisor.label, **backoff.__dict__)
-        stats = await executor.run(requests_fn(journal.done))  # the journal's own set: no 20 MB copy
+        await executor.run(requests_fn(journal.done))  # the journal's own set: no 20 MB copy
+    except KvbatchError as exc:  # stopped: what was done is summarized below all the same
+        stopped = exc
+        settings.folder.append_event("stopped", error=type(exc).__name__, message=str(exc)[:500])
     finally:
         await asyncio.gather(*(s.close() for s in supervisors), return_exceptions=True)
         journal.close()
@@ -257,13 +263,14 @@ async def _execute(settings: BatchSettings, report: InputReport, requests_fn, pr
             import ray
 
             ray.shutdown()
-    summary = _summary(report, prepared, stats, executor, started, journal, remaining)
-    write_json(settings.folder.summary, summary.model_dump())
+        # after any stop (--max-wait, Ctrl-C, a fatal error) too: summary.json is never stale
+        summary = _summary(report, prepared, executor.stats, executor, started, journal, remaining)
+        write_json(settings.folder.summary, summary.model_dump())
     message = (
         f"{summary.completed_total} of {report.request_count} requests done, {summary.failed_total} failed for "
         f"good; results: {settings.folder.results}"
     )
-    return RunOutcome(settings.folder, plan, stats, summary, message)
+    return RunOutcome(settings.folder, plan, executor.stats, summary, message, stopped)
 
 
 def _summary(report: InputReport, prepared: Prepared, stats: RunStats, executor: Executor, started: float,

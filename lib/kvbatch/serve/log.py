@@ -98,3 +98,70 @@ def describe_exit(code: int | None) -> str:
         meaning = {"SIGILL": " (illegal instruction)", "SIGKILL": " (killed)", "SIGSEGV": " (segmentation fault)"}
         return f"was killed by {name}{meaning.get(name, '')}"
     return f"exited with code {code}"
+
+
+KEPT_AFTER_LISTENING = 64
+"""Per-request lines kept once the server listens, of the kinds the log's readers use (checkpoint sizes): the first
+few tell the size; more only grow the file."""
+TAIL_LINES = 200
+"""The last lines the server printed, kept in memory and written when it exits: what it said before dying."""
+
+
+class ServerLogSink:
+    """Copies the server's output into its log file without letting the file grow with the number of requests.
+
+    At `--log-verbosity 4` (which the KV buffer lines need) llama-server writes about 3 KB per request: some 500 MB
+    over 170,000 requests, read whole at every recovery. The sink keeps everything until the server listens (the
+    load: buffers, layers, system_info, a failure to start), then only warnings, errors, out-of-memory lines and the
+    first few checkpoint lines; the last `TAIL_LINES` lines are kept in memory and appended when the server exits
+    (what it said before a crash). A thread reads the pipe, so nothing here runs on an event loop.
+    """
+
+    def __init__(self, stream, path) -> None:
+        import collections
+        import threading
+
+        self._stream = stream
+        self._path = path
+        self._tail: collections.deque[bytes] = collections.deque(maxlen=TAIL_LINES)
+        """The last lines not kept in the file (the kept ones are there already)."""
+        self._listening = False
+        self._kept = 0
+        self._dropped = 0
+        self._thread = threading.Thread(target=self._copy, name=f"server-log-{path.name}", daemon=True)
+        self._thread.start()
+
+    def _keep(self, line: bytes) -> bool:
+        if not self._listening:
+            if b"listening on" in line or b"server is listening" in line:
+                self._listening = True
+            return True
+        text = line.decode("utf-8", "replace")
+        level = _LOG_PREFIX.match(text)
+        if level and text[level.end() - 2] in "WE":
+            return True
+        if looks_like_oom(text) or re.search(r"\berror\b|failed|exception|terminate", text, re.I):
+            return True
+        if _CHECKPOINT_LINE.search(text) and self._kept < KEPT_AFTER_LISTENING:
+            self._kept += 1
+            return True
+        return False
+
+    def _copy(self) -> None:
+        with open(self._path, "ab") as out:
+            for line in iter(self._stream.readline, b""):
+                if self._keep(line):
+                    out.write(line)
+                    out.flush()
+                else:
+                    self._tail.append(line)
+                    self._dropped += 1
+            if self._dropped:
+                out.write(f"--- kvbatch: {self._dropped} per-request lines were not kept; the last "
+                          f"{len(self._tail)} of them:\n".encode())  # fmt: skip
+                out.writelines(self._tail)
+        self._stream.close()
+
+    def join(self, timeout_s: float = 5.0) -> None:
+        """Wait for the copy to finish (the server exited and closed its end of the pipe)."""
+        self._thread.join(timeout_s)

@@ -22,7 +22,7 @@ from pathlib import Path
 
 from kvbatch.errors import ServerStartError
 from kvbatch.serve.config import ServerConfig, server_command
-from kvbatch.serve.log import ServerLog, describe_exit, parse_server_log
+from kvbatch.serve.log import ServerLog, ServerLogSink, describe_exit, parse_server_log
 
 _MIB = 1024 * 1024
 _PR_SET_PDEATHSIG = 1
@@ -89,6 +89,10 @@ class EmbeddedServer:
         self._log_path = log_path
         self._process: subprocess.Popen[bytes] | None = None
         self._log_offset = 0
+        self._sink: ServerLogSink | None = None
+        self._temporary_log = log_path is None
+        """A log in the temp folder (no log path given) is removed when the server stops, unless it failed to
+        start (its error names the log)."""
         self.start_time_s: float | None = None
 
     @property
@@ -108,7 +112,10 @@ class EmbeddedServer:
         return self._log_path
 
     def log_text(self) -> str:
-        """This start's part of the log (a restart appends to the same file)."""
+        """This start's part of the log (a restart appends to the same file). Once the server has exited, its last
+        lines are in it too."""
+        if self._sink is not None and self._process is not None and self._process.poll() is not None:
+            self._sink.join()
         try:
             with open(self.log_path, "rb") as handle:
                 handle.seek(self._log_offset)
@@ -149,15 +156,15 @@ class EmbeddedServer:
             env["CUDA_VISIBLE_DEVICES"] = str(config.gpu_index)
         if config.malloc_arena_max:
             env["MALLOC_ARENA_MAX"] = str(config.malloc_arena_max)
-        with open(self.log_path, "ab") as log_file:
-            self._process = subprocess.Popen(
-                command,
-                env=env,
-                stdin=subprocess.DEVNULL,
-                stdout=log_file,
-                stderr=subprocess.STDOUT,
-                preexec_fn=_child_setup(config.memory_cap_bytes, config.stack_bytes()),
-            )
+        self._process = subprocess.Popen(
+            command,
+            env=env,
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            preexec_fn=_child_setup(config.memory_cap_bytes, config.stack_bytes()),
+        )
+        self._sink = ServerLogSink(self._process.stdout, self.log_path)
         self._wait_ready(started)
         self.start_time_s = time.perf_counter() - started
         return self
@@ -194,7 +201,7 @@ class EmbeddedServer:
     def _raise_start_failure(self, what: str) -> None:
         log = self.log()
         code = self._process.returncode if self._process else None
-        self.stop()
+        self.stop(keep_log=True)  # the error below names the log
         exit_signal = -code if code is not None and code < 0 else None
         quoted = f': "{log.failure_line}"' if log.failure_line else ""
         if exit_signal == signal.SIGILL:
@@ -218,8 +225,9 @@ class EmbeddedServer:
             exit_signal=exit_signal,
         )
 
-    def stop(self, timeout_s: float = 10.0) -> int | None:
-        """SIGTERM, then SIGKILL after `timeout_s`. Returns the exit code (None if never started)."""
+    def stop(self, timeout_s: float = 10.0, *, keep_log: bool = False) -> int | None:
+        """SIGTERM, then SIGKILL after `timeout_s`. Returns the exit code (None if never started). Blocks: from an
+        event loop, call it through `asyncio.to_thread`."""
         process = self._process
         if process is None:
             return None
@@ -230,6 +238,10 @@ class EmbeddedServer:
             except subprocess.TimeoutExpired:
                 process.kill()
                 process.wait()
+        if self._sink is not None:
+            self._sink.join()
+        if self._temporary_log and not keep_log and self._log_path is not None:
+            self._log_path.unlink(missing_ok=True)
         return process.returncode
 
     def kill(self) -> None:

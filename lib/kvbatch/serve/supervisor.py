@@ -9,7 +9,6 @@ import abc
 import asyncio
 import random
 import secrets
-import signal
 import time
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -19,10 +18,9 @@ from kvbatch.errors import KvbatchError, OutOfMemoryError, ServerGoneError, Serv
 from kvbatch.serve.backends import Backend, get_backend
 from kvbatch.serve.config import ServerConfig
 from kvbatch.serve.layout import SlotLayout
+from kvbatch.serve.oomkill import OomWatch
 from kvbatch.serve.probes import MemoryProbe, OllamaPsProbe, probe_for_server
 from kvbatch.serve.server import EmbeddedServer
-
-CGROUP_EVENTS = Path("/sys/fs/cgroup/memory.events")
 
 
 @dataclass
@@ -33,20 +31,10 @@ class Recovery:
     action: str
     waited_s: float
     out_of_memory: bool
-
-
-def kernel_oom_kills(events: Path = CGROUP_EVENTS) -> int | None:
-    """The cgroup's count of processes the kernel's OOM killer ended (cgroup v2), or None where it is not kept.
-
-    A server killed that way leaves an empty log and exit -9; a rising count tells it from a plain kill."""
-    try:
-        for line in events.read_text().splitlines():
-            name, _, value = line.partition(" ")
-            if name == "oom_kill":
-                return int(value)
-    except (OSError, ValueError):
-        return None
-    return None
+    found_down: bool = True
+    """The server was not up and healthy when the recovery looked: a crash, not a hiccup of one connection."""
+    oom_evidence: str | None = None
+    """What showed it was out of memory (the error, the server's log, the kernel log, the cgroup's kill count)."""
 
 
 def backoff_delays(start_s: float = defaults.BACKOFF_START_S, cap_s: float = defaults.BACKOFF_CAP_S):
@@ -116,15 +104,16 @@ class EmbeddedSupervisor(Supervisor):
         min_slot_context: int,
         log_path: Path,
         request_timeout_s: float = defaults.REQUEST_TIMEOUT_S,
-        cgroup_events: Path = CGROUP_EVENTS,
+        oom_counter_files: list[Path] | None = None,
     ) -> None:
-        self.cgroup_events = cgroup_events
+        self.oom_counter_files = oom_counter_files
+        """Where out-of-memory kills are counted (default: this process's own cgroup, found at each start)."""
+        self._oom_watch: OomWatch | None = None
         self.base_config = replace(config, kv_unified=False)
         self.layout = layout
         self.min_slot_context = min_slot_context
         self.log_path = log_path
         self.server: EmbeddedServer | None = None
-        self._oom_kills_at_start: int | None = None
         self.api_key = secrets.token_urlsafe(24)
         """One key for the life of the supervisor: a restarted server answers the same client."""
         self.backend = get_backend(
@@ -179,7 +168,7 @@ class EmbeddedSupervisor(Supervisor):
         while True:
             started = time.perf_counter()
             self.server = EmbeddedServer(self.config, log_path=self.log_path, api_key=self.api_key)
-            self._oom_kills_at_start = kernel_oom_kills(self.cgroup_events)
+            self._oom_watch = OomWatch.now(self.oom_counter_files)
             try:
                 self.server.start()
             except ServerStartError as exc:
@@ -194,36 +183,36 @@ class EmbeddedSupervisor(Supervisor):
     async def start(self) -> list[Recovery]:
         return await asyncio.to_thread(self._start_blocking)
 
-    def _killed_for_memory(self) -> bool:
-        """The kernel's OOM killer ended the server (its own log says nothing: it got no chance to)."""
-        if self.server is None or self.server.returncode != -signal.SIGKILL:
-            return False
-        now = kernel_oom_kills(self.cgroup_events)
-        return now is not None and self._oom_kills_at_start is not None and now > self._oom_kills_at_start
+    def _killed_for_memory(self) -> str | None:
+        """The kernel's OOM killer ended the server (its own log says nothing: it got no chance to): the evidence."""
+        if self.server is None or self._oom_watch is None:
+            return None
+        return self._oom_watch.evidence(self.server.pid, self.server.returncode)
 
     async def recover(self, cause: KvbatchError) -> Recovery:
         started = time.perf_counter()
         if self.server and self.server.is_running() and await self.backend.health():
-            return Recovery(str(cause)[:300], "server healthy; retried", time.perf_counter() - started, False)
+            return Recovery(str(cause)[:300], "server healthy; retried", time.perf_counter() - started, False, False)
         if self.server:
             await asyncio.to_thread(self.server.wait_exit, 1.0)
-        out_of_memory = (
-            isinstance(cause, OutOfMemoryError)
-            or bool(self.server and self.server.log().out_of_memory)
-            or self._killed_for_memory()
-        )
+        logged_oom = bool(self.server) and (await asyncio.to_thread(self.server.log)).out_of_memory
+        killed = await asyncio.to_thread(self._killed_for_memory)
+        out_of_memory = isinstance(cause, OutOfMemoryError) or logged_oom or bool(killed)
+        evidence = ("the request's error" if isinstance(cause, OutOfMemoryError) else "the server's log"
+                    if logged_oom else killed) if out_of_memory else None  # fmt: skip
         if self.server:
-            self.server.stop()
+            await asyncio.to_thread(self.server.stop)  # the log and the stop off the event loop
         action = self._shrink() if out_of_memory else "restarted the embedded server"
         backoffs = await self.start()
         if backoffs:
             action = backoffs[-1].action
-        return Recovery(str(cause)[:300], action, time.perf_counter() - started, out_of_memory)
+        return Recovery(str(cause)[:300], action, time.perf_counter() - started, out_of_memory,
+                        oom_evidence=evidence)  # fmt: skip
 
     async def close(self) -> None:
         await super().close()
         if self.server:
-            self.server.stop()
+            await asyncio.to_thread(self.server.stop)
 
 
 class ExternalSupervisor(Supervisor):
@@ -241,26 +230,29 @@ class ExternalSupervisor(Supervisor):
 
         return {"url": public_url(self.backend.base_url), "backend": self.backend.name, "model": self.backend.model}
 
-    async def _wait_healthy(self) -> float:
+    async def _wait_healthy(self) -> tuple[float, bool]:
+        """Seconds waited for health, and whether the server was down when first asked."""
         started = time.perf_counter()
+        was_down = False
         for delay in backoff_delays():
             if await self.backend.health():
                 break
+            was_down = True
             if time.perf_counter() - started > self.max_wait_s:
                 raise ServerGoneError(
                     f"{self.backend.base_url} did not become healthy within {self.max_wait_s:.0f} s (--max-wait); "
                     "every finished request is saved: run the same command again once the server is back"
                 )
             await asyncio.sleep(delay)
-        return time.perf_counter() - started
+        return time.perf_counter() - started, was_down
 
     async def start(self) -> list[Recovery]:
         await self._wait_healthy()
         return []
 
     async def recover(self, cause: KvbatchError) -> Recovery:
-        waited = await self._wait_healthy()
-        return Recovery(str(cause)[:300], "waited for health", waited, isinstance(cause, OutOfMemoryError))
+        waited, was_down = await self._wait_healthy()
+        return Recovery(str(cause)[:300], "waited for health", waited, isinstance(cause, OutOfMemoryError), was_down)
 
 
 class OllamaSupervisor(ExternalSupervisor):
@@ -307,9 +299,9 @@ class OllamaSupervisor(ExternalSupervisor):
             )
 
     async def recover(self, cause: KvbatchError) -> Recovery:
-        waited = await self._wait_healthy()
+        waited, was_down = await self._wait_healthy()
         if not isinstance(cause, OutOfMemoryError):
-            return Recovery(str(cause)[:300], "waited for health", waited, False)
+            return Recovery(str(cause)[:300], "waited for health", waited, False, was_down)
         layout = self.layout
         smaller = halved_context(layout, self.min_slot_context)
         if smaller >= layout.slot_context_tokens:

@@ -1,23 +1,93 @@
 """One server in the pool: its supervisor (and so its backend and slot layout), a gate on the requests in flight,
-one recovery at a time, and its health. In a pool of several, an endpoint that cannot be brought back is taken
-out, probed with back-off, and re-admitted; its requests go back to the feed for the others."""
+one recovery at a time, and its health. An endpoint that cannot be brought back (in a pool), or whose breaker
+tripped (the failure policy found the fault to be the server's), is taken out, probed with back-off by a real chat
+request (a wedged server says it is healthy), and re-admitted; its requests go back to the feed for the others.
+Past `--max-wait` it is given up: the others carry on, and with none left the run stops."""
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
+from collections.abc import AsyncIterator
 from dataclasses import asdict
 
 from kvbatch import defaults
-from kvbatch.batch.execution.gate import Gate
 from kvbatch.batch.execution.recorder import Recorder
 from kvbatch.batch.monitor import MemoryMonitor
 from kvbatch.errors import KvbatchError, ServerGoneError
-from kvbatch.serve.supervisor import Supervisor, backoff_delays
+from kvbatch.serve.supervisor import Recovery, Supervisor, backoff_delays
 
-POOL_GRACE_S = 5.0
-"""In a pool, a server someone else runs that is not healthy within this long is taken out (the others carry on)
-and probed with back-off until it is back. Servers we start (embedded, Ray actors) are restarted instead."""
+PROBE_BODY = {"messages": [{"role": "user", "content": "Reply with OK."}], "max_tokens": 1}
+"""The chat request that tells a server taken out is serving again: /health says ok on a wedged server."""
+
+
+class Gate:
+    """The requests in flight on one endpoint, each holding a leased slot id: a limit that can be lowered (or
+    raised) while requests are in flight, slot ids taken for an attempt and given back after it (after a back-off
+    that halves the slots only the remaining ids are handed out, so no request names a slot the server no longer
+    has), and an exclusive hold: `exclusive()` waits for every request in flight and lets no other in meanwhile."""
+
+    def __init__(self, limit: int, slots: int | None = None) -> None:
+        self.limit = max(1, limit)
+        self.slots = max(slots or self.limit, 1)
+        self.in_flight = 0
+        self._leased: set[int] = set()
+        self._exclusive = False
+        self._changed = asyncio.Condition()
+
+    def _free(self) -> list[int]:
+        return [i for i in range(self.slots) if i not in self._leased]
+
+    def _lease(self, prefer: int | None) -> int:
+        free = self._free()
+        chosen = prefer if prefer in free else free[0]  # its own slot when free: that slot's prefix cache is warm
+        self._leased.add(chosen)
+        self.in_flight += 1
+        return chosen
+
+    async def _release(self, slot: int) -> None:
+        async with self._changed:
+            self._leased.discard(slot)
+            self.in_flight -= 1
+            self._changed.notify_all()
+
+    @contextlib.asynccontextmanager
+    async def slot(self, prefer: int | None = None) -> AsyncIterator[int]:
+        """Hold a place in flight with a slot id of its own (`prefer` when free) for one attempt."""
+        async with self._changed:
+            await self._changed.wait_for(
+                lambda: not self._exclusive and self.in_flight < self.limit and bool(self._free())
+            )
+            leased = self._lease(prefer)
+        try:
+            yield leased
+        finally:
+            await self._release(leased)
+
+    @contextlib.asynccontextmanager
+    async def exclusive(self, prefer: int | None = None) -> AsyncIterator[int]:
+        async with self._changed:
+            await self._changed.wait_for(lambda: not self._exclusive)
+            self._exclusive = True
+            await self._changed.wait_for(lambda: self.in_flight == 0)
+            leased = self._lease(prefer)
+        try:
+            yield leased
+        finally:
+            await self._release(leased)
+            async with self._changed:
+                self._exclusive = False
+                self._changed.notify_all()
+
+    async def set_limit(self, limit: int, slots: int | None = None) -> None:
+        """A new in-flight limit, and (after a back-off) the slots the server now has: ids at or above it are
+        not handed out again (those in flight finish on their attempt)."""
+        async with self._changed:
+            if slots is not None:
+                self.slots = max(slots, 1)
+            self.limit = max(1, min(limit, self.slots))
+            self._changed.notify_all()
 
 
 class EndpointOut(Exception):
@@ -27,7 +97,7 @@ class EndpointOut(Exception):
 class Endpoint:
     def __init__(
         self, supervisor: Supervisor, *, label: str, recorder: Recorder, pooled: bool,
-        max_wait_s: float = defaults.MAX_WAIT_S,
+        max_wait_s: float = defaults.MAX_WAIT_S, on_probe_served=None,
     ) -> None:  # fmt: skip
         self.supervisor = supervisor
         self.label = label
@@ -36,7 +106,7 @@ class Endpoint:
         self.max_wait_s = max_wait_s
         self.in_flight_cap = supervisor.layout.slots
         """Lowered (never raised) after an out-of-memory, so no later phase undoes the halving."""
-        self.gate = Gate(self.in_flight_cap)
+        self.gate = Gate(self.in_flight_cap, supervisor.layout.slots)
         self.generation = 0
         self.ready = asyncio.Event()
         self.ready.set()
@@ -46,10 +116,19 @@ class Endpoint:
         self.back.set()
         self.fatal: KvbatchError | None = None
         self.first_reply_checked = False
+        self.warm_slots = 0
+        """Slots that served a request this run (their prefix cache holds the system prompt): no warm-up again."""
         self.monitor: MemoryMonitor | None = None
         self._lock = asyncio.Lock()
         self._out_since = 0.0
         self._readmit: asyncio.Task | None = None
+        self.out_cause: KvbatchError | None = None
+        """Why it was last taken out, in words a person can act on (the breaker's evidence, or the recovery's)."""
+        self._recoveries: dict[int, Recovery] = {}
+        self.last_probe_error: KvbatchError | None = None
+        self._on_probe_served = on_probe_served
+        """Told when the server answers its probe (the failure policy's breaker counts it as served)."""
+        """What the recovery of each generation found (kept for the few most recent)."""
 
     @property
     def backend(self):
@@ -61,14 +140,15 @@ class Endpoint:
 
     async def set_in_flight(self, wanted: int) -> int:
         limit = max(1, min(wanted, self.in_flight_cap, self.slots))
-        await self.gate.set_limit(limit)
+        await self.gate.set_limit(limit, self.slots)
         return limit
 
-    async def recover(self, cause: KvbatchError, generation_seen: int) -> None:
-        """Bring the server back after `cause` (once per failure, whichever worker saw it first)."""
+    async def recover(self, cause: KvbatchError, generation_seen: int) -> Recovery | None:
+        """Bring the server back after `cause` (once per failure, whichever worker saw it first); return what that
+        recovery found, for every worker that saw the same failure (None: the endpoint was taken out)."""
         async with self._lock:
             if self.generation != generation_seen or self.out:
-                return
+                return self._recoveries.get(generation_seen)
             self.ready.clear()
             try:
                 recovery = await self._recover_once(cause)
@@ -79,7 +159,10 @@ class Endpoint:
                     self.ready.set()
                     raise
                 self._take_out(exc)
-                return
+                return None
+            self._recoveries[generation_seen] = recovery
+            for old in [g for g in self._recoveries if g < generation_seen - 8]:
+                del self._recoveries[old]
             self.generation += 1
             if recovery.out_of_memory:
                 self.in_flight_cap = max(1, min(self.in_flight_cap, self.gate.limit) // 2)
@@ -94,17 +177,36 @@ class Endpoint:
                 slot_context=self.supervisor.layout.slot_context_tokens,
             )
             self.ready.set()
+            return recovery
 
     async def _recover_once(self, cause: KvbatchError):
         if not self.pooled or self.supervisor.restarts_itself:
             return await self.supervisor.recover(cause)
         try:
-            return await asyncio.wait_for(self.supervisor.recover(cause), POOL_GRACE_S)
+            return await asyncio.wait_for(self.supervisor.recover(cause), defaults.POOL_GRACE_S)
         except asyncio.TimeoutError as exc:
-            raise ServerGoneError(f"{self.label} was not back within {POOL_GRACE_S:.0f} s") from exc
+            raise ServerGoneError(f"{self.label} was not back within {defaults.POOL_GRACE_S:.0f} s") from exc
+
+    async def probe_chat(self, timeout_s: float) -> bool:
+        """One tiny chat request of our own: does the server serve others? (Whose fault a failure was.)"""
+        try:
+            await self.backend.chat(dict(PROBE_BODY), timeout_s=timeout_s)
+        except KvbatchError as exc:
+            self.last_probe_error = exc
+            return False
+        return True
+
+    def trip(self, cause: KvbatchError, generation_seen: int) -> None:
+        """The failure policy found the server at fault (its breaker): take it out and probe it until it serves a
+        real request again. Once per failure, whichever worker saw it first."""
+        if self.out or self.generation != generation_seen:
+            return
+        self.generation += 1
+        self._take_out(cause)
 
     def _take_out(self, cause: KvbatchError) -> None:
         self.out = True
+        self.out_cause = cause
         self.back.clear()
         self._out_since = time.monotonic()
         self.recorder.event("endpoint_out", endpoint=self.label, cause=str(cause)[:300])
@@ -131,14 +233,21 @@ class Endpoint:
             try:
                 healthy = await self.backend.health()
                 if healthy:
-                    await asyncio.wait_for(self.supervisor.recover(ServerGoneError("re-admission")), POOL_GRACE_S)
-            except (KvbatchError, asyncio.TimeoutError):
+                    await asyncio.wait_for(
+                        self.supervisor.recover(ServerGoneError("re-admission")), defaults.POOL_GRACE_S
+                    )
+                    await self.backend.chat(dict(PROBE_BODY))  # serving, not only saying it is healthy
+            except (KvbatchError, asyncio.TimeoutError) as exc:
                 healthy = False
+                self.last_probe_error = exc
             if healthy:
+                if self._on_probe_served is not None:
+                    self._on_probe_served(self.label)
                 break
         self.recorder.stats.endpoint(self.label).out_s += time.monotonic() - self._out_since
         self.recorder.event("endpoint_back", endpoint=self.label, out_s=round(time.monotonic() - self._out_since, 1))
         self.out = False
+        self.out_cause = None
         self.back.set()
 
     async def close(self) -> None:

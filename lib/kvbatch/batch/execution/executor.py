@@ -14,13 +14,12 @@ from dataclasses import dataclass, field
 
 from kvbatch import defaults
 from kvbatch.batch.execution.endpoint import Endpoint
-from kvbatch.batch.execution.gate import Feed
+from kvbatch.batch.execution.feed import Feed, Quota, Workers
 from kvbatch.batch.execution.guard import TruncationGuard
-from kvbatch.batch.execution.policy import SuspectTracker
+from kvbatch.batch.execution.policy import FailurePolicy
 from kvbatch.batch.execution.recorder import Recorder
 from kvbatch.batch.execution.sender import RunStopped, Sender
 from kvbatch.batch.execution.stats import RunStats
-from kvbatch.batch.execution.strategies import Quota, Workers
 from kvbatch.batch.execution.trials import ConcurrencyTrials
 from kvbatch.batch.journal import Journal
 from kvbatch.batch.monitor import MemoryMonitor
@@ -88,15 +87,24 @@ class Executor:
         warm_events: list[asyncio.Event] = []
         for endpoint, wanted in in_flight.items():
             count = await endpoint.set_in_flight(wanted)
+            # Slots with their own prefix cache (llama-server) warm one after another, each paying the system prompt
+            # once; a server with one shared prefix cache (vLLM, SGLang) needs only the first request to go first.
+            backend = endpoint.backend
+            per_slot = not (backend.name == "openai" and not getattr(backend, "slot_pinning", False))
             previous: asyncio.Event | None = None
             for slot in range(count):
                 mine = asyncio.Event()
                 warm_events.append(mine)
+                if slot < endpoint.warm_slots:  # warmed by an earlier phase (a concurrency trial): its cache holds
+                    mine.set()
                 if self.options.mode == "conversation":
                     tasks.append(asyncio.create_task(workers.conversation(endpoint, slot, quota)))
                 else:
-                    tasks.append(asyncio.create_task(workers.independent(endpoint, slot, quota, previous, mine)))
-                previous = mine
+                    before = None if slot < endpoint.warm_slots else previous
+                    tasks.append(asyncio.create_task(workers.independent(endpoint, slot, quota, before, mine)))
+                if per_slot or previous is None:
+                    previous = mine
+            endpoint.warm_slots = max(endpoint.warm_slots, count)
         warm_mark: list[tuple[float, int]] = []
         if self.options.mode == "conversation":
             warm_mark.append((time.perf_counter(), self.stats.finished))
@@ -138,20 +146,48 @@ class Executor:
             self.recorder.event("estimate", total_s=round(self.re_estimate_s, 1),
                                 plan_estimate_s=self.options.estimated_seconds)  # fmt: skip
 
+    def _given_up(self) -> ServerGoneError:
+        """One sentence for a run that stopped because no server served for --max-wait: which, what it answered,
+        that nothing was charged to the requests, and what to do."""
+        wait = f"{self.options.max_wait_s:.0f} s (--max-wait)"
+        if len(self.endpoints) == 1:
+            endpoint = self.endpoints[0]
+            probe = f"; it still failed a test request after {wait}: {endpoint.last_probe_error}" if (
+                endpoint.last_probe_error) else f" and was not back after {wait}"  # fmt: skip
+            return ServerGoneError(
+                f"{endpoint.label} stopped serving: {endpoint.out_cause}{probe}. Nothing was charged to those "
+                "requests and every finished one is saved: restart the server (a wedged vLLM or Ollama answers "
+                "/health while failing every request), then run the same command again"
+            )
+        return ServerGoneError(
+            f"every server was out of the pool for {wait} ("
+            + "; ".join(f"{e.label}: {e.out_cause}" for e in self.endpoints)
+            + "); nothing was charged to their requests and every finished one is saved: run the same command "
+            "again once they are back"
+        )
+
     async def run(self, requests: Iterator[BatchRequest]) -> RunStats:
         feed = Feed(requests)
         progress = Progress(total=self.total, enabled=self.options.progress)
         self.recorder = recorder = Recorder(self.journal, self.folder, self.stats, progress,
                                             prefix_tokens=self.prefix_tokens)  # fmt: skip
         pooled = len(self.supervisors) > 1
+        policy = FailurePolicy(self.options.max_attempts)
         self.endpoints = [
-            Endpoint(s, label=label, recorder=recorder, pooled=pooled, max_wait_s=self.options.max_wait_s)
+            Endpoint(
+                s,
+                label=label,
+                recorder=recorder,
+                pooled=pooled,
+                max_wait_s=self.options.max_wait_s,
+                on_probe_served=policy.probe_served,
+            )  # fmt: skip
             for s, label in zip(self.supervisors, self._labels(), strict=True)
         ]
         sender = Sender(
             recorder,
             self.guard,
-            tracker=SuspectTracker(self.options.max_attempts),
+            policy=policy,
             max_wait_s=self.options.max_wait_s,
             request_timeout_s=self.options.request_timeout_s,
         )
@@ -180,10 +216,7 @@ class Executor:
                 in_flight = {e: int(self.options.concurrency) for e in self.endpoints}
             await self._phase(workers, in_flight, None)
             if not feed.all_done.is_set() and all(e.gave_up for e in self.endpoints):
-                raise RunStopped(ServerGoneError(
-                    f"every server was out of the pool for --max-wait ({self.options.max_wait_s:.0f} s); every "
-                    "finished request is saved: run the same command again once they are back"
-                ))  # fmt: skip
+                raise RunStopped(self._given_up())
         except RunStopped as stopped:
             raise stopped.error from None
         finally:

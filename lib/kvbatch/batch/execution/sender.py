@@ -1,5 +1,5 @@
-"""Sending one request until it has an outcome, following the failure policy (policy.py): success, a failure
-for good, a hand-back to the pool, or a stop of the whole run."""
+"""Sending one request until it has an outcome, acting on what the failure policy (policy.py) decides: success, a
+failure for good, a hand-back for later or for another endpoint, or a stop of the whole run."""
 
 from __future__ import annotations
 
@@ -11,10 +11,10 @@ from typing import Any
 from kvbatch import defaults
 from kvbatch.batch.execution.endpoint import Endpoint, EndpointOut
 from kvbatch.batch.execution.guard import TruncationGuard
-from kvbatch.batch.execution.policy import SuspectTracker, Verdict, verdict
+from kvbatch.batch.execution.policy import Action, Decision, FailurePolicy
 from kvbatch.batch.execution.recorder import Recorder
 from kvbatch.batch.requests import BatchRequest
-from kvbatch.errors import KvbatchError, ServerGoneError, ServerUnreachableError
+from kvbatch.errors import KvbatchError, RequestTimeoutError, ServerFaultError, ServerGoneError
 from kvbatch.serve.backends import ChatResult
 from kvbatch.serve.supervisor import backoff_delays
 
@@ -25,6 +25,8 @@ class Outcome:
     error: KvbatchError | None
     attempts: int
     waited_s: float
+    slot: int | None = None
+    """The slot id leased for the last attempt."""
 
 
 class RunStopped(Exception):
@@ -35,19 +37,23 @@ class RunStopped(Exception):
         self.error = error
 
 
+class RetryLater(Exception):
+    """Hand the request back to the end of the feed: others go first, and show whose fault the failure was."""
+
+
 class Sender:
     def __init__(
         self,
         recorder: Recorder,
         guard: TruncationGuard | None,
         *,
-        tracker: SuspectTracker,
+        policy: FailurePolicy,
         max_wait_s: float = defaults.MAX_WAIT_S,
         request_timeout_s: float = defaults.REQUEST_TIMEOUT_S,
     ) -> None:
         self.recorder = recorder
         self.guard = guard
-        self.tracker = tracker
+        self.policy = policy
         self.max_wait_s = max_wait_s
         self.request_timeout_s = request_timeout_s
         self.fatal: KvbatchError | None = None
@@ -56,11 +62,14 @@ class Sender:
         self.fatal = self.fatal or error
         return RunStopped(self.fatal)
 
+    def _note(self, endpoint: Endpoint, request: BatchRequest, error: KvbatchError, decision: Decision) -> None:
+        self.recorder.event("failure", **decision.event(endpoint.label, request.custom_id, error))
+
     async def send(self, endpoint: Endpoint, request: BatchRequest, body: dict[str, Any], slot: int | None) -> Outcome:
-        """Send until there is an outcome. Raises EndpointOut (hand the request back) or RunStopped."""
-        attempts = 0
+        """Send until there is an outcome. Raises EndpointOut or RetryLater (hand the request back), or RunStopped."""
         waited = 0.0
         delays = backoff_delays()
+        policy = self.policy
         while True:
             if self.fatal:
                 raise RunStopped(self.fatal)
@@ -72,32 +81,54 @@ class Sender:
             if endpoint.out:
                 raise EndpointOut
             generation = endpoint.generation
-            alone = self.tracker.is_suspect(request.custom_id)
+            alone = policy.is_suspect(request.custom_id)
             result: ChatResult | None = None
             error: KvbatchError | None = None
-            async with endpoint.gate.exclusive() if alone else endpoint.gate.slot():
+            async with endpoint.gate.exclusive(slot) if alone else endpoint.gate.slot(slot) as leased:
                 if endpoint.generation != generation or endpoint.out:
                     continue  # the server was recovered (or taken out) while this request waited for the gate
-                attempts += 1
+                sent_mark = policy.success_mark(endpoint.label)
                 try:
-                    result = await endpoint.backend.chat(body, slot=slot, timeout_s=self.request_timeout_s)
+                    result = await endpoint.backend.chat(body, slot=leased, timeout_s=self.request_timeout_s)
                 except KvbatchError as exc:
                     error = exc
             if result is not None:
-                self.tracker.cleared(request.custom_id)
+                total = policy.failed_attempts(request.custom_id) + 1  # earlier sends of it included
+                policy.succeeded(endpoint.label, request.custom_id)
                 truncated = self.guard.check(request, result) if self.guard else None
                 if truncated is not None:
-                    return Outcome(None, truncated, attempts, waited)
-                return Outcome(result, None, attempts, waited)
+                    return Outcome(None, truncated, total, waited, leased)
+                return Outcome(result, None, total, waited, leased)
             assert error is not None
-            action = verdict(error)
-            if action is Verdict.STOP:
+            unexplained = isinstance(error, (ServerFaultError, RequestTimeoutError)) and (
+                endpoint.gate.in_flight == 0 and policy.success_mark(endpoint.label) == sent_mark
+            )  # nothing else ran meanwhile to tell whose fault it was: ask the server with a request of our own
+            if unexplained and await endpoint.probe_chat(self.request_timeout_s):
+                policy.probe_served(endpoint.label)
+            decision = policy.decide(endpoint.label, request.custom_id, error, sent_mark=sent_mark)
+            if decision.action is Action.RECOVER:
+                started_wait = time.perf_counter()
+                recovery = await endpoint.recover(error, generation)  # whichever worker saw the failure first
+                waited += time.perf_counter() - started_wait
+                found_down = recovery.found_down if recovery is not None else True
+                decision = policy.after_recovery(endpoint.label, request.custom_id, error, found_down=found_down,
+                                                 crash=(endpoint.label, generation), alone=alone,
+                                                 sent_mark=sent_mark)  # fmt: skip
+            self._note(endpoint, request, error, decision)
+            if decision.action is Action.STOP:
                 raise self.stop(error)
-            if action is Verdict.FAIL:
-                return Outcome(None, error, attempts, waited)
+            if decision.action is Action.FAIL:
+                total = policy.failed_attempts(request.custom_id)
+                policy.finished(request.custom_id)
+                return Outcome(None, decision.error or error, total, waited)
             self.recorder.stats.retried += 1
             self.recorder.stats.endpoint(endpoint.label).retried += 1
-            if action is Verdict.WAIT:
+            if decision.action is Action.BREAK:
+                endpoint.trip(ServerGoneError(decision.reason), generation)
+                raise EndpointOut
+            if decision.action is Action.RETRY_LATER:
+                raise RetryLater
+            if decision.action is Action.WAIT and not decision.evidence.get("recovered"):
                 delay = next(delays)
                 if waited + delay > self.max_wait_s:
                     raise self.stop(ServerGoneError(
@@ -106,24 +137,3 @@ class Sender:
                     ))  # fmt: skip
                 await asyncio.sleep(delay)
                 waited += delay
-                continue
-            # RECOVER: the server went away. Blame only what was in flight when it did.
-            if not isinstance(error, ServerUnreachableError):
-                self.tracker.note_crash(request.custom_id, (endpoint.label, generation))
-                if alone:
-                    self.tracker.note_solo_crash(request.custom_id)
-            started_wait = time.perf_counter()
-            await endpoint.recover(error, generation)
-            waited += time.perf_counter() - started_wait
-            if alone and self.tracker.convicted(request.custom_id):
-                times = self.tracker.solo_crashes[request.custom_id]
-                return Outcome(
-                    None,
-                    ServerGoneError(
-                        f"the server went down each time this request was sent alone ({times} times): it is the "
-                        f"request that takes it down. Last: {error}",
-                        status_code=error.status_code,
-                    ),
-                    attempts,
-                    waited,
-                )

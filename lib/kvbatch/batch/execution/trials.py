@@ -7,7 +7,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
 from kvbatch import defaults
-from kvbatch.batch.execution.gate import Feed
+from kvbatch.batch.execution.feed import Feed
 from kvbatch.batch.execution.recorder import Recorder
 
 Phase = Callable[[int, int | None], Awaitable[tuple[int, float]]]
@@ -22,21 +22,43 @@ class ConcurrencyTrials:
     """A count must beat the best so far by 5 % to be kept: on 2 CPU cores the trials stop after trying 2."""
 
     async def choose(self, phase: Phase, feed: Feed, *, slots: int, total: int | None, recorder: Recorder) -> int:
-        candidates = [c for c in self.ladder if c <= max(slots, 1) and c <= max(total or 1, 1)] or [1]
-        if len(candidates) == 1:
-            return candidates[0]
-        best, best_rate = 1, 0.0
-        for count in candidates:
-            trial = count * (self.requests_per_slot + 1)
-            done, seconds = await phase(count, trial)
+        """Climb the ladder four steps at a time (1, 4, 16, 64, 256, and the plan's own slot count) while the rate
+        rises by 5 %; where it stops rising, try the count halfway back. Each trial's requests are real work (their
+        results are kept), so a short climb costs little even on a server that runs hundreds at once."""
+        ladder = sorted({c for c in self.ladder if c <= max(slots, 1)} | {max(slots, 1)})
+        ladder = [c for c in ladder if c <= max(total or 1, 1)] or [1]
+        if len(ladder) == 1:
+            return ladder[0]
+        rates: dict[int, float] = {}
+
+        async def trial(count: int) -> float | None:
+            limit = count * (self.requests_per_slot + 1)
+            done, seconds = await phase(count, limit)
             rate = done / seconds if seconds else 0.0
+            rates[count] = rate
             recorder.stats.trials.append({"in_flight": count, "requests": done, "seconds": round(seconds, 3),
                                           "requests_per_s": round(rate, 4)})  # fmt: skip
             recorder.event("concurrency_trial", in_flight=count, requests=done, requests_per_s=round(rate, 4))
-            if feed.drained and done < trial:
+            return None if feed.drained and done < limit else rate
+
+        best, index = ladder[0], 0
+        if await trial(best) is None:
+            return self._chosen(best, recorder)
+        while index < len(ladder) - 1:
+            step = min(index + 2, len(ladder) - 1)  # two rungs of the doubling ladder: four times as many
+            rate = await trial(ladder[step])
+            if rate is None:
                 break
-            if rate <= best_rate * self.improvement:
+            if rate <= rates[best] * self.improvement:
+                between = ladder[index + 1] if step == index + 2 else None
+                if between is not None and between not in rates:
+                    middle = await trial(between)
+                    if middle is not None and middle > rates[best] * self.improvement:
+                        best = between
                 break
-            best, best_rate = count, rate
+            best, index = ladder[step], step
+        return self._chosen(best, recorder)
+
+    def _chosen(self, best: int, recorder: Recorder) -> int:
         recorder.event("concurrency_chosen", in_flight=best)
         return best

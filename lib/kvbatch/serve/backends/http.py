@@ -15,8 +15,10 @@ import aiohttp
 
 from kvbatch import defaults
 from kvbatch.errors import (
+    ConnectionDroppedError,
+    KvbatchError,
     MalformedReplyError,
-    ServerGoneError,
+    RequestTimeoutError,
     ServerUnreachableError,
     UserInputError,
     classify_http_error,
@@ -70,23 +72,29 @@ class HttpClient:
             self._session = aiohttp.ClientSession(connector=connector, headers=headers, auth=self._auth)
         return self._session
 
-    def gone(self, exc: BaseException, path: str) -> ServerGoneError:
-        what = "timed out" if isinstance(exc, asyncio.TimeoutError) else f"{type(exc).__name__}: {exc}"
-        kind = ServerUnreachableError if isinstance(exc, aiohttp.ClientConnectorError) else ServerGoneError
-        return kind(f"cannot reach {self.base_url}{path} ({what}); {self._hint}")
+    def gone(self, exc: BaseException, path: str, timeout_s: float) -> KvbatchError:
+        """A transport failure as the error the failure policy tells apart: nothing listening (the server was
+        down before the request), no reply in time (it may be up and slow), or a connection dropped mid-way."""
+        if isinstance(exc, asyncio.TimeoutError):
+            return RequestTimeoutError(f"{self.base_url}{path} timed out after {timeout_s:g} s (--request-timeout)",
+                                       details={"timeout_s": timeout_s})  # fmt: skip
+        if isinstance(exc, aiohttp.ClientConnectorError):
+            return ServerUnreachableError(f"cannot reach {self.base_url}{path} ({exc}); {self._hint}")
+        return ConnectionDroppedError(f"{self.base_url}{path} dropped the connection ({type(exc).__name__}: {exc})")
 
     async def request(
         self, method: str, path: str, payload: dict[str, Any] | None = None, *, timeout_s: float | None = None
     ) -> Any:
         """The decoded JSON reply; a kvbatch error for a transport failure, an error status or a body that is not
         JSON (which is transient: a proxy's page or a reply cut off)."""
-        timeout = aiohttp.ClientTimeout(total=timeout_s or self._timeout_s)
+        limit_s = timeout_s or self._timeout_s
+        timeout = aiohttp.ClientTimeout(total=limit_s)
         try:
             async with self.session().request(method, self.base_url + path, json=payload, timeout=timeout) as reply:
                 raw = await reply.read()
                 status = reply.status
         except (aiohttp.ClientConnectionError, aiohttp.ClientPayloadError, asyncio.TimeoutError) as exc:
-            raise self.gone(exc, path) from exc
+            raise self.gone(exc, path, limit_s) from exc
         text = raw.decode("utf-8", "replace")
         try:
             decoded = json.loads(text) if text else None

@@ -8,7 +8,7 @@ import asyncio
 from typing import Any
 
 from kvbatch import defaults
-from kvbatch.errors import KvbatchError, ServerGoneError
+from kvbatch.errors import KvbatchError, RequestTimeoutError, ServerGoneError
 from kvbatch.serve.backends.base import Backend, ChatResult, ServerLimits
 
 
@@ -23,7 +23,10 @@ async def call_actor(method, *args: Any, timeout_s: float | None = None) -> Any:
     try:
         return await asyncio.wait_for(method.remote(*args), timeout_s) if timeout_s else await method.remote(*args)
     except asyncio.TimeoutError as exc:
-        raise ServerGoneError(f"the Ray actor did not answer within {timeout_s:.0f} s (--request-timeout)") from exc
+        raise RequestTimeoutError(
+            f"the Ray actor did not answer within {timeout_s:.0f} s (--request-timeout)",
+            details={"timeout_s": timeout_s},
+        ) from exc
     except exceptions.RayTaskError as exc:
         cause = exc.cause if isinstance(getattr(exc, "cause", None), BaseException) else None
         if isinstance(cause, KvbatchError):
@@ -51,7 +54,7 @@ class RayActorBackend(Backend):
     async def health(self) -> bool:
         try:
             return bool(await call_actor(self.actor.health))
-        except ServerGoneError:
+        except (ServerGoneError, RequestTimeoutError):
             return False
 
     async def limits(self) -> ServerLimits:

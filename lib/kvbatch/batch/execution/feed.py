@@ -1,22 +1,117 @@
-"""The workers of each mode. One worker per slot of each endpoint, pinned to its slot so the slot's prefix cache
-stays warm. Independent: every request on its own, its system prompt served from the slot's cache. Conversation:
-one growing conversation per chunk, reset between chunks (the method that lost the original run, kept for
-comparison)."""
+"""The feed every worker takes its next request from, and the workers of each mode. One worker per slot of each
+endpoint, preferring its own slot so the slot's prefix cache stays warm. Independent: every request on its own,
+its system prompt served from the slot's cache. Conversation: one growing conversation per chunk, reset between
+chunks (the method that lost the original run, kept for comparison)."""
 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable
+import collections
+from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING
 
 from kvbatch.batch.execution.endpoint import Endpoint, EndpointOut
-from kvbatch.batch.execution.sender import Outcome, Sender
+from kvbatch.batch.execution.sender import Outcome, RetryLater, Sender
 from kvbatch.batch.requests import BatchRequest, message_text
 from kvbatch.errors import ContextOverflowError, KvbatchError
 
 if TYPE_CHECKING:
-    from kvbatch.batch.execution.gate import Feed
     from kvbatch.batch.execution.recorder import Recorder
+
+
+class Feed:
+    """The requests still to do. Requests handed back (a conversation ended early, an endpoint taken out) come
+    first. A small look-ahead lets a worker prefer the prefix its slot already holds when several are in play.
+
+    `outstanding` counts requests taken and not yet finished: a worker that finds the feed empty waits while
+    any are outstanding (one may be handed back), and stops when none are.
+    """
+
+    def __init__(self, requests: Iterator[BatchRequest], *, lookahead: int = 64) -> None:
+        self._requests = requests
+        self._returned: collections.deque[BatchRequest] = collections.deque()
+        self._deferred: collections.deque[tuple[BatchRequest, int]] = collections.deque()
+        """Requests to retry after others (with the count of requests taken when each was put here)."""
+        self._taken = 0
+        self._ahead: collections.deque[BatchRequest] = collections.deque()
+        self._lookahead = lookahead
+        self.exhausted = False
+        self.outstanding = 0
+        self.all_done = asyncio.Event()
+        """Set when every request has an outcome: nothing to hand out, nothing in flight."""
+        self._changed = asyncio.Condition()
+
+    async def next(self, prefer_prefix: str | None = None) -> BatchRequest | None:
+        """The next request, waiting while others are outstanding; None when the batch is done."""
+        while True:
+            request = self.take(prefer_prefix)
+            if request is not None or self.outstanding == 0:
+                return request
+            async with self._changed:
+                await self._changed.wait()
+
+    async def finished(self, count: int = 1) -> None:
+        """`count` taken requests are done (recorded as a success or a failure)."""
+        self.outstanding -= count
+        if self.outstanding == 0 and self.drained:
+            self.all_done.set()
+        async with self._changed:
+            self._changed.notify_all()
+
+    async def hand_back(self, requests: list[BatchRequest]) -> None:
+        self.give_back(requests)
+        async with self._changed:
+            self._changed.notify_all()
+
+    async def defer(self, request: BatchRequest) -> None:
+        """Retry `request` once another has been taken: whether others succeed meanwhile tells whose fault its
+        failure was (the failure policy's rule 5)."""
+        self._deferred.append((request, self._taken))
+        self.outstanding -= 1
+        async with self._changed:
+            self._changed.notify_all()
+
+    def _fill(self) -> None:
+        while not self.exhausted and len(self._ahead) < self._lookahead:
+            try:
+                self._ahead.append(next(self._requests))
+            except StopIteration:
+                self.exhausted = True
+
+    def take(self, prefer_prefix: str | None = None) -> BatchRequest | None:
+        if self._returned:
+            return self._taking(self._returned.popleft())
+        if self._deferred and self._deferred[0][1] < self._taken:
+            return self._taking(self._deferred.popleft()[0])
+        if not self._ahead:
+            self._fill()
+        if not self._ahead:
+            return self._taking(self._deferred.popleft()[0]) if self._deferred else None
+        chosen = None
+        if prefer_prefix is not None and self._ahead[0].prefix_key != prefer_prefix:
+            self._fill()
+            chosen = next((r for r in self._ahead if r.prefix_key == prefer_prefix), None)
+            if chosen is not None:
+                self._ahead.remove(chosen)
+        if chosen is None:
+            chosen = self._ahead.popleft()
+        return self._taking(chosen)
+
+    def _taking(self, request: BatchRequest) -> BatchRequest:
+        self.outstanding += 1
+        self._taken += 1
+        return request
+
+    def give_back(self, requests: list[BatchRequest]) -> None:
+        self._returned.extendleft(reversed(requests))
+        self.outstanding -= len(requests)
+
+    @property
+    def drained(self) -> bool:
+        """Nothing left to hand out (requests in flight may still come back)."""
+        if not self._ahead and not self._returned:
+            self._fill()
+        return self.exhausted and not self._ahead and not self._returned and not self._deferred
 
 
 class Quota:
@@ -51,7 +146,7 @@ class Workers:
 
     async def _record(self, endpoint: Endpoint, request: BatchRequest, outcome: Outcome, slot: int) -> None:
         if outcome.result is not None:
-            self.recorder.success(request, outcome.result, attempts=outcome.attempts, slot=slot,
+            self.recorder.success(request, outcome.result, attempts=outcome.attempts, slot=outcome.slot,
                                   endpoint=endpoint.label, waited_s=outcome.waited_s)  # fmt: skip
             if not endpoint.first_reply_checked:
                 endpoint.first_reply_checked = True
@@ -81,6 +176,10 @@ class Workers:
                     await warm_before.wait()
                 try:
                     outcome = await self.sender.send(endpoint, request, request.body, slot)
+                except RetryLater:
+                    quota.give_back()
+                    await self.feed.defer(request)
+                    continue
                 except EndpointOut:
                     quota.give_back()
                     await self.feed.hand_back([request])
@@ -114,6 +213,10 @@ class Workers:
             turn_body = {**request.body, "messages": history + [request.body["messages"][-1]]}
             try:
                 outcome = await self.sender.send(endpoint, request, turn_body, slot)
+            except RetryLater:  # ends this conversation; the request is retried after others
+                quota.give_back()
+                await self.feed.defer(request)
+                return
             except EndpointOut:
                 quota.give_back()
                 await self.feed.hand_back([request])

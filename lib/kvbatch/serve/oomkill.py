@@ -1,0 +1,111 @@
+"""Was a server that died of SIGKILL killed by the kernel's out-of-memory killer? Its own log cannot say (it got no
+chance to), so the evidence is looked for where this machine keeps it, and named:
+
+- the kernel log (`/dev/kmsg`, readable by root on a host and in most containers): "Killed process PID";
+- the out-of-memory kill counter of kvbatch's own cgroup (which the server inherits): cgroup v2 `memory.events`
+  `oom_kill`, or cgroup v1 `memory.oom_control` `oom_kill`, found through `/proc/self/cgroup` (a host's cgroup-v2
+  root has no `memory.events`; the process's own group does);
+
+Memory pressure (`/proc/pressure/memory`) is not evidence of a kill (it rises on a busy machine whatever killed the
+server), so it is not used. A SIGKILL without any of the above is a plain kill: restarted as it was.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+CGROUP_ROOT = Path("/sys/fs/cgroup")
+KMSG = Path("/dev/kmsg")
+
+
+def _counter(path: Path, name: str) -> int | None:
+    try:
+        for line in path.read_text().splitlines():
+            key, _, value = line.partition(" ")
+            if key == name:
+                return int(value)
+    except (OSError, ValueError):
+        return None
+    return None
+
+
+def cgroup_counter_files(proc_cgroup: str | None = None, root: Path = CGROUP_ROOT) -> list[Path]:
+    """The files that count out-of-memory kills for this process's own cgroup (v2, then v1), where they exist."""
+    if proc_cgroup is None:
+        try:
+            proc_cgroup = Path("/proc/self/cgroup").read_text()
+        except OSError:
+            return []
+    found = []
+    for line in proc_cgroup.splitlines():
+        _, controllers, path = (line.split(":", 2) + ["", ""])[:3]
+        relative = path.lstrip("/")
+        if controllers == "":  # cgroup v2 (or the unified hierarchy of a hybrid setup)
+            candidates = [root / relative / "memory.events", root / "unified" / relative / "memory.events"]
+        elif "memory" in controllers.split(","):
+            candidates = [root / "memory" / relative / "memory.oom_control"]
+        else:
+            continue
+        found += [c for c in candidates if c.exists()]
+    return found
+
+
+def oom_kill_count(files: list[Path]) -> int | None:
+    counts = [c for c in (_counter(f, "oom_kill") for f in files) if c is not None]
+    return sum(counts) if counts else None
+
+
+def kernel_log_names(pid: int, kmsg: Path = KMSG) -> str | None:
+    """The kernel's own line about killing `pid` for memory, when the kernel log is readable here."""
+    try:
+        fd = os.open(kmsg, os.O_RDONLY | os.O_NONBLOCK)
+    except OSError:
+        return None
+    found = None
+    pattern = re.compile(rf"(Killed process {pid}\b|oom-kill:.*\bpid={pid}\b)")
+    with contextlib.closing(os.fdopen(fd, "rb", buffering=0)) as stream:
+        while True:
+            try:
+                record = stream.read(8192)  # one record per read
+            except BlockingIOError:  # no more records
+                break
+            except BrokenPipeError:  # records overwritten while reading: go on with the next
+                continue
+            except OSError:
+                break
+            if not record:
+                break
+            text = record.decode("utf-8", "replace")
+            if pattern.search(text):
+                found = text.split(";", 1)[-1].strip()
+    return found
+
+
+@dataclass
+class OomWatch:
+    """What the counters said when a server started, to compare with after it died."""
+
+    files: list[Path]
+    kills_at_start: int | None
+
+    @classmethod
+    def now(cls, files: list[Path] | None = None) -> OomWatch:
+        files = cgroup_counter_files() if files is None else files
+        return cls(files, oom_kill_count(files))
+
+    def evidence(self, pid: int | None, returncode: int | None) -> str | None:
+        """Why a server that died with SIGKILL is taken to have been killed for memory, or None."""
+        if pid is None or returncode != -9:
+            return None
+        line = kernel_log_names(pid)
+        if line:
+            return f"the kernel log: {line}"
+        kills = oom_kill_count(self.files)
+        if kills is not None and self.kills_at_start is not None and kills > self.kills_at_start:
+            where = ", ".join(str(f) for f in self.files)
+            return f"the cgroup's out-of-memory kill count rose from {self.kills_at_start} to {kills} ({where})"
+        return None

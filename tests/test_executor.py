@@ -102,7 +102,7 @@ def test_over_long_request_fails_alone_into_errors_jsonl(tmp_path):
     long_request = replace_user_message(batch, 2, "word " * 3000)
     run_dir = tmp_path / "data" / "runs" / "long"
     result = kvbatch("run", str(batch), "--run", str(run_dir), *COMMON, "--slot-ctx", "1024", cwd=tmp_path)
-    assert result.returncode == 0, result.stdout + result.stderr
+    assert result.returncode == 1, result.stdout + result.stderr  # done, one failed for good
     assert "more than the 1024 asked for" in result.stdout
     errors = result_lines(run_dir, "errors.jsonl")
     assert [e["custom_id"] for e in errors] == [long_request["custom_id"]]

@@ -159,7 +159,7 @@ def test_a_silently_cut_prompt_lands_in_errors_jsonl(tmp_path):
         long_request = replace_user_message(batch, 1, "Experience: " + "built a billing pipeline. " * 400)
         result = kvbatch("run", str(batch), "--run", "cut", "--backend", "ollama", "--url", running.url, "--model",
                          MODEL, "--no-report", "--no-progress", "--slot-ctx", "1536", cwd=tmp_path)  # fmt: skip
-    assert result.returncode == 0, result.stdout + result.stderr
+    assert result.returncode == 1, result.stdout + result.stderr  # done, one failed for good
     run_dir = tmp_path / "data" / "runs" / "cut"
     errors = result_lines(run_dir, "errors.jsonl")
     assert [e["custom_id"] for e in errors] == [long_request["custom_id"]]

@@ -12,6 +12,7 @@ from kvbatch.errors import (
     NotFoundError,
     OutOfMemoryError,
     ServerBusyError,
+    ServerFaultError,
     ServerGoneError,
     UserInputError,
 )
@@ -31,10 +32,10 @@ async def _chat(url: str, model: str = MODEL):
         ("oom", OutOfMemoryError, "cudaMalloc failed"),
         ("killed", OutOfMemoryError, "signal: killed"),  # the kernel's OOM killer ended the runner: back off
         ("too-big", OutOfMemoryError, "requires more system memory"),
-        ("crash", ServerGoneError, "unexpectedly stopped"),
+        ("crash", ServerFaultError, "unexpectedly stopped"),  # up and failing: the breaker tells whose fault
         ("busy", ServerBusyError, "server busy"),
         ("unauthorized", AuthError, "check the API key"),
-        ("error-in-200", ServerGoneError, "unexpected EOF"),
+        ("error-in-200", ServerFaultError, "unexpected EOF"),
         ("not-json", MalformedReplyError, "not JSON"),
     ],
 )

@@ -206,7 +206,7 @@ def test_a_kernel_oom_kill_is_read_from_the_process_own_cgroup_v1_or_v2(tmp_path
     assert cgroup_counter_files("0::/app.slice\n", root=tmp_path) == [v2]  # a host's v2: the process's own group
     assert cgroup_counter_files("4:memory:/process_api/abc\n0::/\n", root=tmp_path) == [v1]  # v1, as here
     assert oom_kill_count([v2]) == 2 and oom_kill_count([v1]) == 5 and oom_kill_count([tmp_path / "missing"]) is None
-    watch = OomWatch.now([v2])
+    watch = OomWatch.now([v2], kmsg=tmp_path / "no-kernel-log")  # this machine's kernel log is not the test's
     assert watch.evidence(12345, -9) is None  # a plain kill -9: nothing counted
     v2.write_text("oom 4\noom_kill 3\n")
     assert "out-of-memory kill count rose from 2 to 3" in watch.evidence(12345, -9)
@@ -339,7 +339,8 @@ def test_a_request_the_server_always_fails_fails_alone_while_others_succeed(tmp_
     assert result.returncode == 1, result.stdout + result.stderr
     errors = result_lines(tmp_path / "data" / "runs" / "in", "errors.jsonl")
     assert [e["custom_id"] for e in errors] == [bad["custom_id"]]
-    assert failed_500 == errors[0]["attempts"] == 4  # alone, its server asked with a request of ours each time
+    # its first failure, with nothing served meanwhile, is not charged; the next four are (others were served)
+    assert failed_500 == errors[0]["attempts"] == 5
     assert "failed 4 times for this request while it answered others" in errors[0]["error"]["message"]
 
 
@@ -381,3 +382,30 @@ def test_an_allocation_failure_is_out_of_memory_whatever_the_status():
     assert isinstance(classify_http_error(400, "std::bad_alloc"), OutOfMemoryError)
     assert isinstance(classify_http_error(500, "CUDA error: out of memory"), OutOfMemoryError)
     assert not isinstance(classify_http_error(400, "invalid 'messages'"), OutOfMemoryError)
+
+
+def test_the_kernel_logs_own_line_names_the_kill_and_an_older_one_does_not(tmp_path):
+    from kvbatch.serve.oomkill import kernel_log_names
+
+    kmsg = tmp_path / "kmsg"
+    kmsg.write_text("3,812,5000000,-;Out of memory: Killed process 4242 (llama-server) total-vm:1000kB\n")
+    assert kernel_log_names(4242, kmsg, since_us=0).startswith("Out of memory: Killed process 4242")
+    assert kernel_log_names(4242, kmsg, since_us=6_000_000) is None  # before this server started: another 4242
+    assert kernel_log_names(4243, kmsg) is None
+
+
+def test_a_server_that_answers_probes_but_no_real_request_charges_nothing():
+    """A wedged server may answer the one-token probe and fail every real request: re-admitting it after a probe
+    must not make the requests that failed before look like their own fault."""
+    from kvbatch.batch.execution.policy import Action, FailurePolicy
+    from kvbatch.errors import ServerFaultError
+
+    policy = FailurePolicy()
+    for _ in range(5):  # take out, probe answered, re-admitted, the same requests fail again
+        actions = [policy.decide("e", f"r{i}", ServerFaultError("HTTP 500"), sent_mark=0).action for i in range(4)]
+        assert actions[-1] is Action.BREAK and all(a is Action.RETRY_LATER for a in actions[:-1])
+        policy.probe_served("e")
+    assert all(policy.requests[f"r{i}"].charged == 0 for i in range(4))
+    assert policy.breaker("e").failing_since is not None  # --max-wait counts through the re-admissions
+    policy.succeeded("e", "r9")  # a real success: the next failure of r0 is its own fault
+    assert policy.decide("e", "r0", ServerFaultError("HTTP 500"), sent_mark=0).charged

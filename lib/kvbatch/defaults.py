@@ -38,7 +38,7 @@ CACHE_RAM_MIB = 0
 without it, and memory stays what the plan prices."""
 SERVER_THREADS_ENV = "KVBATCH_SERVER_THREADS"
 """The environment variable that sets the threads of every embedded server started without `--threads`: to leave
-cores to other work, or to hold the test suite's servers to a slow machine's speed (`tools/slow-suite`)."""
+cores to other work, or to hold the test suite's servers to a slow machine's speed (`tools/slow_suite.py`)."""
 STARTUP_TIMEOUT_S = 180.0
 """Loading a 12B model from a cold disk can take a minute or two; the 270M loads in about 1.5 s here."""
 MALLOC_ARENA_MAX = 1
@@ -95,11 +95,21 @@ BREAKER_REQUESTS = 4
 """Different requests that fail in a row on one server (5xx, timeouts, dropped connections while it stays up) with
 nothing served in between before the fault is taken to be the server's: a wedged server answers 500 to every
 request while /health says ok, and would otherwise burn the input a request at a time."""
+BREAKER_ATTEMPTS = 8
+"""Failed attempts in a row with nothing served that trip the breaker even when fewer than BREAKER_REQUESTS different
+requests are left to fail (the tail of a batch)."""
+PROBE_BODY = {"messages": [{"role": "user", "content": "Reply with OK."}], "max_tokens": 1}
+"""The chat request that asks a server whether it serves at all (/health says ok on a wedged server)."""
+RETRY_LATER_PAUSE_S = 2.0
+"""The most a worker pauses before handing a failed request back for later (jittered back-off from 0.5 s)."""
 BACKOFF_START_S = 0.5
 BACKOFF_CAP_S = 30.0
 CONCURRENCY_LADDER = (1, 2, 4, 8, 16, 32, 64, 128, 256)
 """In-flight counts `--concurrency auto` tries (with the plan's own slot count), up to the server's slots, stopping
 when the steady rate stops improving by 5 %."""
+POOLED_UNKNOWN_SLOTS = 8
+"""In flight on each server of a pool that does not say its slots (the trials run for a single server only): a
+serial server then queues 8, never hundreds that would time out."""
 UNKNOWN_SERVER_SLOTS = 256
 """The most requests in flight tried on a server that does not say how many it runs at once (vLLM, SGLang, LM Studio,
 Ollama's /v1): continuous batching runs dozens at once, so the run measures instead of assuming one."""

@@ -152,8 +152,6 @@ def classify_http_error(status_code: int, message: str, *, url: str = "") -> Kvb
     text = f"HTTP {status_code}{where}: {message}"
     if status_code in (400, 413, 422) and any(marker in lowered for marker in _OVERFLOW_MARKERS):
         return ContextOverflowError(text, status_code=status_code, server_message=message)
-    if looks_like_oom(message):  # llama-server answers 400 when serving a request threw std::bad_alloc
-        return OutOfMemoryError(text, status_code=status_code, server_message=message)
     if status_code in (401, 403):
         return AuthError(
             f"{text}; check the API key (kvbatch reads it from the KVBATCH_API_KEY environment variable)",
@@ -166,6 +164,8 @@ def classify_http_error(status_code: int, message: str, *, url: str = "") -> Kvb
         return NotFoundError(text + hint, status_code=status_code, server_message=message)
     if status_code in (408, 429, 502, 503, 504):
         return ServerBusyError(text, status_code=status_code, server_message=message)
+    if looks_like_oom(message):  # llama-server answers 400 when serving a request threw std::bad_alloc
+        return OutOfMemoryError(text, status_code=status_code, server_message=message)
     if status_code >= 500:
         return ServerFaultError(text, status_code=status_code, server_message=message)
     return BadRequestError(text, status_code=status_code, server_message=message)
@@ -192,4 +192,6 @@ EXIT_CODES_HELP = """exit codes:
 def exit_code(error: KvbatchError) -> int:
     """What a script can act on: 3 when running the same command again later may succeed (the server was down or
     failing), 2 when something given to kvbatch must change first."""
+    if isinstance(error, OutOfMemoryError):  # out of memory at the least layout: the budget or KV type must change
+        return EXIT_WRONG_INPUT
     return EXIT_STOPPED if isinstance(error, TransientError) else EXIT_WRONG_INPUT

@@ -193,7 +193,7 @@ class ServerBuilder:
         )
         self.say(
             f"building llama-server {self.version} with {jobs} compiler(s) at once "
-            f"(4-10 minutes on 2 cores, depending on the CPU{', much longer with CUDA' if choice.cuda else ''}); "
+            f"(7-15 minutes on 2 cores, depending on the CPU{', much longer with CUDA' if choice.cuda else ''}); "
             f"programs: {', '.join(SERVER_PROGRAMS)}; log: {log}"
         )
         with tempfile.TemporaryDirectory(dir=folder) as out, open(log, "wb") as handle:

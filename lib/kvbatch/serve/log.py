@@ -4,8 +4,10 @@ failure. The server logs these at `--log-verbosity 4`."""
 
 from __future__ import annotations
 
+import collections
 import re
 import signal
+import threading
 from dataclasses import dataclass, field
 
 from kvbatch.errors import looks_like_oom
@@ -118,9 +120,6 @@ class ServerLogSink:
     """
 
     def __init__(self, stream, path) -> None:
-        import collections
-        import threading
-
         self._stream = stream
         self._path = path
         self._tail: collections.deque[bytes] = collections.deque(maxlen=TAIL_LINES)
@@ -148,19 +147,35 @@ class ServerLogSink:
         return False
 
     def _copy(self) -> None:
-        with open(self._path, "ab") as out:
-            for line in iter(self._stream.readline, b""):
-                if self._keep(line):
+        """Drain the pipe whatever happens to the file (a full disk, a deleted folder): a server whose output nobody
+        reads blocks on its next write."""
+        out = self._open()
+        for line in iter(self._stream.readline, b""):
+            if not self._keep(line):
+                self._tail.append(line)
+                self._dropped += 1
+            elif out is not None:
+                try:
                     out.write(line)
                     out.flush()
-                else:
-                    self._tail.append(line)
-                    self._dropped += 1
-            if self._dropped:
-                out.write(f"--- kvbatch: {self._dropped} per-request lines were not kept; the last "
-                          f"{len(self._tail)} of them:\n".encode())  # fmt: skip
-                out.writelines(self._tail)
+                except OSError:
+                    out = None
+        if out is not None:
+            try:
+                if self._dropped:
+                    out.write(f"--- kvbatch: {self._dropped} per-request lines were not kept; the last "
+                              f"{len(self._tail)} of them:\n".encode())  # fmt: skip
+                    out.writelines(self._tail)
+                out.close()
+            except OSError:
+                pass
         self._stream.close()
+
+    def _open(self):
+        try:
+            return open(self._path, "ab")  # noqa: SIM115 (held for the server's life, closed in _copy)
+        except OSError:
+            return None
 
     def join(self, timeout_s: float = 5.0) -> None:
         """Wait for the copy to finish (the server exited and closed its end of the pipe)."""

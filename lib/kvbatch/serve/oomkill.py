@@ -15,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import os
 import re
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -59,8 +60,14 @@ def oom_kill_count(files: list[Path]) -> int | None:
     return sum(counts) if counts else None
 
 
-def kernel_log_names(pid: int, kmsg: Path = KMSG) -> str | None:
-    """The kernel's own line about killing `pid` for memory, when the kernel log is readable here."""
+def boot_clock_us() -> int:
+    """Microseconds since boot, the clock of the kernel log's records."""
+    return int(time.clock_gettime(time.CLOCK_BOOTTIME) * 1e6)
+
+
+def kernel_log_names(pid: int, kmsg: Path = KMSG, since_us: int = 0) -> str | None:
+    """The kernel's own line about killing `pid` for memory since `since_us` (a pid is reused: older lines are
+    about another process), when the kernel log is readable here."""
     try:
         fd = os.open(kmsg, os.O_RDONLY | os.O_NONBLOCK)
     except OSError:
@@ -80,8 +87,11 @@ def kernel_log_names(pid: int, kmsg: Path = KMSG) -> str | None:
             if not record:
                 break
             text = record.decode("utf-8", "replace")
-            if pattern.search(text):
-                found = text.split(";", 1)[-1].strip()
+            header, _, message = text.partition(";")
+            fields = header.split(",")  # priority, sequence, microseconds since boot, flags
+            stamp = int(fields[2]) if len(fields) > 2 and fields[2].isdigit() else 0
+            if stamp >= since_us and pattern.search(message):
+                found = message.strip()
     return found
 
 
@@ -91,17 +101,19 @@ class OomWatch:
 
     files: list[Path]
     kills_at_start: int | None
+    started_us: int
+    kmsg: Path = KMSG
 
     @classmethod
-    def now(cls, files: list[Path] | None = None) -> OomWatch:
+    def now(cls, files: list[Path] | None = None, kmsg: Path = KMSG) -> OomWatch:
         files = cgroup_counter_files() if files is None else files
-        return cls(files, oom_kill_count(files))
+        return cls(files, oom_kill_count(files), boot_clock_us(), kmsg)
 
     def evidence(self, pid: int | None, returncode: int | None) -> str | None:
         """Why a server that died with SIGKILL is taken to have been killed for memory, or None."""
         if pid is None or returncode != -9:
             return None
-        line = kernel_log_names(pid)
+        line = kernel_log_names(pid, self.kmsg, self.started_us)
         if line:
             return f"the kernel log: {line}"
         kills = oom_kill_count(self.files)

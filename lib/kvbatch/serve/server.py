@@ -177,7 +177,7 @@ class EmbeddedServer:
             assert self._process is not None
             self._raise_start_failure(f"llama-server {describe_exit(self._process.returncode)}")
         if outcome == "timeout":
-            self.stop()
+            self.stop(keep_log=True)  # the error below names the log
             self._raise_start_failure(
                 f"llama-server did not become healthy within {self.config.startup_timeout_s:.0f} s"
             )

@@ -308,6 +308,6 @@ class OllamaSupervisor(ExternalSupervisor):
             # Already the least the requests need: Ollama reloads at the same size. A request that keeps taking
             # the runner down is found by the executor's suspect runs and fails alone.
             return Recovery(str(cause)[:300], f"num_ctx kept at {layout.slot_context_tokens}, the least the "
-                            "requests need", waited, True)  # fmt: skip
+                            "requests need", waited, True, was_down)  # fmt: skip
         layout.slot_context_tokens = smaller
-        return Recovery(str(cause)[:300], f"num_ctx lowered to {smaller}", waited, True)
+        return Recovery(str(cause)[:300], f"num_ctx lowered to {smaller}", waited, True, was_down)

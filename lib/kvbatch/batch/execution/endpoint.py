@@ -18,9 +18,6 @@ from kvbatch.batch.monitor import MemoryMonitor
 from kvbatch.errors import KvbatchError, ServerGoneError
 from kvbatch.serve.supervisor import Recovery, Supervisor, backoff_delays
 
-PROBE_BODY = {"messages": [{"role": "user", "content": "Reply with OK."}], "max_tokens": 1}
-"""The chat request that tells a server taken out is serving again: /health says ok on a wedged server."""
-
 
 class Gate:
     """The requests in flight on one endpoint, each holding a leased slot id: a limit that can be lowered (or
@@ -97,7 +94,7 @@ class EndpointOut(Exception):
 class Endpoint:
     def __init__(
         self, supervisor: Supervisor, *, label: str, recorder: Recorder, pooled: bool,
-        max_wait_s: float = defaults.MAX_WAIT_S, on_probe_served=None,
+        max_wait_s: float = defaults.MAX_WAIT_S, on_probe_served=None, failing_since=None,
     ) -> None:  # fmt: skip
         self.supervisor = supervisor
         self.label = label
@@ -124,10 +121,16 @@ class Endpoint:
         self._readmit: asyncio.Task | None = None
         self.out_cause: KvbatchError | None = None
         """Why it was last taken out, in words a person can act on (the breaker's evidence, or the recovery's)."""
-        self._recoveries: dict[int, Recovery] = {}
         self.last_probe_error: KvbatchError | None = None
+        """The last probe's failure, quoted when the server is given up."""
         self._on_probe_served = on_probe_served
-        """Told when the server answers its probe (the failure policy's breaker counts it as served)."""
+        """Told when the server answers its probe and is re-admitted (the breaker counts its failures afresh)."""
+        self._recoveries: dict[int, Recovery] = {}
+        """What the recovery of each generation found (kept for the most recent): every worker that saw the same
+        failure learns whether the server was down."""
+        self._failing_since = failing_since
+        """When its failures began that no real success has ended (the breaker's): `--max-wait` counts from there
+        through any number of take-outs, so a server that answers probes but no real request is given up."""
         """What the recovery of each generation found (kept for the few most recent)."""
 
     @property
@@ -161,7 +164,7 @@ class Endpoint:
                 self._take_out(exc)
                 return None
             self._recoveries[generation_seen] = recovery
-            for old in [g for g in self._recoveries if g < generation_seen - 8]:
+            for old in [g for g in self._recoveries if g < generation_seen - 64]:
                 del self._recoveries[old]
             self.generation += 1
             if recovery.out_of_memory:
@@ -190,7 +193,7 @@ class Endpoint:
     async def probe_chat(self, timeout_s: float) -> bool:
         """One tiny chat request of our own: does the server serve others? (Whose fault a failure was.)"""
         try:
-            await self.backend.chat(dict(PROBE_BODY), timeout_s=timeout_s)
+            await self.backend.chat(dict(defaults.PROBE_BODY), timeout_s=timeout_s)
         except KvbatchError as exc:
             self.last_probe_error = exc
             return False
@@ -224,7 +227,9 @@ class Endpoint:
 
     async def _probe_until_back(self) -> None:
         for delay in backoff_delays(1.0, defaults.BACKOFF_CAP_S):
-            if time.monotonic() - self._out_since > self.max_wait_s:
+            began = self._failing_since() if self._failing_since is not None else None
+            since = min(self._out_since, began) if began is not None else self._out_since
+            if time.monotonic() - since > self.max_wait_s:
                 self.gave_up = True
                 self.recorder.event("endpoint_given_up", endpoint=self.label, out_s=round(self.max_wait_s, 1))
                 self.back.set()  # its workers wake, see it is still out, and stop
@@ -236,7 +241,7 @@ class Endpoint:
                     await asyncio.wait_for(
                         self.supervisor.recover(ServerGoneError("re-admission")), defaults.POOL_GRACE_S
                     )
-                    await self.backend.chat(dict(PROBE_BODY))  # serving, not only saying it is healthy
+                    healthy = await self.probe_chat(self.backend.request_timeout_s)  # serving, not only healthy
             except (KvbatchError, asyncio.TimeoutError) as exc:
                 healthy = False
                 self.last_probe_error = exc

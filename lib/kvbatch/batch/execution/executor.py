@@ -181,6 +181,7 @@ class Executor:
                 pooled=pooled,
                 max_wait_s=self.options.max_wait_s,
                 on_probe_served=policy.probe_served,
+                failing_since=lambda label=label: policy.breaker(label).failing_since,
             )  # fmt: skip
             for s, label in zip(self.supervisors, self._labels(), strict=True)
         ]
@@ -191,6 +192,7 @@ class Executor:
             max_wait_s=self.options.max_wait_s,
             request_timeout_s=self.options.request_timeout_s,
         )
+        sender.others_waiting = lambda: not feed.drained
         workers = Workers(feed, sender, recorder, chunk_size=self.options.chunk_size)
         background = [asyncio.create_task(self._re_estimate(progress))]
         for endpoint in self.endpoints:
@@ -210,8 +212,9 @@ class Executor:
                 chosen = await self.options.trials.choose(phase, feed, slots=only.slots, total=self.total,
                                                           recorder=recorder)  # fmt: skip
                 in_flight = {only: chosen}
-            elif self.options.concurrency == "auto":
-                in_flight = {e: e.slots for e in self.endpoints}
+            elif self.options.concurrency == "auto":  # a pool: each endpoint's own slots (unknown ones: a few)
+                in_flight = {e: e.slots if e.slots != defaults.UNKNOWN_SERVER_SLOTS else defaults.POOLED_UNKNOWN_SLOTS
+                             for e in self.endpoints}  # fmt: skip
             else:
                 in_flight = {e: int(self.options.concurrency) for e in self.endpoints}
             await self._phase(workers, in_flight, None)

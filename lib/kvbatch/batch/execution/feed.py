@@ -114,6 +114,10 @@ class Feed:
         return self.exhausted and not self._ahead and not self._returned and not self._deferred
 
 
+class _GivenUp(Exception):
+    """The worker's endpoint was given up while a conversation waited for it."""
+
+
 class Quota:
     """How many more requests a phase may start (None: no limit): a concurrency trial runs a fixed number."""
 
@@ -201,7 +205,10 @@ class Workers:
             if first is None:
                 quota.give_back()
                 return
-            await self._chunk(endpoint, slot, quota, first)
+            try:
+                await self._chunk(endpoint, slot, quota, first)
+            except _GivenUp:  # the endpoint was given up: this worker stops (the others, or the run, decide)
+                return
             self.recorder.sync(force=True)  # at least once per chunk
 
     async def _chunk(self, endpoint: Endpoint, slot: int, quota: Quota, first: BatchRequest) -> None:
@@ -220,7 +227,8 @@ class Workers:
             except EndpointOut:
                 quota.give_back()
                 await self.feed.hand_back([request])
-                await endpoint.wait_back(self.feed.all_done)
+                if not await endpoint.wait_back(self.feed.all_done):
+                    raise _GivenUp from None
                 return
             if outcome.result is None and isinstance(outcome.error, ContextOverflowError) and turns > 0:
                 quota.give_back()

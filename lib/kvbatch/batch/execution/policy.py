@@ -25,6 +25,7 @@ Every decision is written to events.jsonl with the evidence it used (`Decision.e
 from __future__ import annotations
 
 import enum
+import time
 from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any
@@ -76,27 +77,36 @@ class Breaker:
     """One endpoint's record of failures since its last success: which different requests failed, and how."""
 
     successes: int = 0
+    """Real requests served (a probe of ours never counts: a wedged server may answer a one-token request)."""
     attempts: int = 0
     """Failed attempts since the last success: with fewer requests left than BREAKER_REQUESTS, the same few
     failing over and over tell the same."""
     failing: set[str] = field(default_factory=set)
     kinds: Counter = field(default_factory=Counter)
-    first: str = ""
     last: str = ""
+    failing_since: float | None = None
+    """When the failures began that no real success has ended since (monotonic): `--max-wait` counts from here,
+    through any number of take-outs and re-admissions."""
 
     def success(self) -> None:
         self.successes += 1
+        self.failing_since = None
+        self.new_streak()
+
+    def new_streak(self) -> None:
+        """A probe was answered and the server is re-admitted: count its failures afresh (its time does not)."""
         self.attempts = 0
         self.failing.clear()
         self.kinds.clear()
-        self.first = self.last = ""
+        self.last = ""
 
     def fault(self, custom_id: str, error: KvbatchError) -> int:
         self.attempts += 1
         self.failing.add(custom_id)
         self.kinds[type(error).__name__] += 1
-        self.first = self.first or str(error)[:200]
         self.last = str(error)[:200]
+        if self.failing_since is None:
+            self.failing_since = time.monotonic()
         return len(self.failing)
 
     def describe(self) -> str:
@@ -158,16 +168,19 @@ class FailurePolicy:
         return faults.failed_attempts if faults else 0
 
     def probe_served(self, endpoint: str) -> None:
-        """A server taken out answered its probe: it serves again (a success, for the breaker)."""
-        self.breaker(endpoint).success()
+        """A server taken out answered its probe and is re-admitted: its failures are counted afresh. Not a success:
+        a server that answers a one-token probe may still fail every real request."""
+        self.breaker(endpoint).new_streak()
 
     def is_suspect(self, custom_id: str) -> bool:
         """In flight during two crashes: from now on it runs alone."""
         faults = self.requests.get(custom_id)
         return bool(faults and len(faults.crashes) >= 2)
 
-    def decide(self, endpoint: str, custom_id: str, error: KvbatchError, *, sent_mark: int) -> Decision:
-        """Rules 1-5 (see the module's docstring); rule 6 comes after the recovery (`after_recovery`)."""
+    def decide(self, endpoint: str, custom_id: str, error: KvbatchError, *, sent_mark: int,
+               probe_answered: bool = False) -> Decision:  # fmt: skip
+        """Rules 1-5 (see the module's docstring); rule 6 comes after the recovery (`after_recovery`).
+        `probe_answered`: nothing else was left to send, and the server answered a request of ours meanwhile."""
         self._faults(custom_id).failed_attempts += 1
         if isinstance(error, (AuthError, NotFoundError, ServerLimitError)):
             return Decision(Action.STOP, "no request can succeed until this is fixed")
@@ -176,25 +189,26 @@ class FailurePolicy:
         if isinstance(error, ServerUnreachableError):
             return Decision(Action.RECOVER, "nothing listening: the server was down before the request was sent")
         if isinstance(error, (ServerFaultError, RequestTimeoutError)):
-            return self.server_fault(endpoint, custom_id, error, sent_mark=sent_mark)
+            return self.server_fault(endpoint, custom_id, error, sent_mark=sent_mark, probe_answered=probe_answered)
         if isinstance(error, ServerGoneError):  # dropped connections and out of memory: is the server still up?
             return Decision(Action.RECOVER, "the server may have gone down: its recovery will tell")
         if isinstance(error, TransientError):
             return Decision(Action.WAIT, "busy, or a reply that is not JSON: waiting will serve it")
         return Decision(Action.FAIL, "an error no rule covers", charged=True, error=error)
 
-    def server_fault(self, endpoint: str, custom_id: str, error: KvbatchError, *, sent_mark: int) -> Decision:
+    def server_fault(self, endpoint: str, custom_id: str, error: KvbatchError, *, sent_mark: int,
+                     probe_answered: bool = False) -> Decision:  # fmt: skip
         """Rule 5: the server is up and failed this attempt. Whose fault is it?"""
         breaker = self.breaker(endpoint)
         failing = breaker.fault(custom_id, error)
         faults = self._faults(custom_id)
         evidence = {"different_requests_failing": failing, "successes_since_sent": breaker.successes - sent_mark}
-        if failing >= self.breaker_requests or breaker.attempts >= 2 * self.breaker_requests:
+        if failing >= self.breaker_requests or breaker.attempts >= defaults.BREAKER_ATTEMPTS:
             return Decision(Action.BREAK, f"the server's fault: {breaker.describe()}", evidence=evidence)
         previous = faults.previous_failure
         reference = previous[1] if previous is not None and previous[0] == endpoint else sent_mark
         faults.previous_failure = (endpoint, breaker.successes)
-        if breaker.successes > reference:  # others succeeded while this one kept failing: this request's fault
+        if breaker.successes > reference or probe_answered:  # others were served while this one kept failing
             faults.charged += 1
             if faults.charged >= self.max_faults:
                 return Decision(Action.FAIL, "it failed while the server answered others", charged=True,
@@ -204,13 +218,16 @@ class FailurePolicy:
         return Decision(Action.RETRY_LATER, "nothing else was served meanwhile: not charged, the breaker will tell",
                         evidence=evidence)  # fmt: skip
 
-    def after_recovery(self, endpoint: str, custom_id: str, error: KvbatchError, *, found_down: bool,
+    def after_recovery(self, endpoint: str, custom_id: str, error: KvbatchError, *, found_down: bool | None,
                        crash: tuple[str, int], alone: bool, sent_mark: int) -> Decision:  # fmt: skip
         """Rules 4 and 6, once the server's recovery has said whether it was down. The request is retried at once
         (`recovered` in the evidence: the recovery itself was the wait)."""
         if isinstance(error, ServerUnreachableError):
             return Decision(Action.WAIT, "nothing was listening: the server was down before the request was sent",
                             evidence={"recovered": True, "found_down": found_down})  # fmt: skip
+        if found_down is None:  # recovered (or taken out) by another worker's failure: nothing known to blame
+            return Decision(Action.WAIT, "the server was recovered meanwhile: not charged",
+                            evidence={"recovered": True})  # fmt: skip
         if not found_down:  # it stayed up: a dropped connection (or an allocation that failed) is not a crash
             return self.server_fault(endpoint, custom_id, error, sent_mark=sent_mark)
         faults = self._faults(custom_id)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -57,6 +58,9 @@ class Sender:
         self.max_wait_s = max_wait_s
         self.request_timeout_s = request_timeout_s
         self.fatal: KvbatchError | None = None
+        self.others_waiting: Callable[[], bool] = lambda: True
+        """Whether other requests remain to be sent (the executor sets it from its feed): at the batch's tail a
+        failing request has no others to show whose fault it is, so the server is asked with a probe of ours."""
 
     def stop(self, error: KvbatchError) -> RunStopped:
         self.fatal = self.fatal or error
@@ -100,17 +104,18 @@ class Sender:
                     return Outcome(None, truncated, total, waited, leased)
                 return Outcome(result, None, total, waited, leased)
             assert error is not None
-            unexplained = isinstance(error, (ServerFaultError, RequestTimeoutError)) and (
-                endpoint.gate.in_flight == 0 and policy.success_mark(endpoint.label) == sent_mark
-            )  # nothing else ran meanwhile to tell whose fault it was: ask the server with a request of our own
-            if unexplained and await endpoint.probe_chat(self.request_timeout_s):
-                policy.probe_served(endpoint.label)
-            decision = policy.decide(endpoint.label, request.custom_id, error, sent_mark=sent_mark)
+            alone_at_the_tail = isinstance(error, (ServerFaultError, RequestTimeoutError)) and (
+                endpoint.gate.in_flight == 0 and not self.others_waiting()
+                and policy.success_mark(endpoint.label) == sent_mark
+            )  # fmt: skip
+            answered = alone_at_the_tail and await endpoint.probe_chat(self.request_timeout_s)
+            decision = policy.decide(endpoint.label, request.custom_id, error, sent_mark=sent_mark,
+                                     probe_answered=answered)  # fmt: skip
             if decision.action is Action.RECOVER:
                 started_wait = time.perf_counter()
                 recovery = await endpoint.recover(error, generation)  # whichever worker saw the failure first
                 waited += time.perf_counter() - started_wait
-                found_down = recovery.found_down if recovery is not None else True
+                found_down = recovery.found_down if recovery is not None else None
                 decision = policy.after_recovery(endpoint.label, request.custom_id, error, found_down=found_down,
                                                  crash=(endpoint.label, generation), alone=alone,
                                                  sent_mark=sent_mark)  # fmt: skip
@@ -127,6 +132,7 @@ class Sender:
                 endpoint.trip(ServerGoneError(decision.reason), generation)
                 raise EndpointOut
             if decision.action is Action.RETRY_LATER:
+                await asyncio.sleep(min(next(delays), defaults.RETRY_LATER_PAUSE_S))  # no tight loop at the tail
                 raise RetryLater
             if decision.action is Action.WAIT and not decision.evidence.get("recovered"):
                 delay = next(delays)

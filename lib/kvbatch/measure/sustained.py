@@ -84,8 +84,8 @@ def allowed_drift(reference_bytes: float) -> float:
 
 def served_tokens(prompt_tokens: int | None, completion_tokens: int | None, body: dict[str, Any]) -> int:
     """Tokens one request held in its slot: the server's own counts (a reply without them counts its answer cap)."""
-    return int(prompt_tokens or 0) + int(completion_tokens if completion_tokens is not None else body.get("max_tokens")
-                                         or 0)  # fmt: skip
+    answer = completion_tokens if completion_tokens is not None else body.get("max_tokens") or 0
+    return int(prompt_tokens or 0) + int(answer)
 
 
 class _Load:

@@ -18,6 +18,8 @@ _SLOT_CTX_LINE = re.compile(r"new slot.*?n_ctx(?:_slot)?\s*=\s*(?P<n>\d+)")
 _OFFLOADED_LINE = re.compile(r"offloaded (?P<on>\d+)/(?P<all>\d+) layers to GPU")
 _SYSTEM_INFO_LINE = re.compile(r"system_info: (?P<info>.*)$", re.M)
 _CHECKPOINT_LINE = re.compile(r"created context checkpoint .*?size = (?P<mib>[\d.]+) MiB")
+_ERROR_LINE = re.compile(r"\berror\b|failed|exception|terminate", re.I)
+"""A line that may explain a failure: what the parser quotes, and what the sink keeps after the load."""
 _LOG_PREFIX = re.compile(r"^\d+\.\d+\.\d+\.\d+ [DIWE] ")  # llama.cpp's "0.00.939.418 E " timestamp and level
 
 
@@ -79,7 +81,7 @@ def parse_server_log(text: str) -> ServerLog:
     info = _SYSTEM_INFO_LINE.search(text)
     checkpoints = [int(float(m.group("mib")) * _MIB) for m in _CHECKPOINT_LINE.finditer(text)]
     oom_lines = [line for line in lines if looks_like_oom(line)]
-    error_lines = [line for line in lines if re.search(r"\berror\b|failed|exception|terminate", line, re.I)]
+    error_lines = [line for line in lines if _ERROR_LINE.search(line)]
     failure = oom_lines[0] if oom_lines else (error_lines[-1] if error_lines else None)
     return ServerLog(
         kv,
@@ -139,7 +141,7 @@ class ServerLogSink:
         level = _LOG_PREFIX.match(text)
         if level and text[level.end() - 2] in "WE":
             return True
-        if looks_like_oom(text) or re.search(r"\berror\b|failed|exception|terminate", text, re.I):
+        if looks_like_oom(text) or _ERROR_LINE.search(text):
             return True
         if _CHECKPOINT_LINE.search(text) and self._kept < KEPT_AFTER_LISTENING:
             self._kept += 1

@@ -34,12 +34,14 @@ event, not on the clock), so only a hang reaches it."""
 _started: list[subprocess.Popen] = []
 
 
-def start_kvbatch(*args: str, cwd: Path) -> subprocess.Popen:
+def start_kvbatch(*args: str, cwd: Path, env: dict[str, str] | None = None) -> subprocess.Popen:
     """`kvbatch` in the background, in a process group of its own, so a test that fails cannot leave it (and its
-    servers, Ray workers) competing for the CPU with the tests after it (`stop_started`)."""
+    servers, Ray workers) competing for the CPU with the tests after it (`stop_started`). `env`: variables added
+    to this process's environment."""
     process = subprocess.Popen(
         [sys.executable, "-m", "kvbatch.cli", *args],
         cwd=cwd,
+        env={**os.environ, **env} if env else None,
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,

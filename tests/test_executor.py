@@ -7,6 +7,7 @@ import collections
 import json
 import os
 import random
+import re
 import signal
 import time
 
@@ -53,9 +54,12 @@ def test_kill_9_at_random_points_then_resume_gives_each_result_exactly_once(tmp_
 
 
 def test_killed_server_mid_batch_is_restarted_and_the_run_completes(tmp_path):
+    """Run in asyncio's debug mode, which logs every callback that holds the event loop for over 100 ms: the
+    recovery (the server's log read, its stop and restart) and the journal's fsyncs must not block it."""
     batch = small_batch(tmp_path / "in.jsonl", 16)
     run_dir = tmp_path / "data" / "runs" / "crash"
-    process = start_kvbatch("run", str(batch), "--run", str(run_dir), *COMMON, cwd=tmp_path)
+    process = start_kvbatch("run", str(batch), "--run", str(run_dir), *COMMON, cwd=tmp_path,
+                            env={"PYTHONASYNCIODEBUG": "1"})  # fmt: skip
     wait_for_results(run_dir, 4, process)
     servers = [p for p in psutil.Process(process.pid).children(recursive=True) if "llama-server" in p.name()]
     assert len(servers) == 1
@@ -66,6 +70,8 @@ def test_killed_server_mid_batch_is_restarted_and_the_run_completes(tmp_path):
     events = result_lines(run_dir, "events.jsonl")
     recoveries = [e for e in events if e["event"] == "recovery"]
     assert recoveries and recoveries[0]["action"] == "restarted the embedded server"
+    slow = [line for line in out.splitlines() if re.search(r"Executing .* took \d", line)]
+    assert not slow, "callbacks that blocked the event loop for over 100 ms:\n" + "\n".join(slow)
 
 
 def test_context_too_large_for_the_memory_cap_backs_off_and_completes(tmp_path):

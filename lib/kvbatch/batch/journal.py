@@ -10,18 +10,20 @@ from __future__ import annotations
 
 import json
 import os
+import secrets
 import time
-import uuid
 from pathlib import Path
 from typing import Any
 
 from pydantic import BaseModel
 
+from kvbatch import jsoncodec
 from kvbatch.batch.runfolder import RunFolder, write_durably
 from kvbatch.errors import UserInputError
 
 JOURNAL_VERSION = 2
-_CUSTOM_ID_KEY = '"custom_id": '
+_CUSTOM_ID_KEY = '"custom_id":'
+"""Followed by a space in journals written with the standard library's separators, by the value in compact ones."""
 _decoder = json.JSONDecoder()
 
 
@@ -56,7 +58,8 @@ def completed_ids(path: Path) -> set[str]:
             if at < 0:
                 continue
             try:
-                value, _ = _decoder.raw_decode(line, at + len(_CUSTOM_ID_KEY))
+                start = at + len(_CUSTOM_ID_KEY)
+                value, _ = _decoder.raw_decode(line, start + (line[start : start + 1] == " "))
             except json.JSONDecodeError:
                 continue
             done.add(value)
@@ -165,7 +168,7 @@ class Journal:
         return self._fds[key]
 
     def _append(self, path: Path, record: dict[str, Any]) -> None:
-        data = (json.dumps(record, ensure_ascii=False) + "\n").encode("utf-8", "surrogatepass")
+        data = jsoncodec.dumps_line(record)
         os.write(self._fd(path), data)  # one write(2) per line: a kill leaves whole lines, or a torn last one
         self._unsynced += 1
 
@@ -174,11 +177,11 @@ class Journal:
         self._append(
             self.results_path,
             {
-                "id": f"batch_req_{uuid.uuid4().hex[:24]}",
+                "id": f"batch_req_{secrets.token_hex(12)}",
                 "custom_id": custom_id,
                 "response": {
                     "status_code": status_code,
-                    "request_id": f"req_{uuid.uuid4().hex[:24]}",
+                    "request_id": f"req_{secrets.token_hex(12)}",
                     "body": response_body,
                 },
                 "error": None,
@@ -203,7 +206,7 @@ class Journal:
         self._append(
             self.errors_path,
             {
-                "id": f"batch_req_{uuid.uuid4().hex[:24]}",
+                "id": f"batch_req_{secrets.token_hex(12)}",
                 "custom_id": custom_id,
                 "response": {"status_code": status_code, "body": None} if status_code else None,
                 "error": error,
@@ -215,7 +218,7 @@ class Journal:
 
     def sync(self) -> None:
         """fsync both files; called at least once per chunk and at the end."""
-        for fd in self._fds.values():
+        for fd in list(self._fds.values()):  # a copy: the recorder fsyncs from a thread while a file may open
             os.fsync(fd)
         self._unsynced = 0
 

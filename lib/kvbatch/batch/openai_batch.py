@@ -16,6 +16,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+from kvbatch import jsoncodec
 from kvbatch.batch.requests import (
     HASH_ALGORITHM,
     BatchRequest,
@@ -77,7 +78,7 @@ def scan_openai_batch(
                          f"{exc.start + 1}")  # fmt: skip
                 continue
             try:
-                record = json.loads(text, parse_constant=reject_constant)
+                record = jsoncodec.loads(text, parse_constant=reject_constant)
             except json.JSONDecodeError as exc:
                 _problem(report, path, line_no, "(line)", f"invalid JSON: {exc.msg} at column {exc.colno}")
                 continue
@@ -223,7 +224,7 @@ def iter_openai_batch(report: InputReport, done: set[str] | frozenset[str] = fro
     with open(report.path, "rb") as handle:
         for key, offsets in groups:
             for offset in offsets:
-                now = os.stat(report.path)
+                now = os.fstat(handle.fileno())  # the file as validated, edited in place or not
                 if report.file_state and (now.st_size, now.st_mtime_ns) != report.file_state:
                     raise InputChangedError(
                         f"{report.path} changed while the run was reading it; every finished request is saved. "
@@ -231,9 +232,9 @@ def iter_openai_batch(report: InputReport, done: set[str] | frozenset[str] = fro
                     )
                 handle.seek(offset)
                 raw = handle.readline()
-                if _custom_id_of(raw) in done:
+                if done and _custom_id_of(raw) in done:
                     continue  # read only the id of a request already done: a resume skips 170,000 lines in 0.3 s
-                record = json.loads(raw[3:] if offset == 0 and raw.startswith(_BOM) else raw)
+                record = jsoncodec.loads(raw[3:] if offset == 0 and raw.startswith(_BOM) else raw)
                 if record["custom_id"] in done:
                     continue
                 yield BatchRequest(record["custom_id"], clean_body(record["body"]), 0, key)

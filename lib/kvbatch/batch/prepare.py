@@ -3,6 +3,7 @@ predicted from the architecture plus a quick probe of the base memory), and make
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -64,7 +65,7 @@ def model_identity(settings: BatchSettings, spec: EndpointSpec) -> str:
     made from the command line alone, so a resume while a server is down is not refused for that."""
     if spec.kind == "external":
         return f"{spec.backend}:{spec.model or 'server-default'}:{settings.kv_type}"
-    model = Path(settings.server.model_path).name if settings.server.model_path else default_model_path().name
+    model = model_file(settings).name
     return f"{spec.kind}:{model}:{settings.kv_type}{'-swafull' if settings.server.swa_full else ''}"
 
 
@@ -118,8 +119,8 @@ def _shared(budget: Budget, share: int) -> Budget:
 
 async def _embedded_plan(settings: BatchSettings, sizes: SizeProfile, spec: EndpointSpec, base_bytes: float,
                          share: int) -> EndpointPlan:  # fmt: skip
-    model_path = Path(settings.server.model_path) if settings.server.model_path else default_model_path()
-    arch = architecture_from_gguf(model_path)
+    model_path = await asyncio.to_thread(model_file, settings)
+    arch = await asyncio.to_thread(architecture_from_gguf, model_path)
     candidates = kv_candidates(settings.kv_type)
     on_gpu = build_has_gpu() and settings.server.gpu_layers != 0
     types = replace(candidates[0], swa_full=settings.server.swa_full)
@@ -257,15 +258,21 @@ def _base_bytes(server: EmbeddedServer) -> float:
 async def _sizes_from_embedded(settings: BatchSettings, report: InputReport, requests_fn, model_path: Path,
                                log_dir: Path) -> tuple[Calibration, float]:  # fmt: skip
     """The real tokenizer, and the memory the model needs before any KV, from one probe server."""
-    with _probe_server(settings, model_path, log_dir) as server:
+    async with _probe_server(settings, model_path, log_dir) as server:
         async with get_backend("openai", server.url, api_key=server.api_key) as backend:
             calibration = await calibrate(backend, report, requests_fn)
-        return calibration, _base_bytes(server)
+        return calibration, await asyncio.to_thread(_base_bytes, server)
+
+
+def model_file(settings: BatchSettings) -> Path:
+    """The GGUF the embedded server loads: --model-path, or the default model (its first use checks the package's
+    checksum: seconds, so async callers run this on a thread)."""
+    return Path(settings.server.model_path) if settings.server.model_path else default_model_path()
 
 
 def probe_base(settings: BatchSettings, log_dir: Path) -> float:
     """The base memory alone (a Ray actor plans for its own node with it)."""
-    model_path = Path(settings.server.model_path) if settings.server.model_path else default_model_path()
+    model_path = model_file(settings)
     with _probe_server(settings, model_path, log_dir) as server:
         return _base_bytes(server)
 
@@ -275,7 +282,7 @@ async def prepare(settings: BatchSettings, report: InputReport, requests_fn, spe
     first = specs[0]
     base_bytes = 0.0
     if first.kind in ("embedded", "ray"):
-        model_path = Path(settings.server.model_path) if settings.server.model_path else default_model_path()
+        model_path = await asyncio.to_thread(model_file, settings)
         calibration, base_bytes = await _sizes_from_embedded(settings, report, requests_fn, model_path, log_dir)
     elif first.backend == "ollama":
         async with get_backend("ollama", first.url, model=first.model, api_key=first.api_key()) as ollama:

@@ -182,36 +182,45 @@ def _fingerprint(settings: BatchSettings, report: InputReport, specs: list[Endpo
     )
 
 
+def _remaining(settings: BatchSettings, report: InputReport, fingerprint: Fingerprint) -> int:
+    """How many requests are still to do; refuses a different run (its fingerprint) before any planning."""
+    folder = settings.folder
+    if folder.is_run():
+        Journal.open(folder, fingerprint).close()
+    failed = completed_ids(folder.errors)
+    done = completed_ids(folder.results) | (set() if settings.retry_failed else failed)
+    return report.request_count - len(done)  # 170,000 ids are 20 MB: dropped here, the journal keeps the one copy
+
+
 async def run_batch_async(settings: BatchSettings, *, say=print) -> RunOutcome:
+    """The whole run. What reads files before the first request (the input's validation, the journal, the model's
+    checksum) runs on a thread: nothing holds the event loop (asyncio's debug mode finds no callback over 100 ms)."""
     specs = _specs(settings)
-    report, requests_fn = load_valid_input(settings, say, field_rules(specs))
+    report, requests_fn = await asyncio.to_thread(load_valid_input, settings, say, field_rules(specs))
     folder = settings.folder
     if report.request_count == 0:
         return RunOutcome(folder, None, None, None, f"nothing to do: {settings.input_path} holds no requests")
     with RunLock(folder):
-        fingerprint = _fingerprint(settings, report, specs)
-        if folder.is_run():
-            Journal.open(folder, fingerprint).close()  # refuses a different run before any planning
-        failed = completed_ids(folder.errors)
-        remaining = report.request_count - len(completed_ids(folder.results) | (set() if settings.retry_failed
-                                                                                  else failed))  # fmt: skip
-        del failed  # 170,000 ids are 20 MB: the journal keeps the one copy
+        fingerprint = await asyncio.to_thread(_fingerprint, settings, report, specs)
+        remaining = await asyncio.to_thread(_remaining, settings, report, fingerprint)
         if remaining <= 0:
             summary = Summary.model_validate_json(folder.summary.read_text()) if folder.summary.exists() else None
             return RunOutcome(folder, None, None, summary, f"all {report.request_count} requests are already done")
         with tempfile.TemporaryDirectory() as scratch:
             prepared = await prepare(settings, report, requests_fn, specs, Path(scratch))
         say(_describe(prepared))
-        journal = Journal.open(folder, fingerprint)  # writes run.json only now: a plan error leaves no run behind
+        # run.json is written only now: a plan error leaves no run behind
+        journal = await asyncio.to_thread(Journal.open, folder, fingerprint)
         if journal.resumed:
             say(
                 f"resuming {folder.path}: {len(journal.done)} of {report.request_count} already done"
                 + (f" (cut a torn last line of {journal.repaired_bytes} bytes)" if journal.repaired_bytes else "")
             )
         if settings.retry_failed:
-            say(f"sending again {journal.retry_failed()} request(s) from errors.jsonl (kept in errors-history.jsonl)")
-        if not settings.is_table and load_index(folder.index, settings.input_path) is None:
-            save_index(report, folder.index)
+            retried = await asyncio.to_thread(journal.retry_failed)
+            say(f"sending again {retried} request(s) from errors.jsonl (kept in errors-history.jsonl)")
+        if not settings.is_table and await asyncio.to_thread(load_index, folder.index, settings.input_path) is None:
+            await asyncio.to_thread(save_index, report, folder.index)
         supervisors = _supervisors(settings, prepared, folder)
         _write_plan(folder, prepared, supervisors)
         return await _execute(settings, report, requests_fn, prepared, supervisors, journal,

@@ -7,6 +7,7 @@ on a CPU machine. The server binds to 127.0.0.1 and answers only a random API ke
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import ctypes
 import functools
@@ -185,8 +186,6 @@ class EmbeddedServer:
     async def _until_ready(self, deadline: float) -> str | None:
         """Poll `/health` (through the backend: only backends speak HTTP) until ready, the process exits, or the
         deadline passes."""
-        import asyncio
-
         from kvbatch.serve.backends import get_backend
 
         async with get_backend("openai", self.url, api_key=self.api_key) as backend:
@@ -255,3 +254,11 @@ class EmbeddedServer:
 
     def __exit__(self, *exc: object) -> None:
         self.stop()
+
+    async def __aenter__(self) -> EmbeddedServer:
+        """The same, from async code: the start (seconds of waiting for /health) and the stop run on a thread, so
+        the caller's event loop goes on."""
+        return await asyncio.to_thread(self.start)
+
+    async def __aexit__(self, *exc: object) -> None:
+        await asyncio.to_thread(self.stop)

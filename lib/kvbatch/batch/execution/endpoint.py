@@ -29,23 +29,25 @@ class Gate:
         self.limit = max(1, limit)
         self.slots = max(slots or self.limit, 1)
         self.in_flight = 0
-        self._leased: set[int] = set()
+        self._free: set[int] = set(range(self.slots))
+        """Slot ids below `slots` that no attempt holds."""
         self._exclusive = False
         self._changed = asyncio.Condition()
 
-    def _free(self) -> list[int]:
-        return [i for i in range(self.slots) if i not in self._leased]
-
     def _lease(self, prefer: int | None) -> int:
-        free = self._free()
-        chosen = prefer if prefer in free else free[0]  # its own slot when free: that slot's prefix cache is warm
-        self._leased.add(chosen)
+        free = self._free
+        chosen = prefer if prefer in free else min(free)  # its own slot when free: that slot's prefix cache is warm
+        free.discard(chosen)
         self.in_flight += 1
         return chosen
 
+    def _can_enter(self) -> bool:
+        return not self._exclusive and self.in_flight < self.limit and bool(self._free)
+
     async def _release(self, slot: int) -> None:
         async with self._changed:
-            self._leased.discard(slot)
+            if slot < self.slots:
+                self._free.add(slot)
             self.in_flight -= 1
             self._changed.notify_all()
 
@@ -53,9 +55,8 @@ class Gate:
     async def slot(self, prefer: int | None = None) -> AsyncIterator[int]:
         """Hold a place in flight with a slot id of its own (`prefer` when free) for one attempt."""
         async with self._changed:
-            await self._changed.wait_for(
-                lambda: not self._exclusive and self.in_flight < self.limit and bool(self._free())
-            )
+            if not self._can_enter():
+                await self._changed.wait_for(self._can_enter)
             leased = self._lease(prefer)
         try:
             yield leased
@@ -82,7 +83,9 @@ class Gate:
         not handed out again (those in flight finish on their attempt)."""
         async with self._changed:
             if slots is not None:
+                held = set(range(self.slots)) - self._free
                 self.slots = max(slots, 1)
+                self._free = set(range(self.slots)) - held
             self.limit = max(1, min(limit, self.slots))
             self._changed.notify_all()
 
@@ -131,7 +134,6 @@ class Endpoint:
         self._failing_since = failing_since
         """When its failures began that no real success has ended (the breaker's): `--max-wait` counts from there
         through any number of take-outs, so a server that answers probes but no real request is given up."""
-        """What the recovery of each generation found (kept for the few most recent)."""
 
     @property
     def backend(self):

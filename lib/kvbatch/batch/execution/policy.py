@@ -147,7 +147,8 @@ class FailurePolicy:
         self.requests: dict[str, RequestFaults] = {}
 
     def breaker(self, endpoint: str) -> Breaker:
-        return self.breakers.setdefault(endpoint, Breaker())
+        breaker = self.breakers.get(endpoint)
+        return breaker if breaker is not None else self.breakers.setdefault(endpoint, Breaker())
 
     def _faults(self, custom_id: str) -> RequestFaults:
         return self.requests.setdefault(custom_id, RequestFaults())

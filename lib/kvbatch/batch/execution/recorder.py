@@ -3,11 +3,12 @@ events, the progress display, and the fsync cadence."""
 
 from __future__ import annotations
 
-import json
+import concurrent.futures
 import time
+from collections.abc import Callable
 from typing import Any
 
-from kvbatch import defaults
+from kvbatch import defaults, jsoncodec
 from kvbatch.batch.execution.stats import PrefixStats, RunStats
 from kvbatch.batch.journal import Journal
 from kvbatch.batch.progress import Progress
@@ -15,6 +16,33 @@ from kvbatch.batch.requests import BatchRequest
 from kvbatch.batch.runfolder import RunFolder
 from kvbatch.errors import KvbatchError
 from kvbatch.serve.backends import ChatResult
+
+
+class BackgroundFsync:
+    """fsyncs on one worker thread, in order. A request while one is already queued (not yet started) is covered
+    by it: that one starts after the request's lines were written. A failed fsync is raised on the next request."""
+
+    def __init__(self, sync: Callable[[], None]) -> None:
+        self._sync = sync
+        self._pool = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="kvbatch-fsync")
+        self._queued: concurrent.futures.Future | None = None
+        self._last: list[concurrent.futures.Future] = []
+
+    def request(self) -> None:
+        for future in [f for f in self._last if f.done()]:
+            self._last.remove(future)
+            future.result()  # a disk that refuses an fsync stops the run, as it did on the loop
+        queued = self._queued
+        if queued is not None and not queued.running() and not queued.done():
+            return
+        self._queued = self._pool.submit(self._sync)
+        self._last.append(self._queued)
+
+    def close(self) -> None:
+        """Wait for the fsyncs in progress (the journal closes its files next)."""
+        self._pool.shutdown(wait=True)
+        for future in self._last:
+            future.result()
 
 
 class Recorder:
@@ -35,7 +63,8 @@ class Recorder:
         self.prefix_tokens = prefix_tokens
         self.fsync_every = fsync_every
         self._since_sync = 0
-        self._metrics = open(folder.metrics, "a", encoding="utf-8")  # noqa: SIM115 (closed in close())
+        self._metrics = open(folder.metrics, "ab")  # noqa: SIM115 (closed in close())
+        self._fsync = BackgroundFsync(journal.sync)
 
     def event(self, kind: str, **details: Any) -> None:
         self.folder.append_event(kind, **details)
@@ -43,11 +72,14 @@ class Recorder:
         self.progress.note(f"{kind}: {shown}")
 
     def sync(self, force: bool = False) -> None:
+        """Every `fsync_every` records (and when forced: a chunk's end, a phase's end) the journal is fsynced on a
+        thread of its own, so the event loop never waits for the disk: each line is already in the kernel (one
+        write(2) each), so a kill loses nothing; the fsync bounds what a power cut could."""
         self._since_sync += 0 if force else 1
         if force or self._since_sync >= self.fsync_every:
-            self.journal.sync()
             self._metrics.flush()
             self._since_sync = 0
+            self._fsync.request()
 
     def success(
         self, request: BatchRequest, result: ChatResult, *, attempts: int, slot: int | None, endpoint: str,
@@ -71,7 +103,8 @@ class Recorder:
         per_endpoint.cached_tokens += cached or 0
         per_endpoint.completion_tokens += result.completion_tokens or 0
         per_endpoint.busy_s += result.latency_s
-        prefix = stats.per_prefix.setdefault(request.prefix_key, PrefixStats())
+        prefix = stats.per_prefix.get(request.prefix_key) or stats.per_prefix.setdefault(request.prefix_key,
+                                                                                          PrefixStats())  # fmt: skip
         prefix.requests += 1
         prefix.prompt_tokens += prompt
         prefix.cached_tokens += cached or 0
@@ -80,7 +113,7 @@ class Recorder:
             prefix.prefix_tokens += prefix_tokens
             prefix.prefix_cached_tokens += min(cached, prefix_tokens)
             prefix.misses += cached < prefix_tokens * 0.9
-        self._metrics.write(json.dumps({
+        self._metrics.write(jsoncodec.dumps_line({
             "custom_id": request.custom_id,
             "t_done_unix_s": round(time.time(), 3),
             "latency_s": round(result.latency_s, 4),
@@ -93,7 +126,7 @@ class Recorder:
             "endpoint": endpoint,
             "slot": slot,
             "attempts": attempts,
-        }) + "\n")  # fmt: skip
+        }))  # fmt: skip
         self.progress.update(ok=True, cache_share=stats.cache_share())
         self.sync()
 
@@ -107,5 +140,6 @@ class Recorder:
         self.sync()
 
     def close(self) -> None:
+        self._fsync.close()
         self.journal.sync()
         self._metrics.close()

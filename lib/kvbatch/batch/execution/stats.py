@@ -66,4 +66,5 @@ class RunStats:
         return sum(p.prefix_cached_tokens for p in self.per_prefix.values()) / total if total else None
 
     def endpoint(self, label: str) -> EndpointStats:
-        return self.per_endpoint.setdefault(label, EndpointStats())
+        stats = self.per_endpoint.get(label)
+        return stats if stats is not None else self.per_endpoint.setdefault(label, EndpointStats())

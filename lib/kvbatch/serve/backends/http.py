@@ -8,12 +8,11 @@ httpx managed 440-690; a GPU server can answer short requests faster than httpx 
 from __future__ import annotations
 
 import asyncio
-import json
 from typing import Any
 
 import aiohttp
 
-from kvbatch import defaults
+from kvbatch import defaults, jsoncodec
 from kvbatch.errors import (
     ConnectionDroppedError,
     KvbatchError,
@@ -62,6 +61,7 @@ class HttpClient:
         self._max_connections = max_connections
         self._hint = unreachable_hint
         self._session: aiohttp.ClientSession | None = None
+        self._timeouts: dict[float, aiohttp.ClientTimeout] = {}
 
     def session(self) -> aiohttp.ClientSession:
         if self._session is None or self._session.closed:
@@ -88,18 +88,26 @@ class HttpClient:
         """The decoded JSON reply; a kvbatch error for a transport failure, an error status or a body that is not
         JSON (which is transient: a proxy's page or a reply cut off)."""
         limit_s = timeout_s or self._timeout_s
-        timeout = aiohttp.ClientTimeout(total=limit_s)
+        timeout = self._timeouts.get(limit_s) or self._timeouts.setdefault(limit_s, aiohttp.ClientTimeout(limit_s))
+        data = jsoncodec.dumps(payload) if payload is not None else None  # the session sends it as JSON
         try:
-            async with self.session().request(method, self.base_url + path, json=payload, timeout=timeout) as reply:
+            async with self.session().request(method, self.base_url + path, data=data, timeout=timeout) as reply:
                 raw = await reply.read()
                 status = reply.status
         except (aiohttp.ClientConnectionError, aiohttp.ClientPayloadError, asyncio.TimeoutError) as exc:
             raise self.gone(exc, path, limit_s) from exc
-        text = raw.decode("utf-8", "replace")
         try:
-            decoded = json.loads(text) if text else None
-        except (json.JSONDecodeError, RecursionError):
+            decoded = jsoncodec.loads(raw) if raw else None
+        except (ValueError, RecursionError):  # not JSON, or a stray byte that is not UTF-8
             decoded = None
+        if status < 400 and decoded is not None:
+            return decoded
+        text = raw.decode("utf-8", "replace")
+        if decoded is None and text:
+            try:
+                decoded = jsoncodec.loads(text)
+            except (ValueError, RecursionError):
+                decoded = None
         if status >= 400:
             raise classify_http_error(status, server_error_message(decoded, text[:500]), url=self.base_url + path)
         if decoded is None:

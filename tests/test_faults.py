@@ -409,3 +409,41 @@ def test_a_server_that_answers_probes_but_no_real_request_charges_nothing():
     assert policy.breaker("e").failing_since is not None  # --max-wait counts through the re-admissions
     policy.succeeded("e", "r9")  # a real success: the next failure of r0 is its own fault
     assert policy.decide("e", "r0", ServerFaultError("HTTP 500"), sent_mark=0).charged
+
+
+def _trials(run: Path) -> tuple[list[int], int]:
+    """The in-flight counts the run tried, in order, and the one it kept."""
+    events = result_lines(run, "events.jsonl")
+    tried = [e["in_flight"] for e in events if e["event"] == "concurrency_trial"]
+    chosen = [e["in_flight"] for e in events if e["event"] == "concurrency_chosen"]
+    assert len(chosen) == 1, events
+    return tried, chosen[0]
+
+
+def test_on_a_server_that_does_not_say_its_slots_the_run_measures_how_many_in_flight(tmp_path):
+    """A server without /props (vLLM's continuous batching) that runs 64 requests at once, each in 0.5 s: with no
+    --concurrency the run climbs past 16 while the rate rises, tries beyond 64, and keeps at least 64 in flight
+    (it once ran such a server one request at a time)."""
+    batch = small_batch(tmp_path / "in.jsonl", 1600)
+    with RunningFaultServer(free_port(), Faults(llama_server=False, slots=64, service_s=0.5)) as server:
+        result = kvbatch("run", str(batch), "--url", server.url, *QUIET, cwd=tmp_path)
+        served = server.server.counts["requests"]
+    assert result.returncode == 0, result.stdout + result.stderr
+    run = tmp_path / "data" / "runs" / "in"
+    tried, chosen = _trials(run)
+    assert tried[:4] == [1, 4, 16, 64] and max(tried) > 64, tried
+    assert chosen >= 64, (tried, chosen)
+    assert len(result_lines(run)) == 1600 and served == 1600  # the trials' requests are real work, kept
+    plan = json.loads((run / "plan.json").read_text())
+    assert "measures how many in flight" in json.dumps(plan)
+
+
+def test_on_a_known_layout_the_plans_own_slot_count_is_tried(tmp_path):
+    """A llama-server that says it has 7 slots: the ladder (1, 4, 16, ...) would stop at 4; the plan's 7 is one
+    of the counts tried, and kept, since each slot serves one request at a time."""
+    batch = small_batch(tmp_path / "in.jsonl", 80)
+    with RunningFaultServer(free_port(), Faults(slots=7, service_s=0.5)) as server:
+        result = kvbatch("run", str(batch), "--url", server.url, *QUIET, cwd=tmp_path)
+    assert result.returncode == 0, result.stdout + result.stderr
+    tried, chosen = _trials(tmp_path / "data" / "runs" / "in")
+    assert 7 in tried and chosen == 7, (tried, chosen)

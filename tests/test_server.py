@@ -9,9 +9,11 @@ import re
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 import urllib.error
 import urllib.request
+from pathlib import Path
 
 import psutil
 import pytest
@@ -20,7 +22,7 @@ from kvbatch.batch.sample import system_prompt
 from kvbatch.errors import AuthError, ContextOverflowError, ServerGoneError, ServerStartError
 from kvbatch.serve.backends import get_backend
 from kvbatch.serve.config import ServerConfig
-from kvbatch.serve.log import parse_server_log
+from kvbatch.serve.log import KEPT_AFTER_LISTENING, parse_server_log
 from kvbatch.serve.server import EmbeddedServer
 
 SYSTEM = system_prompt(400)
@@ -63,6 +65,30 @@ def test_server_log_reports_kv_buffers_and_slots(embedded_server):
     assert log.slot_context_tokens == [4096, 4096]
 
 
+def test_the_server_log_does_not_grow_with_the_number_of_requests(tmp_path):
+    """At --log-verbosity 4 (the KV buffer lines need it) llama-server writes about 3 KB per request, 500 MB over
+    170,000 requests. The file keeps the load and what went wrong; the per-request lines are dropped, and only the
+    last of them are appended when the server stops."""
+    server = EmbeddedServer(ServerConfig(context_tokens=2048), log_path=tmp_path / "server.log").start()
+    try:
+        _chat(server, "Candidate 0. Score this candidate.")
+        after_one = server.log_path.stat().st_size
+        for index in range(1, 25):
+            _chat(server, f"Candidate {index}. Score this candidate.")
+        added = server.log_path.read_text()[after_one:].splitlines()
+        parsed = server.log()
+    finally:
+        server.stop()
+    text = (tmp_path / "server.log").read_text()
+    dropped = re.search(r"--- kvbatch: (\d+) per-request lines were not kept; the last (\d+) of them", text)
+    assert dropped, text[-2000:]
+    assert int(dropped.group(1)) >= 24 * 4  # the server did write per-request lines: several for each request
+    # what reached the file while it ran: only the first few checkpoint lines (their size prices the plan)
+    assert all("context checkpoint" in line for line in added), added
+    assert len(added) <= KEPT_AFTER_LISTENING
+    assert parsed.kv_buffer_bytes and parsed.slot_context_tokens  # the load's lines are all there
+
+
 def test_too_long_prompt_is_a_context_overflow_error(embedded_server):
     with pytest.raises(ContextOverflowError, match="exceeds the available context size"):
         _chat(embedded_server, "word " * 6000)
@@ -82,9 +108,11 @@ def test_start_under_a_too_small_memory_cap_quotes_the_allocation_failure():
 def test_stop_leaves_no_process_and_a_dead_server_is_server_gone():
     server = EmbeddedServer(ServerConfig(context_tokens=1024)).start()
     pid = server.pid
-    assert psutil.pid_exists(pid)
+    log = server.log_path
+    assert psutil.pid_exists(pid) and log.parent == Path(tempfile.gettempdir())
     server.stop()
     assert not psutil.pid_exists(pid) or psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
+    assert not log.exists()  # a temporary log goes with its server: none pile up in the temp folder
     with pytest.raises(ServerGoneError, match="cannot reach"):
         _chat(server, "hello")
 

@@ -114,7 +114,7 @@ UNKNOWN_SERVER_SLOTS = 256
 """The most requests in flight tried on a server that does not say how many it runs at once (vLLM, SGLang, LM Studio,
 Ollama's /v1): continuous batching runs dozens at once, so the run measures instead of assuming one."""
 TRIAL_REQUESTS_PER_SLOT = 2
-"""Requests per slot in each concurrency trial (after one warm-up request per slot)."""
+"""Requests per slot in each concurrency trial, started once every slot is warm (the warm-up is not counted)."""
 FSYNC_EVERY_RESULTS = 32
 """Result lines between fsyncs (and at least once per conversation chunk): a kill loses no whole line, a power
 cut at most this many."""

@@ -80,9 +80,11 @@ class Executor:
         return [f"{label}-{i}" for i, label in enumerate(labels)]
 
     async def _phase(self, workers: Workers, in_flight: dict[Endpoint, int], limit: int | None) -> tuple[int, float]:
-        """Run up to `limit` requests (all when None) with `in_flight[e]` workers on each endpoint. Returns
-        (requests done after every slot was warm, seconds since then): the steady rate."""
-        quota = Quota(limit)
+        """Run with `in_flight[e]` workers on each endpoint: all requests when `limit` is None, else until `limit`
+        more have been started once every slot is warm (the slots warm one after another, while the warm ones
+        serve: a quota that counted those would leave a large count almost nothing to measure). Returns (requests
+        done after every slot was warm, seconds since then): the steady rate."""
+        quota = Quota(None)
         tasks: list[asyncio.Task] = []
         warm_events: list[asyncio.Event] = []
         for endpoint, wanted in in_flight.items():
@@ -108,11 +110,13 @@ class Executor:
         warm_mark: list[tuple[float, int]] = []
         if self.options.mode == "conversation":
             warm_mark.append((time.perf_counter(), self.stats.finished))
+            quota.left = limit
 
         async def mark_when_warm() -> None:
             for event in warm_events:
                 await event.wait()
             warm_mark.append((time.perf_counter(), self.stats.finished))
+            quota.left = limit
 
         marker = asyncio.create_task(mark_when_warm())
         try:

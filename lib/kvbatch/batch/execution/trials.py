@@ -32,7 +32,7 @@ class ConcurrencyTrials:
         rates: dict[int, float] = {}
 
         async def trial(count: int) -> float | None:
-            limit = count * (self.requests_per_slot + 1)
+            limit = count * self.requests_per_slot  # once every slot is warm
             done, seconds = await phase(count, limit)
             rate = done / seconds if seconds else 0.0
             rates[count] = rate

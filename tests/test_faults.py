@@ -447,3 +447,53 @@ def test_on_a_known_layout_the_plans_own_slot_count_is_tried(tmp_path):
     assert result.returncode == 0, result.stdout + result.stderr
     tried, chosen = _trials(tmp_path / "data" / "runs" / "in")
     assert 7 in tried and chosen == 7, (tried, chosen)
+
+
+def test_a_real_kernel_oom_kill_in_the_servers_own_cgroup_is_named_and_the_server_comes_back_smaller(tmp_path):
+    """Where the machine lets kvbatch give the server a memory cgroup of its own (cgroup v1 as root, as here and in
+    CI), a limit on that group lets the kernel's OOM killer end the server for real in the middle of a request: the
+    recovery names the group's kill count, how the server ended and its peak memory, and halves the slots."""
+    import asyncio
+
+    from kvbatch.batch.sample import system_prompt
+    from kvbatch.errors import KvbatchError
+    from kvbatch.serve.layout import SlotLayout
+    from kvbatch.serve.oomkill import _own_memory_cgroups
+    from kvbatch.serve.supervisor import EmbeddedSupervisor
+
+    layout = SlotLayout(2, 4096)
+    config = ServerConfig(extra_args=["--load-mode", "none"])  # no mmap: the weights in the group's memory
+    supervisor = EmbeddedSupervisor(config, layout, min_slot_context=512, log_path=tmp_path / "server.log")
+    groups = _own_memory_cgroups(Path("/proc/self/cgroup").read_text(), Path("/sys/fs/cgroup"))
+    can_make_one = any(os.access(folder, os.W_OK) for folder, _ in groups)
+
+    async def go():
+        await supervisor.start()
+        cgroup = supervisor.server.cgroup
+        if not can_make_one:  # nowhere to make one: no group is claimed, and the other evidence is used
+            assert cgroup is None
+            await supervisor.close()
+            return None, None
+        assert cgroup is not None and str(supervisor.server.pid) in (cgroup.path / "cgroup.procs").read_text()
+        usage = "memory.usage_in_bytes" if cgroup.version == 1 else "memory.current"
+        limit = "memory.limit_in_bytes" if cgroup.version == 1 else "memory.max"
+        (cgroup.path / limit).write_text(str(int((cgroup.path / usage).read_text()) + 4 * 2**20))
+        body = {"messages": [{"role": "user", "content": system_prompt(3000)}], "max_tokens": 4}
+        try:
+            await supervisor.backend.chat(body, timeout_s=WAIT_CEILING_S)
+            raise AssertionError("the server answered under a limit 4 MiB above what it held")
+        except KvbatchError as exc:
+            error = exc
+        path = cgroup.path
+        recovery = await supervisor.recover(error)
+        await supervisor.close()
+        return recovery, path
+
+    recovery, path = asyncio.run(go())
+    if recovery is None:
+        return
+    assert recovery.out_of_memory and recovery.action == "restarted with 1 slot(s) x 4096 tokens", recovery
+    assert "the server's own cgroup counted 1 out-of-memory kill(s)" in recovery.oom_evidence, recovery
+    assert recovery.server_exit == "was killed by SIGKILL (killed)"
+    assert recovery.server_peak_bytes and recovery.server_peak_bytes > 100 * 2**20  # the weights, at least
+    assert layout.slots == 1 and not path.exists()  # the group goes with its server

@@ -36,6 +36,8 @@ class MemoryMonitor:
         self.threshold_bytes = threshold_bytes
         self.on_high = on_high
         self.peak_bytes = 0
+        self.last_bytes: int | None = None
+        """The latest sample: after a crash, the memory the server held just before it died (to the interval)."""
         self.above = False
         """True while the last sample was above the threshold."""
         self.probe_name: str | None = None
@@ -64,6 +66,7 @@ class MemoryMonitor:
         except Exception:  # a probe read while the server restarts; the next sample will do
             return None
         self.peak_bytes = max(self.peak_bytes, used)
+        self.last_bytes = used
         new_file = not self.csv_path.exists()
         with open(self.csv_path, "a", encoding="utf-8") as handle:
             if new_file:

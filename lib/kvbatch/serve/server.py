@@ -24,6 +24,7 @@ from pathlib import Path
 from kvbatch.errors import ServerStartError
 from kvbatch.serve.config import ServerConfig, server_command
 from kvbatch.serve.log import ServerLog, ServerLogSink, describe_exit, parse_server_log
+from kvbatch.serve.oomkill import SERVER_CGROUP_PREFIX, ServerCgroup
 
 _MIB = 1024 * 1024
 _PR_SET_PDEATHSIG = 1
@@ -59,10 +60,18 @@ def free_port() -> int:
         return int(sock.getsockname()[1])
 
 
-def _child_setup(memory_cap_bytes: int | None, thread_stack_bytes: int | None):
-    """Runs in the child before exec: die with the parent (no orphans), and apply the memory cap."""
+def _child_setup(memory_cap_bytes: int | None, thread_stack_bytes: int | None, cgroup_procs: str | None = None):
+    """Runs in the child before exec: die with the parent (no orphans), join the server's own cgroup (before it
+    allocates anything, so all its memory is counted there), and apply the memory cap."""
 
     def setup() -> None:
+        if cgroup_procs:
+            with contextlib.suppress(OSError):
+                fd = os.open(cgroup_procs, os.O_WRONLY)
+                try:
+                    os.write(fd, b"0")  # "0": the writing process itself
+                finally:
+                    os.close(fd)
         with contextlib.suppress(OSError, AttributeError):
             ctypes.CDLL("libc.so.6", use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
         if thread_stack_bytes:
@@ -91,6 +100,8 @@ class EmbeddedServer:
         self._process: subprocess.Popen[bytes] | None = None
         self._log_offset = 0
         self._sink: ServerLogSink | None = None
+        self.cgroup: ServerCgroup | None = None
+        """The server's own memory cgroup, where this machine lets kvbatch make one (its OOM kills, its peak)."""
         self._temporary_log = log_path is None
         """A log in the temp folder (no log path given) is removed when the server stops, unless it failed to
         start (its error names the log)."""
@@ -157,13 +168,16 @@ class EmbeddedServer:
             env["CUDA_VISIBLE_DEVICES"] = str(config.gpu_index)
         if config.malloc_arena_max:
             env["MALLOC_ARENA_MAX"] = str(config.malloc_arena_max)
+        self.cgroup = ServerCgroup.create(f"{SERVER_CGROUP_PREFIX}{os.getpid()}-{self.port}")
         self._process = subprocess.Popen(
             command,
             env=env,
             stdin=subprocess.DEVNULL,
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,
-            preexec_fn=_child_setup(config.memory_cap_bytes, config.stack_bytes()),
+            preexec_fn=_child_setup(
+                config.memory_cap_bytes, config.stack_bytes(), self.cgroup.procs if self.cgroup else None
+            ),  # fmt: skip
         )
         self._sink = ServerLogSink(self._process.stdout, self.log_path)
         self._wait_ready(started)
@@ -239,6 +253,8 @@ class EmbeddedServer:
                 process.wait()
         if self._sink is not None:
             self._sink.join()
+        if self.cgroup is not None:
+            self.cgroup.remove()
         if self._temporary_log and not keep_log and self._log_path is not None:
             self._log_path.unlink(missing_ok=True)
         return process.returncode

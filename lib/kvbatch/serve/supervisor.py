@@ -18,6 +18,7 @@ from kvbatch.errors import KvbatchError, OutOfMemoryError, ServerGoneError, Serv
 from kvbatch.serve.backends import Backend, get_backend
 from kvbatch.serve.config import ServerConfig
 from kvbatch.serve.layout import SlotLayout
+from kvbatch.serve.log import describe_exit
 from kvbatch.serve.oomkill import OomWatch
 from kvbatch.serve.probes import MemoryProbe, OllamaPsProbe, probe_for_server
 from kvbatch.serve.server import EmbeddedServer
@@ -35,6 +36,10 @@ class Recovery:
     """The server was not up and healthy when the recovery looked: a crash, not a hiccup of one connection."""
     oom_evidence: str | None = None
     """What showed it was out of memory (the error, the server's log, the kernel log, the cgroup's kill count)."""
+    server_exit: str | None = None
+    """How the server's process ended ("killed by SIGKILL"), when it had."""
+    server_peak_bytes: int | None = None
+    """The most memory the server held before it died, from its own cgroup (where it has one)."""
 
 
 def backoff_delays(start_s: float = defaults.BACKOFF_START_S, cap_s: float = defaults.BACKOFF_CAP_S):
@@ -187,7 +192,7 @@ class EmbeddedSupervisor(Supervisor):
         """The kernel's OOM killer ended the server (its own log says nothing: it got no chance to): the evidence."""
         if self.server is None or self._oom_watch is None:
             return None
-        return self._oom_watch.evidence(self.server.pid, self.server.returncode)
+        return self._oom_watch.evidence(self.server.pid, self.server.returncode, self.server.cgroup)
 
     async def recover(self, cause: KvbatchError) -> Recovery:
         started = time.perf_counter()
@@ -200,6 +205,9 @@ class EmbeddedSupervisor(Supervisor):
         out_of_memory = isinstance(cause, OutOfMemoryError) or logged_oom or bool(killed)
         evidence = ("the request's error" if isinstance(cause, OutOfMemoryError) else "the server's log"
                     if logged_oom else killed) if out_of_memory else None  # fmt: skip
+        returncode = self.server.returncode if self.server else None
+        server_exit = describe_exit(returncode) if returncode is not None else None
+        peak = self.server.cgroup.peak_bytes() if self.server and self.server.cgroup else None  # before its removal
         if self.server:
             await asyncio.to_thread(self.server.stop)  # the log and the stop off the event loop
         action = self._shrink() if out_of_memory else "restarted the embedded server"
@@ -207,7 +215,7 @@ class EmbeddedSupervisor(Supervisor):
         if backoffs:
             action = backoffs[-1].action
         return Recovery(str(cause)[:300], action, time.perf_counter() - started, out_of_memory,
-                        oom_evidence=evidence)  # fmt: skip
+                        oom_evidence=evidence, server_exit=server_exit, server_peak_bytes=peak)  # fmt: skip
 
     async def close(self) -> None:
         await super().close()

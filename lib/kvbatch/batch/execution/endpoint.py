@@ -155,6 +155,7 @@ class Endpoint:
             if self.generation != generation_seen or self.out:
                 return self._recoveries.get(generation_seen)
             self.ready.clear()
+            last_sampled = self.monitor.last_bytes if self.monitor is not None else None  # before the restart's
             try:
                 recovery = await self._recover_once(cause)
             except KvbatchError as exc:
@@ -177,6 +178,7 @@ class Endpoint:
                 "recovery",
                 endpoint=self.label,
                 **asdict(recovery),
+                memory_last_sampled_bytes=last_sampled,
                 in_flight_limit=self.gate.limit,
                 slots=self.slots,
                 slot_context=self.supervisor.layout.slot_context_tokens,

@@ -37,6 +37,20 @@ def test_round_trip_in_openai_batch_output_format(tmp_path):
     assert record["journal_version"] == 2 and record["fingerprint"]["model"] == "embedded:m.gguf:f16"
 
 
+def test_what_the_fast_encoder_refuses_is_still_written_and_journals_of_either_spacing_are_read(tmp_path):
+    """orjson writes the hot path; a lone surrogate in an answer or an integer beyond 64 bits (which JSON allows and
+    orjson refuses) still go to the journal, through the standard library; a journal written by the standard
+    library's separators (`"custom_id": ` with a space, before orjson) is read on resume."""
+    journal = Journal.open(tmp_path, fingerprint())
+    journal.record_result("lone", {"choices": [{"message": {"content": "half \ud800 a pair"}}], "n": 2**70})
+    journal.close()
+    raw = (tmp_path / "results.jsonl").read_bytes()
+    assert json.loads(raw.decode("utf-8", "surrogatepass"))["response"]["body"]["n"] == 2**70
+    with open(tmp_path / "results.jsonl", "a", encoding="utf-8") as old:
+        old.write(json.dumps({"id": "batch_req_1", "custom_id": "spaced", "response": {}, "error": None}) + "\n")
+    assert completed_ids(tmp_path / "results.jsonl") == {"lone", "spaced"}
+
+
 def test_a_torn_last_line_is_cut_before_appending(tmp_path):
     journal = Journal.open(tmp_path, fingerprint())
     journal.record_result("a", {"x": 1})

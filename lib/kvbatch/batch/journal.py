@@ -52,7 +52,7 @@ def completed_ids(path: Path) -> set[str]:
     done: set[str] = set()
     if not path.exists():
         return done
-    with open(path, encoding="utf-8") as handle:
+    with open(path, encoding="utf-8", errors="surrogatepass") as handle:  # as written: a lone surrogate kept
         for line in handle:
             at = line.find(_CUSTOM_ID_KEY)
             if at < 0:
@@ -147,8 +147,8 @@ class Journal:
         if not self.failed:
             return 0
         self.close()
-        lines = self.errors_path.read_text("utf-8").splitlines(keepends=True)
-        with open(self.folder.errors_history, "a", encoding="utf-8") as history:
+        lines = self.errors_path.read_text("utf-8", "surrogatepass").splitlines(keepends=True)
+        with open(self.folder.errors_history, "a", encoding="utf-8", errors="surrogatepass") as history:
             for line in lines:
                 record = json.loads(line)
                 record["retried_unix_s"] = time.time()

@@ -86,13 +86,15 @@ class ServerActor:
             backend = get_backend("openai", spec.upstream_url)
             supervisor: Supervisor = ExternalSupervisor(backend, SlotLayout(spec.upstream_slots, 8192))
         else:
-            from kvbatch.batch.prepare import EndpointSpec, _embedded_plan, probe_base
+            from kvbatch.batch.endpoints import EndpointSpec
+            from kvbatch.batch.probe import probe_base
+            from kvbatch.batch.server_plans import embedded_plan
 
             logs = Path(tempfile.mkdtemp(prefix="kvbatch-ray-"))
             gpus = _ray().get_gpu_ids()  # the card Ray gave this actor: its plan is for that card
             node = EndpointSpec("embedded", gpu=int(gpus[0]) if gpus else None)
             base = await asyncio.to_thread(probe_base, spec.settings, logs)
-            planned = await _embedded_plan(spec.settings, spec.sizes, node, base, 1)
+            planned = await embedded_plan(spec.settings, spec.sizes, node, base, 1)
             need = least_slot_context(spec.sizes, planned.plan.layout.slot_context_tokens)
             assert planned.config is not None
             supervisor = EmbeddedSupervisor(planned.config, planned.plan.layout, min_slot_context=need,

@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from kvbatch.errors import UserInputError
+from kvbatch.messages import message_text
 
 ROLES = ("system", "developer", "user", "assistant", "tool")
 HASH_ALGORITHM = "sha256"
@@ -109,16 +110,6 @@ def prefix_of(messages: list[dict[str, Any]]) -> str:
 
 def prefix_key(prefix_text: str) -> str:
     return hashlib.sha256(prefix_text.encode("utf-8", "surrogatepass")).hexdigest()[:16]
-
-
-def message_text(message: dict[str, Any]) -> str | None:
-    """A message's text: a string, or OpenAI's list of text parts joined; None for anything else."""
-    content = message.get("content")
-    if isinstance(content, str):
-        return content
-    if isinstance(content, list) and all(isinstance(p, dict) and isinstance(p.get("text"), str) for p in content):
-        return "".join(p["text"] for p in content)
-    return None
 
 
 def not_utf8(text: str) -> str | None:

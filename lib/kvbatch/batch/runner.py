@@ -18,9 +18,10 @@ from kvbatch.batch.execution.stats import RunStats
 from kvbatch.batch.journal import Fingerprint, Journal, completed_ids
 from kvbatch.batch.openai_batch import iter_openai_batch, load_index, save_index, scan_openai_batch
 from kvbatch.batch.plan import Plan, least_slot_context
-from kvbatch.batch.prepare import EndpointPlan, Prepared, model_identity, prepare
+from kvbatch.batch.prepare import Prepared, model_identity, prepare
 from kvbatch.batch.requests import InputReport
 from kvbatch.batch.runfolder import RunFolder, RunLock, write_json
+from kvbatch.batch.server_plans import EndpointPlan
 from kvbatch.batch.settings import BatchSettings
 from kvbatch.batch.summary import EndpointSummary, Summary
 from kvbatch.batch.table import TableInput
@@ -247,7 +248,6 @@ async def _execute(settings: BatchSettings, report: InputReport, requests_fn, pr
         chunk_size=lambda: plan.chunk_size,  # read live: a back-off that shrinks the context shortens chunks
         max_attempts=settings.max_attempts,
         max_wait_s=settings.max_wait_s,
-        request_timeout_s=settings.request_timeout_s,
         memory_threshold_bytes=settings.memory_threshold_bytes,
         progress=settings.progress,
         estimated_seconds=plan.estimated_seconds,
@@ -261,6 +261,7 @@ async def _execute(settings: BatchSettings, report: InputReport, requests_fn, pr
         for supervisor in supervisors:
             for backoff in await supervisor.start():
                 settings.folder.append_event("start_backoff", endpoint=supervisor.label, **backoff.__dict__)
+        _write_plan(settings.folder, prepared, supervisors)  # again: as started (a Ray actor's own plan, a back-off)
         await executor.run(requests_fn(journal.done))  # the journal's own set: no 20 MB copy
     except KvbatchError as exc:  # stopped: what was done is summarized below all the same
         stopped = exc

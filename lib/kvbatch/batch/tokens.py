@@ -9,7 +9,8 @@ import itertools
 from dataclasses import dataclass
 
 from kvbatch import defaults
-from kvbatch.batch.requests import InputReport, message_text
+from kvbatch.batch.requests import InputReport
+from kvbatch.messages import message_text
 from kvbatch.serve.backends import Backend
 
 FALLBACK_CHARS_PER_TOKEN = 4.0

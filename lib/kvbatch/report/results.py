@@ -15,7 +15,7 @@ def _jsonl_records(path: Path) -> list[dict[str, Any]]:
     records = []
     if not path.exists():
         return records
-    with open(path, encoding="utf-8") as handle:
+    with open(path, encoding="utf-8", errors="surrogatepass") as handle:  # the journal keeps a lone surrogate
         for line in handle:
             if line.endswith("\n"):
                 records.append(json.loads(line))

@@ -194,10 +194,10 @@ class Endpoint:
         except asyncio.TimeoutError as exc:
             raise ServerGoneError(f"{self.label} was not back within {defaults.POOL_GRACE_S:.0f} s") from exc
 
-    async def probe_chat(self, timeout_s: float) -> bool:
+    async def probe_chat(self) -> bool:
         """One tiny chat request of our own: does the server serve others? (Whose fault a failure was.)"""
         try:
-            await self.backend.chat(dict(defaults.PROBE_BODY), timeout_s=timeout_s)
+            await self.backend.chat(dict(defaults.PROBE_BODY))
         except KvbatchError as exc:
             self.last_probe_error = exc
             return False
@@ -245,7 +245,7 @@ class Endpoint:
                     await asyncio.wait_for(
                         self.supervisor.recover(ServerGoneError("re-admission")), defaults.POOL_GRACE_S
                     )
-                    healthy = await self.probe_chat(self.backend.request_timeout_s)  # serving, not only healthy
+                    healthy = await self.probe_chat()  # serving, not only healthy
             except (KvbatchError, asyncio.TimeoutError) as exc:
                 healthy = False
                 self.last_probe_error = exc

@@ -39,7 +39,6 @@ class RunOptions:
     """Requests per conversation, or how to read it from the plan (which a back-off may change)."""
     max_attempts: int = defaults.MAX_ATTEMPTS
     max_wait_s: float = defaults.MAX_WAIT_S
-    request_timeout_s: float = defaults.REQUEST_TIMEOUT_S
     memory_threshold_bytes: int | None = None
     memory_interval_s: float = defaults.MEMORY_SAMPLE_S
     progress: bool = True
@@ -194,7 +193,6 @@ class Executor:
             self.guard,
             policy=policy,
             max_wait_s=self.options.max_wait_s,
-            request_timeout_s=self.options.request_timeout_s,
         )
         sender.others_waiting = lambda: not feed.drained
         workers = Workers(feed, sender, recorder, chunk_size=self.options.chunk_size)

@@ -12,8 +12,9 @@ from typing import TYPE_CHECKING
 
 from kvbatch.batch.execution.endpoint import Endpoint, EndpointOut
 from kvbatch.batch.execution.sender import Outcome, RetryLater, Sender
-from kvbatch.batch.requests import BatchRequest, message_text
+from kvbatch.batch.requests import BatchRequest
 from kvbatch.errors import ContextOverflowError, KvbatchError
+from kvbatch.messages import message_text
 
 if TYPE_CHECKING:
     from kvbatch.batch.execution.recorder import Recorder

@@ -50,13 +50,11 @@ class Sender:
         *,
         policy: FailurePolicy,
         max_wait_s: float = defaults.MAX_WAIT_S,
-        request_timeout_s: float = defaults.REQUEST_TIMEOUT_S,
     ) -> None:
         self.recorder = recorder
         self.guard = guard
         self.policy = policy
         self.max_wait_s = max_wait_s
-        self.request_timeout_s = request_timeout_s
         self.fatal: KvbatchError | None = None
         self.others_waiting: Callable[[], bool] = lambda: True
         """Whether other requests remain to be sent (the executor sets it from its feed): at the batch's tail a
@@ -93,7 +91,7 @@ class Sender:
                     continue  # the server was recovered (or taken out) while this request waited for the gate
                 sent_mark = policy.success_mark(endpoint.label)
                 try:
-                    result = await endpoint.backend.chat(body, slot=leased, timeout_s=self.request_timeout_s)
+                    result = await endpoint.backend.chat(body, slot=leased)  # the backend holds --request-timeout
                 except KvbatchError as exc:
                     error = exc
             if result is not None:
@@ -108,7 +106,7 @@ class Sender:
                 endpoint.gate.in_flight == 0 and not self.others_waiting()
                 and policy.success_mark(endpoint.label) == sent_mark
             )  # fmt: skip
-            answered = alone_at_the_tail and await endpoint.probe_chat(self.request_timeout_s)
+            answered = alone_at_the_tail and await endpoint.probe_chat()
             decision = policy.decide(endpoint.label, request.custom_id, error, sent_mark=sent_mark,
                                      probe_answered=answered)  # fmt: skip
             if decision.action is Action.RECOVER:

@@ -19,6 +19,7 @@ from pydantic import ConfigDict, ValidationError
 
 from kvbatch import defaults
 from kvbatch.errors import KvbatchError, MalformedReplyError, classify_http_error
+from kvbatch.messages import message_text
 from kvbatch.serve.backends import register_backend
 from kvbatch.serve.backends.base import ChatResult, ServerLimits, ServerMemory, is_local
 from kvbatch.serve.backends.http import HttpBackend
@@ -61,13 +62,6 @@ def server_settings(url: str | None, cache_type: str | None, parallel: int | Non
     return kind, slots
 
 
-def message_text(content: Any) -> str:
-    """A message's content as Ollama takes it: a string (OpenAI's list of text parts joined)."""
-    if isinstance(content, list):
-        return "".join(part.get("text", "") for part in content if isinstance(part, dict))
-    return "" if content is None else str(content)
-
-
 def ollama_format(response_format: Any) -> str | dict[str, Any] | None:
     """OpenAI's `response_format` as Ollama's `format`: "json", or the JSON schema itself."""
     if not isinstance(response_format, dict):
@@ -91,7 +85,7 @@ def ollama_body(
             options[ollama_key] = body[openai_key]
     if num_ctx is not None:
         options["num_ctx"] = num_ctx
-    messages = [{**m, "content": message_text(m.get("content"))} for m in body["messages"]]
+    messages = [{**m, "content": message_text(m) or ""} for m in body["messages"]]  # Ollama takes a string
     request: dict[str, Any] = {"model": model, "messages": messages, "stream": False, "truncate": False}
     fmt = ollama_format(body.get("response_format"))
     if fmt is not None:

@@ -1,0 +1,51 @@
+"""A short-lived embedded server before the run: the model's own tokenizer for the batch's token sizes, and the
+memory the model holds before any KV cache (the base of a plan made without a measurement)."""
+
+from __future__ import annotations
+
+import asyncio
+from dataclasses import replace
+from pathlib import Path
+
+from kvbatch.batch.requests import InputReport
+from kvbatch.batch.settings import BatchSettings
+from kvbatch.batch.tokens import Calibration, calibrate
+from kvbatch.serve.backends import get_backend
+from kvbatch.serve.probes import probe_for_server
+from kvbatch.serve.server import EmbeddedServer, default_model_path
+
+PROBE_CONTEXT = 1024
+
+
+def model_file(settings: BatchSettings) -> Path:
+    """The GGUF the embedded server loads: --model-path, or the default model (its first use checks the package's
+    checksum: seconds, so async callers run this on a thread)."""
+    return Path(settings.server.model_path) if settings.server.model_path else default_model_path()
+
+
+def _probe_server(settings: BatchSettings, model_path: Path, log_dir: Path) -> EmbeddedServer:
+    """A short-lived server at a small context, one slot, no warm-up: for the tokenizer and the base memory."""
+    config = replace(settings.server, model_path=model_path, context_tokens=PROBE_CONTEXT, parallel_slots=1,
+                     memory_cap_bytes=None, extra_args=[*settings.server.extra_args, "--no-warmup"])  # fmt: skip
+    return EmbeddedServer(config, log_path=log_dir / "probe-server.log")
+
+
+def _base_bytes(server: EmbeddedServer) -> float:
+    """What the model holds before any KV cache: the server's memory less its logged KV buffers."""
+    return float(probe_for_server(server.pid, server.log_text).read() - server.log().kv_total_bytes)
+
+
+async def sizes_from_embedded(settings: BatchSettings, report: InputReport, requests_fn, model_path: Path,
+                              log_dir: Path, *, base: bool = True) -> tuple[Calibration, float | None]:  # fmt: skip
+    """The real tokenizer, and (with `base`) the memory the model needs before any KV, from one probe server."""
+    async with _probe_server(settings, model_path, log_dir) as server:
+        async with get_backend("openai", server.url, api_key=server.api_key) as backend:
+            calibration = await calibrate(backend, report, requests_fn)
+        return calibration, await asyncio.to_thread(_base_bytes, server) if base else None
+
+
+def probe_base(settings: BatchSettings, log_dir: Path) -> float:
+    """The base memory alone (a Ray actor plans for its own node with it)."""
+    model_path = model_file(settings)
+    with _probe_server(settings, model_path, log_dir) as server:
+        return _base_bytes(server)

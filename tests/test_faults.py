@@ -497,3 +497,46 @@ def test_a_real_kernel_oom_kill_in_the_servers_own_cgroup_is_named_and_the_serve
     assert recovery.server_exit == "was killed by SIGKILL (killed)"
     assert recovery.server_peak_bytes and recovery.server_peak_bytes > 100 * 2**20  # the weights, at least
     assert layout.slots == 1 and not path.exists()  # the group goes with its server
+
+
+def test_a_wedged_embedded_server_is_restarted_when_its_breaker_trips(tmp_path):
+    """An embedded server that says it is healthy but fails every request is ours: when the breaker takes it out,
+    it is restarted (a new process), then probed with a real chat request and re-admitted."""
+    import asyncio
+
+    from kvbatch.batch.execution.endpoint import Endpoint
+    from kvbatch.batch.execution.recorder import Recorder
+    from kvbatch.batch.execution.stats import RunStats
+    from kvbatch.batch.journal import Fingerprint, Journal
+    from kvbatch.batch.progress import Progress
+    from kvbatch.batch.runfolder import RunFolder
+    from kvbatch.errors import ServerFaultError
+    from kvbatch.serve.layout import SlotLayout
+    from kvbatch.serve.supervisor import EmbeddedSupervisor
+
+    folder = RunFolder(tmp_path)
+    journal = Journal.open(folder, Fingerprint(input_hash="sha256:0", model="m", system_prompt_hash="",
+                                               generation={}, mode="independent"))  # fmt: skip
+    recorder = Recorder(journal, folder, RunStats(), Progress(None, enabled=False), prefix_tokens={})
+    supervisor = EmbeddedSupervisor(ServerConfig(), SlotLayout(1, 1024), min_slot_context=512,
+                                    log_path=tmp_path / "server.log")  # fmt: skip
+
+    async def go():
+        await supervisor.start()
+        endpoint = Endpoint(supervisor, label="e", recorder=recorder, pooled=False)
+        before = supervisor.pid
+        endpoint.trip(ServerFaultError("HTTP 500: EngineCore encountered an issue"), endpoint.generation)
+        assert endpoint.out
+        await asyncio.wait_for(endpoint.back.wait(), WAIT_CEILING_S)
+        after = supervisor.pid
+        await endpoint.close()
+        return before, after, endpoint.out
+
+    before, after, still_out = asyncio.run(go())
+    recorder.close()
+    journal.close()
+    assert not still_out and before != after  # another process, serving
+    events = result_lines(tmp_path, "events.jsonl")
+    kinds = [e["event"] for e in events]
+    assert kinds == ["endpoint_out", "recovery", "endpoint_back"], kinds
+    assert events[1]["action"] == "restarted the embedded server (it failed every request)"

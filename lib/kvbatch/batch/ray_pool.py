@@ -128,6 +128,13 @@ class ServerActor:
         layout = self.supervisor.layout
         return recovery.action, recovery.out_of_memory, layout.slots, layout.slot_context_tokens, recovery.found_down
 
+    async def restart(self, cause: str) -> tuple[str, int, int]:
+        await self._start()
+        recovery = await self.supervisor.restart(ServerGoneError(cause))
+        layout = self.supervisor.layout
+        action = recovery.action if recovery is not None else "not ours to restart"
+        return action, layout.slots, layout.slot_context_tokens
+
     def server_pid(self) -> int | None:
         return self.supervisor.pid if self.supervisor else None
 
@@ -179,6 +186,12 @@ class RaySupervisor(Supervisor):
             except ActorGoneError:
                 await asyncio.sleep(delay)
         return Recovery(str(cause)[:300], "Ray restarted the actor", time.perf_counter() - started, False)
+
+    async def restart(self, cause: KvbatchError) -> Recovery:
+        started = time.perf_counter()
+        action, slots, context = await call_actor(self.actor.restart, str(cause)[:300])
+        self.layout.slots, self.layout.slot_context_tokens = slots, context
+        return Recovery(str(cause)[:300], f"actor: {action}", time.perf_counter() - started, False, False)
 
     async def close(self) -> None:
         with_ray = _ray()

@@ -87,6 +87,11 @@ class Supervisor(abc.ABC):
     async def recover(self, cause: KvbatchError) -> Recovery:
         """Bring the server back after `cause`; raise ServerGoneError when it cannot."""
 
+    async def restart(self, cause: KvbatchError) -> Recovery | None:
+        """Restart a server that is up and says it is healthy but fails every request (wedged); None where the
+        server is not ours to restart (someone else's: it can only be probed until it serves again)."""
+        return None
+
     async def check_after_first_reply(self) -> None:  # noqa: B027 (optional hook)
         """Verify, once a request has been served, that the server gives what the plan needs."""
 
@@ -216,6 +221,14 @@ class EmbeddedSupervisor(Supervisor):
             action = backoffs[-1].action
         return Recovery(str(cause)[:300], action, time.perf_counter() - started, out_of_memory,
                         oom_evidence=evidence, server_exit=server_exit, server_peak_bytes=peak)  # fmt: skip
+
+    async def restart(self, cause: KvbatchError) -> Recovery:
+        started = time.perf_counter()
+        if self.server:
+            await asyncio.to_thread(self.server.stop)
+        backoffs = await self.start()
+        action = backoffs[-1].action if backoffs else "restarted the embedded server (it failed every request)"
+        return Recovery(str(cause)[:300], action, time.perf_counter() - started, bool(backoffs), found_down=False)
 
     async def close(self) -> None:
         await super().close()

@@ -209,16 +209,18 @@ class Endpoint:
         if self.out or self.generation != generation_seen:
             return
         self.generation += 1
-        self._take_out(cause)
+        self._take_out(cause, restart=self.supervisor.restarts_itself)
 
-    def _take_out(self, cause: KvbatchError) -> None:
+    def _take_out(self, cause: KvbatchError, *, restart: bool = False) -> None:
+        """Out of the pool, probed until it serves; `restart`: the server is ours, and up but failing every
+        request (a wedged server), so it is restarted first (a restart is what brings such a server back)."""
         self.out = True
         self.out_cause = cause
         self.back.clear()
         self._out_since = time.monotonic()
         self.recorder.event("endpoint_out", endpoint=self.label, cause=str(cause)[:300])
         self.ready.set()  # workers wake, see `out`, and hand their requests back
-        self._readmit = asyncio.create_task(self._probe_until_back())
+        self._readmit = asyncio.create_task(self._probe_until_back(cause if restart else None))
 
     async def wait_back(self, all_done: asyncio.Event) -> bool:
         """After a hand-back: wait until the endpoint is back in the pool (True), or the batch is done without it,
@@ -229,7 +231,20 @@ class Endpoint:
             task.cancel()
         return self.back.is_set() and not self.out
 
-    async def _probe_until_back(self) -> None:
+    async def _restart(self, cause: KvbatchError) -> None:
+        try:
+            recovery = await self.supervisor.restart(cause)
+        except KvbatchError as exc:  # it did not come back: the probes below go on, up to --max-wait
+            self.last_probe_error = exc
+            return
+        if recovery is not None:
+            self.recorder.stats.endpoint(self.label).recoveries += 1
+            self.recorder.event("recovery", endpoint=self.label, **asdict(recovery), slots=self.slots,
+                                slot_context=self.supervisor.layout.slot_context_tokens)  # fmt: skip
+
+    async def _probe_until_back(self, restart_for: KvbatchError | None = None) -> None:
+        if restart_for is not None:
+            await self._restart(restart_for)
         for delay in backoff_delays(1.0, defaults.BACKOFF_CAP_S):
             began = self._failing_since() if self._failing_since is not None else None
             since = min(self._out_since, began) if began is not None else self._out_since

@@ -18,11 +18,12 @@ from pathlib import Path
 import psutil
 import pytest
 from batch_helpers import WAIT_CEILING_S
+from kvbatch import defaults
 from kvbatch.batch.sample import system_prompt
 from kvbatch.errors import AuthError, ContextOverflowError, ServerGoneError, ServerStartError
 from kvbatch.serve.backends import get_backend
 from kvbatch.serve.config import ServerConfig
-from kvbatch.serve.log import KEPT_AFTER_LISTENING, parse_server_log
+from kvbatch.serve.log import parse_server_log
 from kvbatch.serve.server import EmbeddedServer
 
 SYSTEM = system_prompt(400)
@@ -85,7 +86,7 @@ def test_the_server_log_does_not_grow_with_the_number_of_requests(tmp_path):
     assert int(dropped.group(1)) >= 24 * 4  # the server did write per-request lines: several for each request
     # what reached the file while it ran: only the first few checkpoint lines (their size prices the plan)
     assert all("context checkpoint" in line for line in added), added
-    assert len(added) <= KEPT_AFTER_LISTENING
+    assert len(added) <= defaults.KEPT_AFTER_LISTENING
     assert parsed.kv_buffer_bytes and parsed.slot_context_tokens  # the load's lines are all there
 
 

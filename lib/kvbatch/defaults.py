@@ -142,3 +142,22 @@ SUSTAINED_CEILING_S = 3600.0
 """The most a sustained load runs: a 4.5x slower 2-core machine fills 4 slots of the sample in under 10 minutes;
 a load the ceiling stops before every slot was filled does not pass."""
 SUSTAINED_INTERVAL_S = 15.0
+
+# --- the embedded server's log, Ray, token sizes, the truncation guard
+KEPT_AFTER_LISTENING = 64
+"""Per-request lines kept in a server's log once it listens, of the kinds the log's readers use (checkpoint sizes):
+the first few tell the size; more only grow the file."""
+TAIL_LINES = 200
+"""The last lines the server printed, kept in memory and written to its log when it exits: what it said before
+dying."""
+ACTOR_RESTARTS = 3
+"""How many times Ray restarts a dead server actor (its requests are retried on the restarted one)."""
+PROBE_CONTEXT = 1024
+"""The context of the short-lived server that tokenizes the batch and weighs the model before any KV cache."""
+FALLBACK_CHARS_PER_TOKEN = 4.0
+"""Characters per token where no tokenizer is at hand (OpenAI's rule of thumb for English)."""
+GENEROUS_CHARS_PER_TOKEN = 6.0
+"""The truncation guard's ratio before any calibration: a prompt counted below what even 6 characters per token
+allows was cut (the guard must not fire on estimation error)."""
+CALIBRATION_REPLIES = 8
+"""Replies whose prompt counts calibrate the truncation guard (their median: one cut reply cannot move it)."""

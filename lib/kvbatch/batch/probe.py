@@ -7,14 +7,13 @@ import asyncio
 from dataclasses import replace
 from pathlib import Path
 
+from kvbatch import defaults
 from kvbatch.batch.requests import InputReport
 from kvbatch.batch.settings import BatchSettings
 from kvbatch.batch.tokens import Calibration, calibrate
 from kvbatch.serve.backends import get_backend
 from kvbatch.serve.probes import probe_for_server
 from kvbatch.serve.server import EmbeddedServer, default_model_path
-
-PROBE_CONTEXT = 1024
 
 
 def model_file(settings: BatchSettings) -> Path:
@@ -25,7 +24,7 @@ def model_file(settings: BatchSettings) -> Path:
 
 def _probe_server(settings: BatchSettings, model_path: Path, log_dir: Path) -> EmbeddedServer:
     """A short-lived server at a small context, one slot, no warm-up: for the tokenizer and the base memory."""
-    config = replace(settings.server, model_path=model_path, context_tokens=PROBE_CONTEXT, parallel_slots=1,
+    config = replace(settings.server, model_path=model_path, context_tokens=defaults.PROBE_CONTEXT, parallel_slots=1,
                      memory_cap_bytes=None, extra_args=[*settings.server.extra_args, "--no-warmup"])  # fmt: skip
     return EmbeddedServer(config, log_path=log_dir / "probe-server.log")
 

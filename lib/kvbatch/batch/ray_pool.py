@@ -30,8 +30,6 @@ from kvbatch.serve.backends.ray_actor import ActorGoneError, RayActorBackend, ca
 from kvbatch.serve.layout import SlotLayout
 from kvbatch.serve.supervisor import EmbeddedSupervisor, ExternalSupervisor, Recovery, Supervisor, backoff_delays
 
-ACTOR_RESTARTS = 3
-
 
 def _ray():
     try:
@@ -222,7 +220,7 @@ def start_actors(specs: list[ActorSpec], *, on_gpu: bool, label: str = "ray", cp
     strategy = "STRICT_SPREAD" if not on_gpu and len(specs) <= nodes and nodes > 1 else "SPREAD"
     group = placement_group([bundle] * len(specs), strategy=strategy)
     ray.get(group.ready(), timeout=120)
-    remote = ray.remote(max_restarts=ACTOR_RESTARTS, max_task_retries=0, max_concurrency=64)(ServerActor)
+    remote = ray.remote(max_restarts=defaults.ACTOR_RESTARTS, max_task_retries=0, max_concurrency=64)(ServerActor)
     supervisors = []
     for index, spec in enumerate(specs):
         strategy = PlacementGroupSchedulingStrategy(group, placement_group_bundle_index=index)

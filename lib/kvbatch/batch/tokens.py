@@ -13,8 +13,6 @@ from kvbatch.batch.requests import InputReport
 from kvbatch.messages import message_text
 from kvbatch.serve.backends import Backend
 
-FALLBACK_CHARS_PER_TOKEN = 4.0
-
 
 @dataclass
 class TokenCounts:
@@ -28,7 +26,7 @@ class TokenCounts:
     def chars_per_token(self, texts: list[str]) -> float:
         chars = sum(len(t) for t in texts)
         tokens = sum(self.counts)
-        return chars / tokens if tokens else FALLBACK_CHARS_PER_TOKEN
+        return chars / tokens if tokens else defaults.FALLBACK_CHARS_PER_TOKEN
 
 
 @functools.lru_cache(maxsize=1)
@@ -64,7 +62,7 @@ async def count_tokens(backend: Backend | None, texts: list[str], *, source: str
     estimated = _tiktoken_counts(texts)
     if estimated is not None:
         return TokenCounts(estimated, "tiktoken cl100k estimate")
-    return TokenCounts([int(len(t) / FALLBACK_CHARS_PER_TOKEN) + 1 for t in texts], "4 chars/token estimate")
+    return TokenCounts([int(len(t) / defaults.FALLBACK_CHARS_PER_TOKEN) + 1 for t in texts], "4 chars/token estimate")
 
 
 @dataclass

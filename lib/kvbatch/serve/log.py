@@ -10,6 +10,7 @@ import signal
 import threading
 from dataclasses import dataclass, field
 
+from kvbatch import defaults
 from kvbatch.errors import looks_like_oom
 
 _MIB = 1024 * 1024
@@ -104,27 +105,20 @@ def describe_exit(code: int | None) -> str:
     return f"exited with code {code}"
 
 
-KEPT_AFTER_LISTENING = 64
-"""Per-request lines kept once the server listens, of the kinds the log's readers use (checkpoint sizes): the first
-few tell the size; more only grow the file."""
-TAIL_LINES = 200
-"""The last lines the server printed, kept in memory and written when it exits: what it said before dying."""
-
-
 class ServerLogSink:
     """Copies the server's output into its log file without letting the file grow with the number of requests.
 
     At `--log-verbosity 4` (which the KV buffer lines need) llama-server writes about 3 KB per request: some 500 MB
     over 170,000 requests, read whole at every recovery. The sink keeps everything until the server listens (the
     load: buffers, layers, system_info, a failure to start), then only warnings, errors, out-of-memory lines and the
-    first few checkpoint lines; the last `TAIL_LINES` lines are kept in memory and appended when the server exits
+    first few checkpoint lines; the last `TAIL_LINES` (defaults) are kept in memory and appended when the server exits
     (what it said before a crash). A thread reads the pipe, so nothing here runs on an event loop.
     """
 
     def __init__(self, stream, path) -> None:
         self._stream = stream
         self._path = path
-        self._tail: collections.deque[bytes] = collections.deque(maxlen=TAIL_LINES)
+        self._tail: collections.deque[bytes] = collections.deque(maxlen=defaults.TAIL_LINES)
         """The last lines not kept in the file (the kept ones are there already)."""
         self._listening = False
         self._kept = 0
@@ -143,7 +137,7 @@ class ServerLogSink:
             return True
         if looks_like_oom(text) or _ERROR_LINE.search(text):
             return True
-        if _CHECKPOINT_LINE.search(text) and self._kept < KEPT_AFTER_LISTENING:
+        if _CHECKPOINT_LINE.search(text) and self._kept < defaults.KEPT_AFTER_LISTENING:
             self._kept += 1
             return True
         return False

@@ -17,9 +17,6 @@ from kvbatch.batch.requests import BatchRequest
 from kvbatch.errors import TruncatedPromptError
 from kvbatch.serve.backends import ChatResult
 
-GENEROUS_CHARS_PER_TOKEN = 6.0
-CALIBRATION_REPLIES = 8
-
 
 class TruncationGuard:
     def __init__(
@@ -39,7 +36,7 @@ class TruncationGuard:
     def expected_tokens(self, request: BatchRequest) -> int:
         if self.exact and self.chars_per_token and request.prefix_key in self.prefix_tokens:
             return self.prefix_tokens[request.prefix_key] + int(request.user_chars / self.chars_per_token)
-        ratio = self.chars_per_token or GENEROUS_CHARS_PER_TOKEN
+        ratio = self.chars_per_token or defaults.GENEROUS_CHARS_PER_TOKEN
         return int(request.prompt_chars / ratio)
 
     def check(self, request: BatchRequest, result: ChatResult) -> TruncatedPromptError | None:
@@ -58,7 +55,7 @@ class TruncationGuard:
         )
 
     def _calibrate(self, chars_per_token: float) -> None:
-        if len(self._observed) < CALIBRATION_REPLIES:
+        if len(self._observed) < defaults.CALIBRATION_REPLIES:
             self._observed.append(chars_per_token)
             if len(self._observed) >= 3:
                 # the median of what was seen; a cut reply shows as a high ratio and cannot move it far

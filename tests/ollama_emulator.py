@@ -53,6 +53,15 @@ class OllamaEmulator:
     honour_truncate: bool = True
     expose_model_path: bool = True
     max_queue: int = 64
+    server_version: str = "0.33.0"
+    counts_cached_prompt: bool = True
+    """v0.33 and later count the whole prompt in `prompt_eval_count`; False plays v0.30-v0.32 (llama-server runner,
+    before ollama#16428), which counted only the tokens evaluated anew: a prefix-cache hit looked like a cut."""
+    reports_cached_count: bool = True
+    """Whether replies carry `prompt_eval_cached_count` (newer servers)."""
+    words_per_token: float = 1.0
+    """Below 1 plays a tokenizer that counts a text as more tokens than words (each word of a raw `/api/generate`
+    prompt is served 1/words_per_token times over, so the server's own count is what it evaluates)."""
     received: list[dict[str, Any]] = field(default_factory=list)
     """Every request body, in order, for tests to check what kvbatch sent."""
     loads: list[int] = field(default_factory=list)
@@ -166,7 +175,7 @@ class OllamaEmulator:
         return web.Response(text="Ollama is running")
 
     async def version(self, _request: web.Request) -> web.Response:
-        return web.json_response({"version": "0.33.0"})
+        return web.json_response({"version": self.server_version})
 
     def _unknown(self, model: str | None) -> web.Response | None:
         if model not in self.models:
@@ -292,6 +301,9 @@ class OllamaEmulator:
 
         async def run(options: dict[str, Any]) -> Reply:
             prompt = body.get("prompt", "")
+            if self.words_per_token != 1.0 and body.get("raw"):
+                repeat = round(1 / self.words_per_token)
+                prompt = " ".join(" ".join([word] * repeat) for word in prompt.split(" ") if word)
             if prompt:
                 count = len((await self._runner_call("/tokenize", {"content": prompt, "add_special": True}))["tokens"])
                 if count > self._num_ctx and body.get("truncate") is False and self.honour_truncate:
@@ -351,12 +363,13 @@ class Reply:
             "done_reason": finish,
             "total_duration": time.perf_counter_ns() - started_ns,
             "load_duration": int(emulator._load_s * 1e9),
-            "prompt_eval_count": prompt_n + cached,
-            "prompt_eval_cached_count": cached,
+            "prompt_eval_count": prompt_n + cached if emulator.counts_cached_prompt else prompt_n,
             "prompt_eval_duration": int(float(timings.get("prompt_ms", 0)) * 1e6),
             "eval_count": int(timings.get("predicted_n", 0)),
             "eval_duration": int(float(timings.get("predicted_ms", 0)) * 1e6),
         }
+        if emulator.reports_cached_count:
+            payload["prompt_eval_cached_count"] = cached
         if chat:
             payload["message"] = {"role": "assistant", "content": text}
         else:

@@ -214,3 +214,51 @@ async def _counts(runner, report, requests):
         prefix = {key: len(await llama.tokenize(text)) for key, text in report.prefix_texts.items()}
         sample = [len(await llama.tokenize(r.body["messages"][-1]["content"])) for r in requests[:20]]
         return counts, prefix, sample
+
+
+def test_an_ollama_that_counts_only_uncached_prompt_tokens_raises_no_false_alarm(tmp_path):
+    """Ollama v0.30-v0.32 left the prefix-cache hits out of `prompt_eval_count` (and said nothing of them): every
+    request after the first served its system prompt from the cache and looked cut. The version is read, the plan
+    says so, and the guard compares like with like: 16 requests sharing a system prompt, no false alarm."""
+    emulator = OllamaEmulator(server_version="0.31.2", counts_cached_prompt=False, reports_cached_count=False)
+    with RunningEmulator(emulator) as running:
+        sample = small_batch(tmp_path / "in.jsonl", 16)
+        result = kvbatch("run", str(sample), "--run", "old", "--backend", "ollama", "--url", running.url, "--model",
+                         MODEL, "--no-report", "--no-progress", cwd=tmp_path)  # fmt: skip
+    assert result.returncode == 0, result.stdout + result.stderr
+    run_dir = tmp_path / "data" / "runs" / "old"
+    assert not result_lines(run_dir, "errors.jsonl")
+    assert len(result_lines(run_dir)) == len(input_ids(sample))
+    assert "Ollama 0.31.2 counts only the prompt tokens it evaluates anew" in result.stdout
+    served = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert max(m["prompt_tokens"] for m in served) > 3 * min(m["prompt_tokens"] for m in served)  # cache hits
+
+
+def test_a_cut_prompt_is_still_caught_on_an_ollama_that_counts_only_uncached_tokens(tmp_path):
+    emulator = OllamaEmulator(honour_truncate=False, server_version="0.32.0", counts_cached_prompt=False,
+                              reports_cached_count=False)  # fmt: skip
+    with RunningEmulator(emulator) as running:
+        batch = small_batch(tmp_path / "in.jsonl", 4)
+        long_request = replace_user_message(batch, 1, "Experience: " + "built a billing pipeline. " * 400)
+        result = kvbatch("run", str(batch), "--run", "cut", "--backend", "ollama", "--url", running.url, "--model",
+                         MODEL, "--no-report", "--no-progress", "--slot-ctx", "1536", cwd=tmp_path)  # fmt: skip
+    assert result.returncode == 1, result.stdout + result.stderr
+    errors = result_lines(tmp_path / "data" / "runs" / "cut", "errors.jsonl")
+    assert [e["custom_id"] for e in errors] == [long_request["custom_id"]]
+    assert errors[0]["error"]["code"] == "TruncatedPromptError"
+
+
+def test_measuring_through_ollama_sizes_each_fill_by_the_servers_own_count(tmp_path):
+    """A server whose tokenizer counts the fill's text as twice as many tokens as words (it died with HTTP 400
+    "the input length exceeds the context length" when fills were one token a word): every fill is sized from the
+    server's own count, and the measurement file records the count it used."""
+    with RunningEmulator(OllamaEmulator(words_per_token=0.5)) as running:
+        measured = kvbatch("measure", "--backend", "ollama", "--url", running.url, "--model", MODEL, "--only",
+                           "kv_growth", "--contexts", "2048,8192", "--repeats", "1", "--fill-context", "1024",
+                           cwd=tmp_path)  # fmt: skip
+        served = [len(r["prompt"].split()) for r in running.emulator.received if r.get("prompt")]
+    assert measured.returncode == 0, measured.stdout + measured.stderr
+    measurement = load_measurement(tmp_path / "data" / "measurements" / "ollama__gemma3-270m__f16-f16.json")
+    assert abs(measurement.server_flags["fill_tokens_per_word"] - 2.0) < 0.05, measurement.server_flags
+    assert measurement.in_use_context_tokens == 1024 and measurement.kv_bytes_per_token
+    assert max(served) < 1024  # no fill was sent longer than the context, in words, once the count was known

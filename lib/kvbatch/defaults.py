@@ -161,3 +161,8 @@ GENEROUS_CHARS_PER_TOKEN = 6.0
 allows was cut (the guard must not fire on estimation error)."""
 CALIBRATION_REPLIES = 8
 """Replies whose prompt counts calibrate the truncation guard (their median: one cut reply cannot move it)."""
+FILL_ATTEMPTS = 4
+"""Sends of one measurement fill on a server counted by words (Ollama): the first sizes it by what is known, the next
+by the server's own count of the one before."""
+FILL_MIN_WORDS = 16
+"""Fills shorter than this teach nothing of a server's tokens per word (the BOS token and template dominate)."""

@@ -23,7 +23,7 @@ from kvbatch.measure.kvmodel import kv_cache as kv_cache_of
 from kvbatch.measure.result import Measurement, find_measurement, load_measurement, measurement_path
 from kvbatch.serve.backends import Backend, ServerLimits, get_backend
 from kvbatch.serve.backends.base import is_local
-from kvbatch.serve.backends.ollama_native import server_settings
+from kvbatch.serve.backends.ollama_native import counts_only_uncached, server_settings
 from kvbatch.serve.config import ServerConfig, build_has_gpu
 from kvbatch.serve.layout import SlotLayout
 from kvbatch.serve.probes import nvml_available
@@ -166,6 +166,13 @@ async def ollama_plan(settings: BatchSettings, sizes: SizeProfile, spec: Endpoin
     plan = _plan(settings, sizes, inputs)
     if budget is None:
         plan.notes.append("the server's memory is not ours to read: give --memory-budget (its card's) to plan it")
+    version = await backend.server_version()
+    if counts_only_uncached(version):
+        plan.notes.append(
+            f"Ollama {'.'.join(map(str, version))} counts only the prompt tokens it evaluates anew in "
+            "prompt_eval_count (not those from its prefix cache): the truncation guard counts each request's "
+            "shared prefix as cached, and `truncate: false` has Ollama refuse, not cut, a prompt too long"
+        )
     backend.layout = plan.layout
     return EndpointPlan(spec, plan, backend=backend)
 

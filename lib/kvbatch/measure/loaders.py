@@ -208,7 +208,8 @@ class OllamaLoader(Loader):
     def flags(self) -> dict[str, Any]:
         from kvbatch.serve.backends import public_url
 
-        return {"url": public_url(self.backend.base_url), "model": self.backend.model, "parallel": self.parallel}
+        return {"url": public_url(self.backend.base_url), "model": self.backend.model, "parallel": self.parallel,
+                "fill_tokens_per_word": round(self.backend.fill_tokens_per_word, 4)}  # fmt: skip
 
     @contextlib.contextmanager
     def load(self, context_tokens: int, memory_cap_bytes: int | None = None) -> Iterator[LoadedModel]:

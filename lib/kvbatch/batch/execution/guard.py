@@ -43,7 +43,9 @@ class TruncationGuard:
         counted = result.prompt_tokens
         if counted is None:
             return None  # the server does not say: nothing to compare
-        if not self.exact and counted > 0:
+        if result.prompt_tokens_exclude_cached:
+            counted += self._most_cached(request)  # like with like: at most the shared prefix came from the cache
+        elif not self.exact and counted > 0:
             self._calibrate(request.prompt_chars / counted)
         expected = self.expected_tokens(request)
         if counted >= expected * (1 - self.tolerance):
@@ -53,6 +55,13 @@ class TruncationGuard:
             f"(more than {self.tolerance:.0%} short); raise the context (--slot-ctx) or shorten the request",
             details={"prompt_tokens": counted, "expected_prompt_tokens": expected},
         )
+
+    def _most_cached(self, request: BatchRequest) -> int:
+        """The most tokens a request can have had from the prefix cache: its shared prefix (every message before
+        its own), exactly where it was tokenized, else at 2 characters a token (more than any tokenizer gives)."""
+        if request.prefix_key in self.prefix_tokens:
+            return self.prefix_tokens[request.prefix_key]
+        return (request.prompt_chars - request.user_chars) // 2
 
     def _calibrate(self, chars_per_token: float) -> None:
         if len(self._observed) < defaults.CALIBRATION_REPLIES:

@@ -37,6 +37,9 @@ class ChatResult:
     model: str | None = None
     response_body: dict[str, Any] = field(default_factory=dict)
     """The reply as an OpenAI `chat.completion` object (the server's own body where it already is one)."""
+    prompt_tokens_exclude_cached: bool = False
+    """`prompt_tokens` leaves out the tokens served from the prefix cache, and how many those were is not said
+    (Ollama v0.30-v0.32): whoever compares it with the request's size must count the shared prefix as cached."""
 
 
 @dataclass

@@ -9,7 +9,9 @@ llama-server (tests/ollama_emulator.py): Ollama itself runs llama-server underne
 
 from __future__ import annotations
 
+import itertools
 import os
+import re
 import time
 from pathlib import Path
 from typing import Any, ClassVar
@@ -18,7 +20,7 @@ import ollama
 from pydantic import ConfigDict, ValidationError
 
 from kvbatch import defaults
-from kvbatch.errors import KvbatchError, MalformedReplyError, classify_http_error
+from kvbatch.errors import ContextOverflowError, KvbatchError, MalformedReplyError, classify_http_error
 from kvbatch.messages import message_text
 from kvbatch.serve.backends import register_backend
 from kvbatch.serve.backends.base import ChatResult, ServerLimits, ServerMemory, is_local
@@ -50,6 +52,31 @@ class _ChatReply(ollama.ChatResponse):
 
 class _GenerateReply(ollama.GenerateResponse):
     model_config = ConfigDict(extra="allow")
+
+
+FILL_WORD = " hello"
+_INPUT_LENGTH = re.compile(r"input length \((\d+) tokens\)")
+"""Ollama's refusal of a prompt over num_ctx names its count: "the input length (N tokens) exceeds the context
+length (M tokens)"."""
+PARTIAL_PROMPT_COUNTS = ((0, 30), (0, 33))
+"""Ollama versions [from, to) whose `prompt_eval_count` counted only the prompt tokens evaluated anew: v0.30 ran
+llama-server underneath and passed on its `prompt_n`; v0.33 (ollama#16428) added the cached `cache_n` back."""
+
+
+def parse_version(text: str | None) -> tuple[int, ...] | None:
+    """ "0.31.4" -> (0, 31, 4); None for what is not a version (a development build's "0.0.0" included)."""
+    parts = []
+    for piece in (text or "").lstrip("v").split("."):
+        digits = "".join(itertools.takewhile(str.isdigit, piece))
+        if not digits:
+            break
+        parts.append(int(digits))
+    return tuple(parts) if parts and any(parts) else None
+
+
+def counts_only_uncached(version: tuple[int, ...] | None) -> bool:
+    low, high = PARTIAL_PROMPT_COUNTS
+    return version is not None and low <= version[:2] < high
 
 
 def server_settings(url: str | None, cache_type: str | None, parallel: int | None) -> tuple[str, int]:
@@ -155,6 +182,22 @@ class OllamaBackend(HttpBackend):
         self.layout = layout
         """The planned slots and context: every request sends its current `slot_context_tokens` as `num_ctx`."""
         self.keep_alive = keep_alive
+        self._version: tuple[int, ...] | None = None
+        self._version_read = False
+        self.fill_tokens_per_word = 1.0
+        """How many tokens this server counts for each word of a measurement's fill, from its own replies (1.0 until
+        the first): recorded with the measurement."""
+
+    async def server_version(self) -> tuple[int, ...] | None:
+        """`/api/version`, read once: what its `prompt_eval_count` means depends on it."""
+        if not self._version_read:
+            try:
+                reply = await self.http.request("GET", "/api/version", timeout_s=10)
+            except KvbatchError:
+                return None  # asked again next time: the server may be starting
+            self._version = parse_version(reply.get("version") if isinstance(reply, dict) else None)
+            self._version_read = True
+        return self._version
 
     def _model(self, body: dict[str, Any] | None = None) -> str:
         model = self.model or (body or {}).get("model")
@@ -182,6 +225,11 @@ class OllamaBackend(HttpBackend):
         reply = parsed.model_dump()
         cached = (parsed.model_extra or {}).get("prompt_eval_cached_count")
         cached = int(cached) if cached is not None else None
+        prompt_tokens = reply.get("prompt_eval_count")
+        partial = counts_only_uncached(await self.server_version())
+        if partial and cached is not None and prompt_tokens is not None:
+            prompt_tokens, partial = prompt_tokens + cached, False  # the whole prompt, as later versions count it
+            reply["prompt_eval_count"] = prompt_tokens
         timings = {
             f"{key}_ns": reply[key]
             for key in ("total_duration", "load_duration", "prompt_eval_duration", "eval_duration")
@@ -190,13 +238,14 @@ class OllamaBackend(HttpBackend):
         return ChatResult(
             text=(reply.get("message") or {}).get("content") or "",
             finish_reason=reply.get("done_reason"),
-            prompt_tokens=reply.get("prompt_eval_count"),
+            prompt_tokens=prompt_tokens,
             cached_prompt_tokens=cached,
             completion_tokens=reply.get("eval_count"),
             latency_s=latency_s,
             timings=timings,
             model=reply.get("model"),
             response_body=as_openai_completion(reply, cached),
+            prompt_tokens_exclude_cached=partial and prompt_tokens is not None,
         )
 
     async def generate(self, prompt: str, *, num_ctx: int, max_tokens: int) -> dict[str, Any]:
@@ -214,8 +263,32 @@ class OllamaBackend(HttpBackend):
         return self._parse(_GenerateReply, raw, "/api/generate").model_dump()
 
     async def fill(self, tokens: int, *, context_tokens: int, max_tokens: int = 4) -> int:
-        reply = await self.generate(" hello" * max(tokens, 1), num_ctx=context_tokens, max_tokens=max_tokens)
-        return int(reply.get("prompt_eval_count") or 0)
+        """A raw prompt of `tokens` tokens as the server counts them: a word repeated, as many times as the server's
+        own count says (its tokens per word, learned from its replies and checked on each: a tokenizer may count a
+        word as two). One the server refuses as too long is resized from the count its error names, and sent again;
+        a reply more than half the guard's tolerance off is resized and sent again too."""
+        counted = 0
+        for _ in range(defaults.FILL_ATTEMPTS):
+            words = max(1, round((tokens - 1) / self.fill_tokens_per_word))  # 1: the BOS token
+            try:
+                reply = await self.generate(FILL_WORD * words, num_ctx=context_tokens, max_tokens=max_tokens)
+            except ContextOverflowError as exc:
+                named = _INPUT_LENGTH.search(str(exc))
+                if named is None or words < 2:
+                    raise
+                self._learn_fill(int(named.group(1)), words)
+                continue
+            counted = int(reply.get("prompt_eval_count") or 0)
+            if not counted:
+                return 0  # the server does not count: nothing to size by
+            self._learn_fill(counted, words)
+            if abs(counted - tokens) <= tokens * defaults.TRUNCATION_TOLERANCE / 2 or tokens < defaults.FILL_MIN_WORDS:
+                return counted
+        return counted
+
+    def _learn_fill(self, counted: int, words: int) -> None:
+        if words >= defaults.FILL_MIN_WORDS:  # a tiny fill is mostly BOS and template: it would say nothing
+            self.fill_tokens_per_word = max(counted - 1, 1) / words
 
     async def health(self) -> bool:
         return await self.http.status("/api/version") == 200

@@ -7,6 +7,9 @@ from __future__ import annotations
 import asyncio
 import collections
 import json
+import os
+import subprocess
+import sys
 
 import pytest
 from batch_helpers import (
@@ -262,3 +265,42 @@ def test_measuring_through_ollama_sizes_each_fill_by_the_servers_own_count(tmp_p
     assert abs(measurement.server_flags["fill_tokens_per_word"] - 2.0) < 0.05, measurement.server_flags
     assert measurement.in_use_context_tokens == 1024 and measurement.kv_bytes_per_token
     assert max(served) < 1024  # no fill was sent longer than the context, in words, once the count was known
+
+
+def test_ollamas_slots_and_cache_type_are_the_servers_not_kvbatchs_environment(tmp_path):
+    """Ollama runs as a service with OLLAMA_NUM_PARALLEL=2 (f16), while kvbatch's own environment says 4 and q4_0:
+    the settings are inferred from the server's /api/ps sizes at two num_ctx values, the plan says so, and the
+    run uses the server's 2 slots."""
+    with RunningEmulator(OllamaEmulator(parallel=2)) as running:
+        batch = small_batch(tmp_path / "in.jsonl", 8)
+        command = [
+            sys.executable,
+            "-m",
+            "kvbatch.cli",
+            "run",
+            str(batch),
+            "--backend",
+            "ollama",
+            "--url",
+            running.url,
+            "--model",
+            MODEL,
+            "--no-report",
+            "--no-progress",
+            "--memory-budget",
+            "2GiB",
+        ]
+        result = subprocess.run(
+            command,
+            cwd=tmp_path,
+            capture_output=True,
+            text=True,
+            timeout=WAIT_CEILING_S,
+            env={**os.environ, "OLLAMA_NUM_PARALLEL": "4", "OLLAMA_KV_CACHE_TYPE": "q4_0"},
+        )
+        loads = list(running.emulator.loads)
+    assert result.returncode == 0, result.stdout + result.stderr
+    plan = json.loads((tmp_path / "data" / "runs" / "in" / "plan.json").read_text())
+    assert plan["parallel_slots"] == 2 and plan["kv_cache_type"].startswith("f16"), plan
+    assert "2 slot(s) inferred" in plan["limits_source"] and "cache f16 inferred" in plan["limits_source"], plan
+    assert loads[:2] == [2048, 8192], loads  # the two sizes compared, then the planned context

@@ -129,8 +129,17 @@ def build_parser() -> argparse.ArgumentParser:
     measure.add_argument("--url", default=None, help="Ollama URL (with --backend ollama)")
     measure.add_argument("--model", default=None, help="Ollama model name (with --backend ollama)")
     measure.add_argument("--model-path", default=None, help="GGUF for the embedded server")
-    measure.add_argument("--kv-type", default=None, help="KV cache type (Ollama: default OLLAMA_KV_CACHE_TYPE)")
-    measure.add_argument("--parallel", type=int, default=None, help="Ollama's OLLAMA_NUM_PARALLEL (default: env)")
+    measure.add_argument(
+        "--kv-type",
+        default=None,
+        help="KV cache type (Ollama: its OLLAMA_KV_CACHE_TYPE; default: inferred from its sizes)",
+    )
+    measure.add_argument(
+        "--parallel",
+        type=int,
+        default=None,
+        help="Ollama's OLLAMA_NUM_PARALLEL, set on the server (default: inferred from its sizes)",
+    )
     measure.add_argument("--contexts", default="2048,8192,16384,32768", help="sweep A context sizes, comma-separated")
     measure.add_argument("--repeats", type=int, default=2)
     measure.add_argument("--fill-context", type=int, default=defaults.CONTEXT_TOKENS,
@@ -172,15 +181,21 @@ def _add_batch_flags(parser: argparse.ArgumentParser) -> None:
                         help="requests in flight per server, or auto (measure and keep the fastest)")  # fmt: skip
     parser.add_argument("--slots", type=int, default=None, help="parallel slots (default: as many as fit)")
     parser.add_argument("--slot-ctx", type=int, default=None, help="per-slot context (default: planned)")
-    parser.add_argument("--kv-type", default="f16", choices=KV_TYPE_CHOICES,
-                        help="KV cache type; auto takes the one that fits the most slots")  # fmt: skip
+    parser.add_argument("--kv-type", default=None, choices=KV_TYPE_CHOICES,
+                        help="KV cache type (default f16); auto takes the one that fits the most slots; for Ollama, "
+                        "the server's OLLAMA_KV_CACHE_TYPE (default: inferred from its sizes)")  # fmt: skip
     servers = parser.add_argument_group("servers")
     servers.add_argument("--url", action="append", default=None,
                          help="a running server instead of the embedded one (repeat for several)")  # fmt: skip
     servers.add_argument("--endpoints", default=None, help="TOML file listing servers ([[endpoint]] tables)")
     servers.add_argument("--backend", default="openai", help="openai (any /v1 server) or ollama (native API)")
     servers.add_argument("--model", default=None, help="model name on the external server")
-    servers.add_argument("--parallel", type=int, default=None, help="Ollama's OLLAMA_NUM_PARALLEL (default: env)")
+    servers.add_argument(
+        "--parallel",
+        type=int,
+        default=None,
+        help="Ollama's OLLAMA_NUM_PARALLEL, set on the server (default: inferred from its sizes)",
+    )
     servers.add_argument("--servers", default=None, help="embedded servers to start: N, or per-gpu")
     servers.add_argument("--ray", default=None, help="run on a Ray cluster: ADDRESS, or auto (needs the ray extra)")
     servers.add_argument("--ray-actors", type=int, default=None,
@@ -240,7 +255,8 @@ def settings_from_args(args: argparse.Namespace):
         concurrency=concurrency,
         slots=args.slots or (concurrency if isinstance(concurrency, int) else None),
         slot_context_tokens=args.slot_ctx,
-        kv_type=args.kv_type,
+        kv_type=args.kv_type or "f16",
+        kv_type_given=args.kv_type is not None,
         urls=args.url or [],
         endpoints_file=Path(args.endpoints) if args.endpoints else None,
         backend=args.backend,

@@ -166,3 +166,11 @@ FILL_ATTEMPTS = 4
 by the server's own count of the one before."""
 FILL_MIN_WORDS = 16
 """Fills shorter than this teach nothing of a server's tokens per word (the BOS token and template dominate)."""
+OLLAMA_INFER_CONTEXT = 2048
+"""The num_ctx Ollama is loaded at to read its size when it holds no model yet (its slots and cache type are then
+inferred from the size at 4x that)."""
+OLLAMA_INFER_TIE = 0.03
+"""Inferred settings within 3 % of the best fit are a tie, won by f16 and the fewest slots (q8_0 at twice the slots
+predicts 6 % more than f16)."""
+OLLAMA_INFER_MIN_CONTEXT = 512
+"""The smallest num_ctx loaded to compare Ollama's sizes."""

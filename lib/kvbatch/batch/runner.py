@@ -18,6 +18,7 @@ from kvbatch.batch.execution.stats import RunStats
 from kvbatch.batch.journal import Fingerprint, Journal, completed_ids
 from kvbatch.batch.openai_batch import iter_openai_batch, load_index, save_index, scan_openai_batch
 from kvbatch.batch.plan import Plan, least_slot_context
+from kvbatch.batch.plan_record import PlanRecord
 from kvbatch.batch.prepare import Prepared, model_identity, prepare
 from kvbatch.batch.requests import InputReport
 from kvbatch.batch.runfolder import RunFolder, RunLock, write_json
@@ -223,23 +224,26 @@ async def run_batch_async(settings: BatchSettings, *, say=print) -> RunOutcome:
         if not settings.is_table and await asyncio.to_thread(load_index, folder.index, settings.input_path) is None:
             await asyncio.to_thread(save_index, report, folder.index)
         supervisors = _supervisors(settings, prepared, folder)
-        _write_plan(folder, prepared, supervisors)
+        planned = _write_plan(folder, prepared, supervisors)
         return await _execute(settings, report, requests_fn, prepared, supervisors, journal,
-                              report.request_count - len(journal.done))  # fmt: skip
+                              report.request_count - len(journal.done), planned)  # fmt: skip
 
 
-def _write_plan(folder: RunFolder, prepared: Prepared, supervisors: list[Supervisor]) -> None:
-    records = []
-    for endpoint, supervisor in zip(prepared.plans, supervisors, strict=False):
-        record = endpoint.plan.record()
+def _write_plan(folder: RunFolder, prepared: Prepared, supervisors: list[Supervisor],
+                planned: list[PlanRecord] | None = None) -> list[PlanRecord]:  # fmt: skip
+    """plan.json: what was planned (`planned`, when given: the records made before the servers started, whose
+    layout a start-up back-off may since have changed) and, under `server`, each server's settings as they are."""
+    records = planned or [endpoint.plan.record() for endpoint in prepared.plans]
+    for record, supervisor in zip(records, supervisors, strict=False):
         record.server = supervisor.flags()
-        records.append(record.model_dump())
-    data = {**records[0], "endpoints": records} if len(records) > 1 else records[0]
-    write_json(folder.plan, data)
+    dumped = [record.model_dump() for record in records]
+    write_json(folder.plan, {**dumped[0], "endpoints": dumped} if len(dumped) > 1 else dumped[0])
+    return records
 
 
 async def _execute(settings: BatchSettings, report: InputReport, requests_fn, prepared: Prepared,
-                   supervisors: list[Supervisor], journal: Journal, remaining: int) -> RunOutcome:  # fmt: skip
+                   supervisors: list[Supervisor], journal: Journal, remaining: int,
+                   planned: list[PlanRecord]) -> RunOutcome:  # fmt: skip
     plan = prepared.plan
     calibration = prepared.calibration
     options = RunOptions(
@@ -261,7 +265,7 @@ async def _execute(settings: BatchSettings, report: InputReport, requests_fn, pr
         for supervisor in supervisors:
             for backoff in await supervisor.start():
                 settings.folder.append_event("start_backoff", endpoint=supervisor.label, **backoff.__dict__)
-        _write_plan(settings.folder, prepared, supervisors)  # again: as started (a Ray actor's own plan, a back-off)
+        _write_plan(settings.folder, prepared, supervisors, planned)  # the servers as started (a Ray actor's own plan)
         await executor.run(requests_fn(journal.done))  # the journal's own set: no 20 MB copy
     except KvbatchError as exc:  # stopped: what was done is summarized below all the same
         stopped = exc

@@ -20,10 +20,11 @@ from kvbatch.errors import UserInputError
 from kvbatch.measure.budget import Budget
 from kvbatch.measure.kvmodel import KvArchitecture, KvCacheTypes, architecture_from_gguf, architecture_from_metadata
 from kvbatch.measure.kvmodel import kv_cache as kv_cache_of
+from kvbatch.measure.ollama_settings import ollama_settings
 from kvbatch.measure.result import Measurement, find_measurement, load_measurement, measurement_path
 from kvbatch.serve.backends import Backend, ServerLimits, get_backend
 from kvbatch.serve.backends.base import is_local
-from kvbatch.serve.backends.ollama_native import counts_only_uncached, server_settings
+from kvbatch.serve.backends.ollama_native import counts_only_uncached
 from kvbatch.serve.config import ServerConfig, build_has_gpu
 from kvbatch.serve.layout import SlotLayout
 from kvbatch.serve.probes import nvml_available
@@ -130,11 +131,11 @@ async def ollama_plan(settings: BatchSettings, sizes: SizeProfile, spec: Endpoin
         raise UserInputError("--backend ollama needs --model (the Ollama model name, e.g. gemma3:12b)")
     backend = get_backend("ollama", spec.url, model=spec.model, api_key=spec.api_key(),
                           request_timeout_s=settings.request_timeout_s)  # fmt: skip
-    kind, parallel = server_settings(
-        spec.url, None if settings.kv_type in ("auto", "f16") else settings.kv_type, settings.parallel
-    )
-    types = KvCacheTypes(kind, kind)
     arch = architecture_from_metadata(await backend.model_info(), source=f"{backend.base_url} /api/show {spec.model}")
+    given = settings.kv_type if settings.kv_type_given and settings.kv_type != "auto" else None
+    server = await ollama_settings(backend, arch, kv_type=given,
+                                   parallel=settings.parallel, trained_context=arch.context_length_trained)  # fmt: skip
+    types, parallel = server.types, server.parallel
     path = settings.measurement_path or measurement_path("ollama", spec.model, types)
     measurement, shown, reason = _load_measurement(path)
     on_gpu = is_local(spec.url) and nvml_available()
@@ -158,11 +159,11 @@ async def ollama_plan(settings: BatchSettings, sizes: SizeProfile, spec: Endpoin
         kv_type_is_ours=False,
         fixed_slots=parallel,
         trained_context_tokens=arch.context_length_trained,
-        limits_source=f"{memory.source}; OLLAMA_NUM_PARALLEL={parallel}, cache {types.label}",
+        limits_source=f"{memory.source}; OLLAMA_NUM_PARALLEL={parallel}, cache {types.label} ({server.source})",
     )
     if budget is None:
         inputs.server_limits = ServerLimits(slots=parallel, slot_context_tokens=None, server_kind="ollama",
-                                            sources={"slots": "--parallel"})  # fmt: skip
+                                            sources={"slots": server.source})  # fmt: skip
     plan = _plan(settings, sizes, inputs)
     if budget is None:
         plan.notes.append("the server's memory is not ours to read: give --memory-budget (its card's) to plan it")

@@ -26,6 +26,8 @@ class BatchSettings:
     """Per-slot context asked for (`--slot-ctx`); default: the largest request, planned."""
     kv_type: str = "f16"
     """The KV cache type, or `auto` to take the one that fits the most slots."""
+    kv_type_given: bool = False
+    """`--kv-type` was given: Ollama's cache type is the server's setting, inferred from its sizes unless given."""
     urls: list[str] = field(default_factory=list)
     endpoints_file: Path | None = None
     backend: str = "openai"
@@ -35,7 +37,7 @@ class BatchSettings:
     ray_actors: int | None = None
     """Server actors to place (default: one per GPU in the cluster, else one per node)."""
     parallel: int | None = None
-    """Ollama's OLLAMA_NUM_PARALLEL (default: from the environment when the server is local, else 1)."""
+    """Ollama's OLLAMA_NUM_PARALLEL, the server's setting (default: inferred from its /api/ps sizes)."""
     server: ServerConfig = field(default_factory=ServerConfig)
     memory_budget: str | None = None
     safety_margin: float = defaults.SAFETY_MARGIN

@@ -32,6 +32,7 @@ from kvbatch.measure.kvmodel import (
     kv_bytes_per_token,
 )
 from kvbatch.measure.loaders import EmbeddedLoader, Loader, OllamaLoader
+from kvbatch.measure.ollama_settings import OllamaSettings, ollama_settings
 from kvbatch.measure.result import (
     Measurement,
     SearchStepRecord,
@@ -43,16 +44,24 @@ from kvbatch.measure.result import (
 )
 from kvbatch.serve.backends import get_backend
 from kvbatch.serve.backends.base import is_local
-from kvbatch.serve.backends.ollama_native import server_settings
 from kvbatch.serve.config import ServerConfig
 from kvbatch.serve.probes import nvml_available
 from kvbatch.serve.server import default_model_path
 
 
-def ollama_server_settings(url: str | None, cache_type: str | None, parallel: int | None) -> tuple[KvCacheTypes, int]:
-    """Ollama's KV cache types and parallel slots, as the server runs them (see OllamaBackend.server_settings)."""
-    kind, slots = server_settings(url, cache_type, parallel)
-    return KvCacheTypes(kind, kind), slots
+def ollama_server_settings(url: str, model: str, cache_type: str | None,
+                           parallel: int | None) -> tuple[KvCacheTypes, int, str]:  # fmt: skip
+    """Ollama's KV cache types and parallel slots, as the server runs them (measure.ollama_settings), and where
+    they came from."""
+
+    async def infer() -> OllamaSettings:
+        async with get_backend("ollama", url, model=model) as backend:
+            arch = architecture_from_metadata(await backend.model_info(), source=f"{url} /api/show {model}")
+            return await ollama_settings(backend, arch, kv_type=cache_type, parallel=parallel,
+                                         trained_context=arch.context_length_trained)  # fmt: skip
+
+    found = run_sync(infer())
+    return found.types, found.parallel, found.source
 
 
 async def _ollama_model_info(url: str, model: str) -> dict[str, Any]:

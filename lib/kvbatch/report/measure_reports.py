@@ -59,7 +59,8 @@ def run_measurement_notebooks(
     if budget.strip().lower() not in ("auto", "") and not budget.strip().startswith("+"):
         parse_bytes(budget, what="--budget")
     if backend == "ollama":
-        types, parallel = ollama_server_settings(url, kv_type, parallel)
+        types, parallel, source = ollama_server_settings(url, model, kv_type, parallel)
+        yield f"Ollama's settings: {source}"
     else:
         types, parallel = KvCacheTypes(kv_type or "f16", kv_type or "f16"), 1
     identity = model_identity(backend, model, model_path)

@@ -10,7 +10,6 @@ llama-server (tests/ollama_emulator.py): Ollama itself runs llama-server underne
 from __future__ import annotations
 
 import itertools
-import os
 import re
 import time
 from pathlib import Path
@@ -23,7 +22,7 @@ from kvbatch import defaults
 from kvbatch.errors import ContextOverflowError, KvbatchError, MalformedReplyError, classify_http_error
 from kvbatch.messages import message_text
 from kvbatch.serve.backends import register_backend
-from kvbatch.serve.backends.base import ChatResult, ServerLimits, ServerMemory, is_local
+from kvbatch.serve.backends.base import ChatResult, ServerLimits, ServerMemory
 from kvbatch.serve.backends.http import HttpBackend
 from kvbatch.serve.layout import SlotLayout
 
@@ -77,16 +76,6 @@ def parse_version(text: str | None) -> tuple[int, ...] | None:
 def counts_only_uncached(version: tuple[int, ...] | None) -> bool:
     low, high = PARTIAL_PROMPT_COUNTS
     return version is not None and low <= version[:2] < high
-
-
-def server_settings(url: str | None, cache_type: str | None, parallel: int | None) -> tuple[str, int]:
-    """Ollama's KV cache type and parallel slots: as given, else from OLLAMA_KV_CACHE_TYPE and OLLAMA_NUM_PARALLEL
-    when the server is on this machine (its environment is likely ours), else f16 and 1. Both are the server's
-    settings: a request cannot change them."""
-    local = is_local(url)
-    kind = cache_type or (os.environ.get("OLLAMA_KV_CACHE_TYPE") if local else None) or "f16"
-    slots = parallel or (int(os.environ.get("OLLAMA_NUM_PARALLEL") or 1) if local else 1)
-    return kind, slots
 
 
 def ollama_format(response_format: Any) -> str | dict[str, Any] | None:

@@ -50,7 +50,7 @@ def server_config_from_args(args: argparse.Namespace):
     from kvbatch.serve.config import ServerConfig
     from kvbatch.units import parse_bytes
 
-    kv_type = getattr(args, "kv_type", "f16")
+    kv_type = getattr(args, "kv_type", None) or "f16"
     kv_type = "f16" if kv_type == "auto" else kv_type
     return ServerConfig(
         model_path=Path(args.model_path) if args.model_path else None,

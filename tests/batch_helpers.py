@@ -21,11 +21,12 @@ def small_batch(path: Path, n: int, *, max_tokens: int = 6) -> Path:
     return write_sample(path, n, max_tokens=max_tokens, system_tokens=300, user_tokens=40)
 
 
-def kvbatch(*args: str, cwd: Path, timeout: float | None = None) -> subprocess.CompletedProcess:
+def kvbatch(*args: str, cwd: Path, timeout: float | None = None,
+            env: dict[str, str] | None = None) -> subprocess.CompletedProcess:  # fmt: skip
+    """`kvbatch ARGS` to its end; `env`: variables added to this process's environment."""
     timeout = timeout or WAIT_CEILING_S
-    return subprocess.run(
-        [sys.executable, "-m", "kvbatch.cli", *args], cwd=cwd, capture_output=True, text=True, timeout=timeout
-    )
+    return subprocess.run([sys.executable, "-m", "kvbatch.cli", *args], cwd=cwd, capture_output=True, text=True,
+                          timeout=timeout, env={**os.environ, **env} if env else None)  # fmt: skip
 
 
 WAIT_CEILING_S = 1200.0

@@ -7,9 +7,6 @@ from __future__ import annotations
 import asyncio
 import collections
 import json
-import os
-import subprocess
-import sys
 
 import pytest
 from batch_helpers import (
@@ -273,31 +270,9 @@ def test_ollamas_slots_and_cache_type_are_the_servers_not_kvbatchs_environment(t
     run uses the server's 2 slots."""
     with RunningEmulator(OllamaEmulator(parallel=2)) as running:
         batch = small_batch(tmp_path / "in.jsonl", 8)
-        command = [
-            sys.executable,
-            "-m",
-            "kvbatch.cli",
-            "run",
-            str(batch),
-            "--backend",
-            "ollama",
-            "--url",
-            running.url,
-            "--model",
-            MODEL,
-            "--no-report",
-            "--no-progress",
-            "--memory-budget",
-            "2GiB",
-        ]
-        result = subprocess.run(
-            command,
-            cwd=tmp_path,
-            capture_output=True,
-            text=True,
-            timeout=WAIT_CEILING_S,
-            env={**os.environ, "OLLAMA_NUM_PARALLEL": "4", "OLLAMA_KV_CACHE_TYPE": "q4_0"},
-        )
+        result = kvbatch("run", str(batch), "--backend", "ollama", "--url", running.url, "--model", MODEL,
+                         "--no-report", "--no-progress", "--memory-budget", "2GiB", cwd=tmp_path,
+                         env={"OLLAMA_NUM_PARALLEL": "4", "OLLAMA_KV_CACHE_TYPE": "q4_0"})  # fmt: skip
         loads = list(running.emulator.loads)
     assert result.returncode == 0, result.stdout + result.stderr
     plan = json.loads((tmp_path / "data" / "runs" / "in" / "plan.json").read_text())

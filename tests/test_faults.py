@@ -540,3 +540,21 @@ def test_a_wedged_embedded_server_is_restarted_when_its_breaker_trips(tmp_path):
     kinds = [e["event"] for e in events]
     assert kinds == ["endpoint_out", "recovery", "endpoint_back"], kinds
     assert events[1]["action"] == "restarted the embedded server (it failed every request)"
+
+
+def test_dropped_connections_are_waited_out_and_charge_no_request_while_others_succeed(tmp_path):
+    """A server that drops a third of its connections mid-reply (a proxy, a restart of a worker) but serves the
+    rest: every request is done, none fails for good, and no drop is taken for a crash (nothing restarted)."""
+    batch = small_batch(tmp_path / "in.jsonl", 60)
+    with RunningFaultServer(free_port(), Faults(p_drop=0.33, seed=5)) as server:
+        result = kvbatch("run", str(batch), "--url", server.url, *QUIET, "--concurrency", "4", cwd=tmp_path)
+        dropped = server.server.counts["dropped connection"]
+    assert result.returncode == 0, result.stdout + result.stderr
+    run = tmp_path / "data" / "runs" / "in"
+    assert sorted(r["custom_id"] for r in result_lines(run)) == sorted(input_ids(batch))
+    assert not result_lines(run, "errors.jsonl") and dropped >= 5, dropped
+    events = result_lines(run, "events.jsonl")
+    assert not [e for e in events if e["event"] == "recovery" and "restarted" in e.get("action", "")]
+    failures = [e for e in events if e["event"] == "failure"]
+    assert failures and {e["error"] for e in failures} == {"ConnectionDroppedError"}
+    assert json.loads((run / "summary.json").read_text())["retries"] >= dropped

@@ -87,7 +87,14 @@ MAX_ATTEMPTS = 2
 MAX_SERVER_FAULTS = 4
 """Server faults (5xx, a timeout, a dropped connection while the server stays up) one request may meet while the
 server answers others before it fails for good: a random 1 % of dropped connections hits one request four times in
-a row once in 100 million, a request the server cannot serve does so every time."""
+a row once in 100 million, a request the server cannot serve does so every time. On a server that fails more of
+everyone's attempts, more are needed (BY_CHANCE_ODDS)."""
+AMBIENT_FAULT_RATE_FLOOR = 0.01
+"""The least fault rate a server is taken to have, for the odds that one request's faults were chance."""
+BY_CHANCE_ODDS = 1e-8
+"""A request fails for good only once its faults in a row are no likelier than this to be chance at the server's
+own fault rate: 4 at 1 %, 17 when a third of all attempts fail (a proxy dropping connections), while a request
+the server cannot serve fails every time and meets it as soon as the others are served."""
 POOL_GRACE_S = 5.0
 """In a pool, a server someone else runs that is not healthy within this long is taken out (the others carry on)
 and probed with back-off until it is back. Servers we start (embedded, Ray actors) are restarted instead."""
@@ -174,3 +181,6 @@ OLLAMA_INFER_TIE = 0.03
 predicts 6 % more than f16)."""
 OLLAMA_INFER_MIN_CONTEXT = 512
 """The smallest num_ctx loaded to compare Ollama's sizes."""
+MAX_CONNECTIONS = 256
+"""Connections a backend opens to one server at most: the most requests in flight the concurrency trials try
+(UNKNOWN_SERVER_SLOTS); below that a trial's extra requests would wait for a connection, on the request's clock."""

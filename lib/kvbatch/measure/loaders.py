@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import abc
 import contextlib
+import shutil
+import tempfile
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, replace
@@ -139,7 +141,9 @@ class EmbeddedLoader(Loader):
         config = config or ServerConfig()
         self.config = replace(config, thread_stack_bytes=config.thread_stack_bytes or defaults.CAPPED_STACK_BYTES)
         self.probe = probe
-        self.log_dir = log_dir
+        self._own_logs = log_dir is None
+        """No folder given: the loads' logs (a search's failed loads keep theirs) go in one removed on close()."""
+        self.log_dir = log_dir or Path(tempfile.mkdtemp(prefix="kvbatch-measure-"))
         self._loop = LoopThread()
         from kvbatch.serve.config import build_has_gpu
 
@@ -169,6 +173,8 @@ class EmbeddedLoader(Loader):
 
     def close(self) -> None:
         self._loop.close()
+        if self._own_logs:
+            shutil.rmtree(self.log_dir, ignore_errors=True)
 
 
 class _OllamaLoaded(LoadedModel):

@@ -1,4 +1,4 @@
-"""The executor, split by job: the feed and the gates (gate), the run's numbers (stats), the one writer of the
-run's records (recorder), what to do about each failure (policy), one server and its health (endpoint), the
-workers of each mode (strategies), the concurrency trials (trials), the truncation guard (guard), and the
-executor that ties them together (executor)."""
+"""The executor, split by job: the feed and the workers of each mode (feed), what a failure means (policy: its
+rules and each server's breaker), acting on it for one request (sender), one server with its slots and its
+health (endpoint), the run's numbers (stats) and the one writer of its records (recorder), the concurrency trials
+(trials), the truncation guard (guard), and the executor that ties them together (executor)."""

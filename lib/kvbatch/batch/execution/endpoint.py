@@ -68,7 +68,12 @@ class Gate:
         async with self._changed:
             await self._changed.wait_for(lambda: not self._exclusive)
             self._exclusive = True
-            await self._changed.wait_for(lambda: self.in_flight == 0)
+            try:
+                await self._changed.wait_for(lambda: self.in_flight == 0)
+            except BaseException:  # cancelled while waiting: the gate opens again for the others
+                self._exclusive = False
+                self._changed.notify_all()
+                raise
             leased = self._lease(prefer)
         try:
             yield leased
@@ -254,20 +259,25 @@ class Endpoint:
                 self.back.set()  # its workers wake, see it is still out, and stop
                 return
             await asyncio.sleep(delay)
+            # a server of ours may restart in recover(): that takes as long as a load, and is not cut short
+            grace = None if self.supervisor.restarts_itself else defaults.POOL_GRACE_S
             try:
                 healthy = await self.backend.health()
                 if healthy:
-                    await asyncio.wait_for(
-                        self.supervisor.recover(ServerGoneError("re-admission")), defaults.POOL_GRACE_S
-                    )
+                    await asyncio.wait_for(self.supervisor.recover(ServerGoneError("re-admission")), grace)
                     healthy = await self.probe_chat()  # serving, not only healthy
-            except (KvbatchError, asyncio.TimeoutError) as exc:
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:  # noqa: BLE001 (whatever a probe meets, the endpoint stays out: never a hang)
                 healthy = False
-                self.last_probe_error = exc
+                self.last_probe_error = exc if isinstance(exc, KvbatchError) else ServerGoneError(
+                    f"{self.label}: the re-admission probe failed ({type(exc).__name__}: {exc})"
+                )  # fmt: skip
             if healthy:
                 if self._on_probe_served is not None:
                     self._on_probe_served(self.label)
                 break
+        await self.set_in_flight(self.gate.limit)  # the layout as it came back: only its slot ids are leased
         self.recorder.stats.endpoint(self.label).out_s += time.monotonic() - self._out_since
         self.recorder.event("endpoint_back", endpoint=self.label, out_s=round(time.monotonic() - self._out_since, 1))
         self.out = False

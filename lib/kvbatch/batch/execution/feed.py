@@ -10,6 +10,7 @@ import collections
 from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING
 
+from kvbatch import defaults
 from kvbatch.batch.execution.endpoint import Endpoint, EndpointOut
 from kvbatch.batch.execution.sender import Outcome, RetryLater, Sender
 from kvbatch.batch.requests import BatchRequest
@@ -270,5 +271,5 @@ class Workers:
 
 def _estimated_turn_tokens(request: BatchRequest) -> int:
     text = message_text(request.body["messages"][-1]) or ""
-    answer = request.body.get("max_tokens") or request.body.get("max_completion_tokens") or 512
+    answer = request.body.get("max_tokens") or request.body.get("max_completion_tokens") or defaults.DEFAULT_MAX_TOKENS
     return len(text) // 3 + int(answer) + 16

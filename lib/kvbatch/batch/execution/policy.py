@@ -87,6 +87,13 @@ class Breaker:
     failing_since: float | None = None
     """When the failures began that no real success has ended since (monotonic): `--max-wait` counts from here,
     through any number of take-outs and re-admissions."""
+    faults_total: int = 0
+    """Server faults over the whole run (not reset by a success): with the successes, the server's own fault rate."""
+
+    def fault_rate(self, excluding: int = 0) -> float:
+        """The share of attempts that met a server fault, leaving out `excluding` faults (one request's own)."""
+        faults = max(self.faults_total - excluding, 0)
+        return faults / (faults + self.successes) if faults + self.successes else 0.0
 
     def success(self) -> None:
         self.successes += 1
@@ -102,6 +109,7 @@ class Breaker:
 
     def fault(self, custom_id: str, error: KvbatchError) -> int:
         self.attempts += 1
+        self.faults_total += 1
         self.failing.add(custom_id)
         self.kinds[type(error).__name__] += 1
         self.last = str(error)[:200]
@@ -211,7 +219,10 @@ class FailurePolicy:
         faults.previous_failure = (endpoint, breaker.successes)
         if breaker.successes > reference or probe_answered:  # others were served while this one kept failing
             faults.charged += 1
-            if faults.charged >= self.max_faults:
+            # by chance, on a server that fails this share of everyone's attempts (floored at 1 %)?
+            rate = max(breaker.fault_rate(excluding=faults.failed_attempts), defaults.AMBIENT_FAULT_RATE_FLOOR)
+            evidence["server_fault_rate"] = round(rate, 4)
+            if faults.charged >= self.max_faults and rate**faults.charged <= defaults.BY_CHANCE_ODDS:
                 return Decision(Action.FAIL, "it failed while the server answered others", charged=True,
                                 error=self._failed_for_good(error, faults.charged), evidence=evidence)  # fmt: skip
             return Decision(Action.RETRY_LATER, "it failed while the server answered others", charged=True,

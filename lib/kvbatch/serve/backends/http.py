@@ -46,7 +46,7 @@ class HttpClient:
         api_key: str | None,
         credentials: tuple[str, str] | None,
         timeout_s: float,
-        max_connections: int = 64,
+        max_connections: int = defaults.MAX_CONNECTIONS,
         unreachable_hint: str = "is the server running?",
     ) -> None:
         if api_key and credentials:
@@ -145,7 +145,7 @@ class HttpBackend(Backend):
         *,
         api_key: str | None = None,
         request_timeout_s: float = defaults.REQUEST_TIMEOUT_S,
-        max_connections: int = 64,
+        max_connections: int = defaults.MAX_CONNECTIONS,
     ) -> None:
         super().__init__(base_url, model, api_key=api_key, request_timeout_s=request_timeout_s)
         self.http = HttpClient(self.base_url, api_key=self.api_key, credentials=self._credentials,

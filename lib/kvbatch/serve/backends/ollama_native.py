@@ -164,7 +164,7 @@ class OllamaBackend(HttpBackend):
         request_timeout_s: float = defaults.REQUEST_TIMEOUT_S,
         layout: SlotLayout | None = None,
         keep_alive: str | float | None = defaults.KEEP_ALIVE,
-        max_connections: int = 64,
+        max_connections: int = defaults.MAX_CONNECTIONS,
     ) -> None:
         super().__init__(base_url, model, api_key=api_key, request_timeout_s=request_timeout_s,
                          max_connections=max_connections)  # fmt: skip

@@ -45,7 +45,7 @@ class OpenAICompatBackend(HttpBackend):
         *,
         api_key: str | None = None,
         request_timeout_s: float = defaults.REQUEST_TIMEOUT_S,
-        max_connections: int = 64,
+        max_connections: int = defaults.MAX_CONNECTIONS,
         slot_pinning: bool = False,
     ) -> None:
         super().__init__(base_url.rstrip("/").removesuffix("/v1"), model, api_key=api_key,

@@ -184,3 +184,5 @@ OLLAMA_INFER_MIN_CONTEXT = 512
 MAX_CONNECTIONS = 256
 """Connections a backend opens to one server at most: the most requests in flight the concurrency trials try
 (UNKNOWN_SERVER_SLOTS); below that a trial's extra requests would wait for a connection, on the request's clock."""
+RAY_SHUTDOWN_S = 30.0
+"""How long a Ray actor is given at the run's end to stop its server and remove its logs before it is killed."""

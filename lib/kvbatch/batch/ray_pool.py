@@ -11,9 +11,11 @@ this machine alone (`--ray-actors N` places N actors where one per node would be
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import logging
 import os
+import shutil
 import tempfile
 import time
 from dataclasses import dataclass
@@ -70,6 +72,8 @@ class ServerActor:
         self.spec = spec
         self.supervisor: Supervisor | None = None
         self._started: asyncio.Task | None = None
+        self._logs: Path | None = None
+        """Its server's logs, on its node: removed when the run ends with it (`shutdown`)."""
 
     async def _start(self) -> None:
         if self.supervisor is not None:
@@ -88,7 +92,7 @@ class ServerActor:
             from kvbatch.batch.probe import probe_base
             from kvbatch.batch.server_plans import embedded_plan
 
-            logs = Path(tempfile.mkdtemp(prefix="kvbatch-ray-"))
+            logs = self._logs = Path(tempfile.mkdtemp(prefix="kvbatch-ray-"))
             gpus = _ray().get_gpu_ids()  # the card Ray gave this actor: its plan is for that card
             node = EndpointSpec("embedded", gpu=int(gpus[0]) if gpus else None)
             base = await asyncio.to_thread(probe_base, spec.settings, logs)
@@ -132,6 +136,14 @@ class ServerActor:
         layout = self.supervisor.layout
         action = recovery.action if recovery is not None else "not ours to restart"
         return action, layout.slots, layout.slot_context_tokens
+
+    async def shutdown(self) -> None:
+        """The run is over: stop the server and remove its logs (a killed actor cannot; its node's temp folder
+        would keep a folder per actor per run)."""
+        if self.supervisor is not None:
+            await self.supervisor.close()
+        if self._logs is not None:
+            shutil.rmtree(self._logs, ignore_errors=True)
 
     def server_pid(self) -> int | None:
         return self.supervisor.pid if self.supervisor else None
@@ -192,6 +204,8 @@ class RaySupervisor(Supervisor):
         return Recovery(str(cause)[:300], f"actor: {action}", time.perf_counter() - started, False, False)
 
     async def close(self) -> None:
+        with contextlib.suppress(Exception):  # an actor already gone has nothing to clean: Ray's kill ends it
+            await call_actor(self.actor.shutdown, timeout_s=defaults.RAY_SHUTDOWN_S)
         with_ray = _ray()
         with_ray.kill(self.actor, no_restart=True)
 

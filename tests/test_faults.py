@@ -431,7 +431,7 @@ def test_on_a_server_that_does_not_say_its_slots_the_run_measures_how_many_in_fl
     assert result.returncode == 0, result.stdout + result.stderr
     run = tmp_path / "data" / "runs" / "in"
     tried, chosen = _trials(run)
-    assert tried[:4] == [1, 4, 16, 64] and max(tried) > 64, tried
+    assert tried[:3] == [4, 16, 64] and max(tried) > 64, tried  # from 4: a batching server serves 4 as fast as 1
     assert chosen >= 64, (tried, chosen)
     assert len(result_lines(run)) == 1600 and served == 1600  # the trials' requests are real work, kept
     plan = json.loads((run / "plan.json").read_text())

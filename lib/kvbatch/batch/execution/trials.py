@@ -26,6 +26,8 @@ class ConcurrencyTrials:
         rises by 5 %; where it stops rising, try the count halfway back. Each trial's requests are real work (their
         results are kept), so a short climb costs little even on a server that runs hundreds at once."""
         ladder = sorted({c for c in self.ladder if c <= max(slots, 1)} | {max(slots, 1)})
+        if slots >= defaults.UNKNOWN_SERVER_SLOTS:  # it did not say its slots: it batches (vLLM, SGLang), and
+            ladder = [c for c in ladder if c >= defaults.UNKNOWN_SERVER_FIRST_TRIAL]  # 1 in flight only costs time
         ladder = [c for c in ladder if c <= max(total or 1, 1)] or [1]
         if len(ladder) == 1:
             return ladder[0]

@@ -39,29 +39,18 @@ def _counter(path: Path, name: str) -> int | None:
     return None
 
 
-def cgroup_counter_files(proc_cgroup: str | None = None, root: Path = CGROUP_ROOT) -> list[Path]:
-    """The files that count out-of-memory kills for this process's own cgroup (v2, then v1), where they exist."""
+OOM_COUNTER = {1: "memory.oom_control", 2: "memory.events"}
+"""The file that counts a memory cgroup's out-of-memory kills (`oom_kill`), by cgroup version."""
+
+
+def _own_memory_cgroups(proc_cgroup: str | None = None, root: Path = CGROUP_ROOT) -> list[tuple[Path, int]]:
+    """This process's memory cgroup folders (from /proc/self/cgroup unless given), with their cgroup version:
+    v1's memory hierarchy first, then v2's group (or the unified hierarchy of a hybrid setup)."""
     if proc_cgroup is None:
         try:
             proc_cgroup = Path("/proc/self/cgroup").read_text()
         except OSError:
             return []
-    found = []
-    for line in proc_cgroup.splitlines():
-        _, controllers, path = (line.split(":", 2) + ["", ""])[:3]
-        relative = path.lstrip("/")
-        if controllers == "":  # cgroup v2 (or the unified hierarchy of a hybrid setup)
-            candidates = [root / relative / "memory.events", root / "unified" / relative / "memory.events"]
-        elif "memory" in controllers.split(","):
-            candidates = [root / "memory" / relative / "memory.oom_control"]
-        else:
-            continue
-        found += [c for c in candidates if c.exists()]
-    return found
-
-
-def _own_memory_cgroups(proc_cgroup: str, root: Path) -> list[tuple[Path, int]]:
-    """This process's memory cgroup folders, with their cgroup version (v1's memory hierarchy first)."""
     found = []
     for line in proc_cgroup.splitlines():
         _, controllers, path = (line.split(":", 2) + ["", ""])[:3]
@@ -71,6 +60,12 @@ def _own_memory_cgroups(proc_cgroup: str, root: Path) -> list[tuple[Path, int]]:
         elif controllers == "":
             found += [(root / relative, 2), (root / "unified" / relative, 2)]
     return [(folder, version) for folder, version in found if folder.is_dir()]
+
+
+def cgroup_counter_files(proc_cgroup: str | None = None, root: Path = CGROUP_ROOT) -> list[Path]:
+    """The files that count out-of-memory kills for this process's own cgroup, where they exist."""
+    counters = [folder / OOM_COUNTER[version] for folder, version in _own_memory_cgroups(proc_cgroup, root)]
+    return [counter for counter in counters if counter.exists()]
 
 
 SERVER_CGROUP_PREFIX = "kvbatch-server-"
@@ -99,19 +94,14 @@ class ServerCgroup:
 
     @classmethod
     def create(cls, name: str, proc_cgroup: str | None = None, root: Path = CGROUP_ROOT) -> ServerCgroup | None:
-        try:
-            proc_cgroup = Path("/proc/self/cgroup").read_text() if proc_cgroup is None else proc_cgroup
-        except OSError:
-            return None
         for parent, version in _own_memory_cgroups(proc_cgroup, root):
             _remove_stale(parent)
             folder = parent / name
-            counter = "memory.oom_control" if version == 1 else "memory.events"
             try:
                 folder.mkdir(exist_ok=True)
             except OSError:
                 continue
-            if (folder / counter).exists() and os.access(folder / "cgroup.procs", os.W_OK):
+            if (folder / OOM_COUNTER[version]).exists() and os.access(folder / "cgroup.procs", os.W_OK):
                 return cls(folder, version)
             with contextlib.suppress(OSError):
                 folder.rmdir()
@@ -123,7 +113,7 @@ class ServerCgroup:
         return str(self.path / "cgroup.procs")
 
     def oom_kills(self) -> int | None:
-        return _counter(self.path / ("memory.oom_control" if self.version == 1 else "memory.events"), "oom_kill")
+        return _counter(self.path / OOM_COUNTER[self.version], "oom_kill")
 
     def peak_bytes(self) -> int | None:
         """The most memory the server's group held (v1 `memory.max_usage_in_bytes`, v2 `memory.peak`)."""

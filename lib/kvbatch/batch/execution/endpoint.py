@@ -178,16 +178,7 @@ class Endpoint:
             if recovery.out_of_memory:
                 self.in_flight_cap = max(1, min(self.in_flight_cap, self.gate.limit) // 2)
             await self.set_in_flight(self.gate.limit)
-            self.recorder.stats.endpoint(self.label).recoveries += 1
-            self.recorder.event(
-                "recovery",
-                endpoint=self.label,
-                **asdict(recovery),
-                memory_last_sampled_bytes=last_sampled,
-                in_flight_limit=self.gate.limit,
-                slots=self.slots,
-                slot_context=self.supervisor.layout.slot_context_tokens,
-            )
+            self._note_recovery(recovery, memory_last_sampled_bytes=last_sampled, in_flight_limit=self.gate.limit)
             self.ready.set()
             return recovery
 
@@ -243,9 +234,13 @@ class Endpoint:
             self.last_probe_error = exc
             return
         if recovery is not None:
-            self.recorder.stats.endpoint(self.label).recoveries += 1
-            self.recorder.event("recovery", endpoint=self.label, **asdict(recovery), slots=self.slots,
-                                slot_context=self.supervisor.layout.slot_context_tokens)  # fmt: skip
+            self._note_recovery(recovery)
+
+    def _note_recovery(self, recovery: Recovery, **details) -> None:
+        """Count it, and log it with the layout the server came back with."""
+        self.recorder.stats.endpoint(self.label).recoveries += 1
+        self.recorder.event("recovery", endpoint=self.label, **asdict(recovery), **details, slots=self.slots,
+                            slot_context=self.supervisor.layout.slot_context_tokens)  # fmt: skip
 
     async def _probe_until_back(self, restart_for: KvbatchError | None = None) -> None:
         if restart_for is not None:

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 
 import pytest
 from kvbatch.batch.sample import candidate_message, system_prompt
@@ -223,3 +224,44 @@ def test_a_load_stopped_by_its_ceiling_before_the_slots_filled_does_not_pass(emb
     outcome = _sustain(embedded_server, _bodies(2), budget=None, ceiling_s=1.0, slot_context_tokens=10**9)
     assert not outcome.passed and outcome.stopped_by == "the ceiling of 1 s"
     assert any("before every slot had served its context once (slot 0:" in reason for reason in outcome.reasons)
+
+
+def test_the_plans_memory_bounds_the_peak_of_a_sustained_load_at_the_plan(tmp_path):
+    """The shipped sample planned for 2 slots and run at that plan on the real server until every slot served its
+    context twice over: the peak stays under the plan's memory. Without what serving adds (its compute buffer,
+    logits, samplers) the same plan fell short of the peak (545 MiB against 504 planned at 4 slots), and a load
+    whose peak passes the plan fails."""
+    from dataclasses import replace
+
+    from kvbatch import defaults
+    from kvbatch.batch.runfolder import RunFolder
+    from kvbatch.batch.runner import load_input, plan_only
+    from kvbatch.batch.settings import BatchSettings
+    from kvbatch.measure.sustained import judge_against_plan
+
+    settings = BatchSettings(input_path=defaults.SAMPLE_INPUT, folder=RunFolder(tmp_path / "run"), slots=2,
+                             slot_context_tokens=3584)  # fmt: skip
+    prepared = plan_only(settings, say=lambda *_: None)
+    plan, memory = prepared.plan, prepared.plan.memory
+    assert memory is not None and memory.serving_bytes > 20 * 2**20
+    _, requests_fn = load_input(settings)
+    bodies = [request.body for request in itertools.islice(requests_fn(frozenset()), 8)]
+    config = replace(prepared.plans[0].config, context_tokens=plan.layout.total_context_tokens,
+                     parallel_slots=plan.layout.slots)  # fmt: skip
+    with EmbeddedServer(config) as server:
+
+        async def go():
+            async with get_backend("openai", server.url, api_key=server.api_key, slot_pinning=True) as backend:
+                return await sustained_load(backend, ProcessRssProbe(server.pid), bodies, slots=2,
+                                            slot_context_tokens=3584, duration_s=0.0, ceiling_s=1800.0,
+                                            planned_bytes=memory.counted_bytes)  # fmt: skip
+
+        held = asyncio.run(go())
+        checkpoints = server.log().checkpoint_bytes
+    assert held.passed, held.reasons
+    assert held.planned_bytes == int(memory.counted_bytes) >= held.memory_peak_bytes
+    assert checkpoints  # the load made the checkpoints the plan prices
+    unpriced = memory.counted_bytes - memory.serving_bytes
+    assert held.memory_peak_bytes > unpriced  # what serving adds is real: the old plan was no bound
+    judged = judge_against_plan(held, unpriced)
+    assert not judged.passed and "above the plan's" in judged.reasons[-1]

@@ -3,8 +3,9 @@
 # Requests of the batch's own sizes (by default the shipped sample's shape) run at the plan's slots and per-slot
 # context, one worker per slot, until every slot has served its own context's worth of tokens (over at least two
 # requests) and the set duration has passed, whichever is later, up to a ceiling. Memory is compared with the budget
-# every interval. The verdict is FAILED on any request error, on memory above the budget, on a drift above
-# max(1 %, 64 MiB) over the second half, or when the ceiling came before every slot was filled.
+# every interval. The verdict is FAILED on any request error, on memory above the budget, on a peak above the plan's
+# memory (the plan must bound what the server takes), on a drift above max(1 %, 64 MiB) over the second half, or
+# when the ceiling came before every slot was filled.
 
 # %% [parameters]
 from kvbatch import defaults
@@ -66,12 +67,14 @@ display(Markdown(f"**Plan under test** ({settings.input_path}): {layout.describe
 report, requests_fn = load_input(settings)
 bodies = [request.body for request in itertools.islice(requests_fn(frozenset()), max(4 * layout.slots, 16))]
 budget_bytes = plan.budget.bytes if plan.budget else None
+planned_bytes = plan.memory.counted_bytes if plan.memory else None
 
 
 async def measure_at(backend_obj, probe):
     return await sustained_load(backend_obj, probe, bodies, slots=layout.slots,
                                 slot_context_tokens=layout.slot_context_tokens, duration_s=duration_s,
-                                ceiling_s=ceiling_s, interval_s=interval_s, budget_bytes=budget_bytes)
+                                ceiling_s=ceiling_s, interval_s=interval_s, budget_bytes=budget_bytes,
+                                planned_bytes=planned_bytes)
 
 
 if backend == "ollama":
@@ -94,7 +97,8 @@ verdict = "PASSED" if outcome.passed else "FAILED: " + "; ".join(outcome.reasons
 served = ", ".join(f"slot {i}: {s.requests} requests, {s.tokens:,} tokens" for i, s in enumerate(outcome.served))
 display(Markdown(f"**{verdict}**. {outcome.requests} requests in {outcome.duration_s:.0f} s at {layout.describe()} "
                  f"(stopped by {outcome.stopped_by}; ceiling {outcome.ceiling_s:.0f} s); {served}; "
-                 f"memory peak {size(outcome.memory_peak_bytes)} (budget {size(budget_bytes)}), "
+                 f"memory peak {size(outcome.memory_peak_bytes)} (plan {size(planned_bytes)}, "
+                 f"budget {size(budget_bytes)}), "
                  f"drift over the second half {size(outcome.memory_drift_bytes)}; {len(outcome.errors)} request "
                  "error(s)."))
 

@@ -110,6 +110,7 @@ class Plan:
                 sliding_kv_bytes=int(memory.sliding_bytes),
                 checkpoint_bytes=int(memory.checkpoint_bytes),
                 checkpoints_counted_in_budget=memory.checkpoints_in_budget,
+                serving_bytes=int(memory.serving_bytes),
                 total_bytes=int(memory.counted_bytes),
             )
             if memory
@@ -148,10 +149,11 @@ class Plan:
                 if memory.checkpoint_bytes
                 else ""
             )
+            serving = f" + serving {format_bytes(memory.serving_bytes)}" if memory.serving_bytes else ""
             lines.append(
                 f"  memory: base {format_bytes(memory.base_bytes)} + KV cache {format_bytes(memory.kv_cache_bytes)} "
                 f"(global {format_bytes(memory.global_bytes)}, sliding window {format_bytes(memory.sliding_bytes)})"
-                f"{checkpoints} = {format_bytes(memory.counted_bytes)}"
+                f"{checkpoints}{serving} = {format_bytes(memory.counted_bytes)} at the peak"
             )
         if self.budget:
             lines.append(

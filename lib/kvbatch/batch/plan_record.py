@@ -15,6 +15,8 @@ class MemoryRecord(BaseModel):
     sliding_kv_bytes: int
     checkpoint_bytes: int
     checkpoints_counted_in_budget: bool
+    serving_bytes: int = 0
+    """What the server takes once it serves: its compute buffer, each slot's logits and sampler."""
     total_bytes: int
 
 

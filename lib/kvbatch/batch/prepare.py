@@ -10,7 +10,7 @@ from pathlib import Path
 
 from kvbatch.batch.endpoints import EndpointSpec
 from kvbatch.batch.plan import Plan
-from kvbatch.batch.probe import model_file, sizes_from_embedded
+from kvbatch.batch.probe import BaseReading, model_file, sizes_from_embedded
 from kvbatch.batch.requests import InputReport
 from kvbatch.batch.server_plans import EndpointPlan, embedded_plan, ollama_plan, openai_plan, ray_plan
 from kvbatch.batch.settings import BatchSettings
@@ -44,10 +44,10 @@ async def prepare(settings: BatchSettings, report: InputReport, requests_fn, spe
                   log_dir: Path) -> Prepared:  # fmt: skip
     """Token sizes from the model's own tokenizer where there is one, then each endpoint's plan."""
     first = specs[0]
-    base_bytes: float | None = None
+    base: BaseReading | None = None
     if first.kind in ("embedded", "ray"):
         model_path = await asyncio.to_thread(model_file, settings)
-        calibration, base_bytes = await sizes_from_embedded(settings, report, requests_fn, model_path, log_dir,
+        calibration, base = await sizes_from_embedded(settings, report, requests_fn, model_path, log_dir,
                                                             base=any(s.kind == "embedded" for s in specs))  # fmt: skip
     elif first.backend == "ollama":
         async with get_backend("ollama", first.url, model=first.model, api_key=first.api_key()) as ollama:
@@ -72,7 +72,7 @@ async def prepare(settings: BatchSettings, report: InputReport, requests_fn, spe
     embedded_count = sum(1 for s in specs if s.kind == "embedded" and s.gpu is None)
     for spec in specs:
         if spec.kind == "embedded":
-            plans.append(await embedded_plan(settings, sizes, spec, base_bytes or 0.0, embedded_count))
+            plans.append(await embedded_plan(settings, sizes, spec, base, embedded_count))
         elif spec.kind == "ray":
             plans.append(ray_plan(settings, sizes, spec))
         elif spec.backend == "ollama":

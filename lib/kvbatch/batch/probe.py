@@ -4,16 +4,26 @@ memory the model holds before any KV cache (the base of a plan made without a me
 from __future__ import annotations
 
 import asyncio
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from kvbatch import defaults
+from kvbatch.batch.memory import ServingMemory
 from kvbatch.batch.requests import InputReport
 from kvbatch.batch.settings import BatchSettings
 from kvbatch.batch.tokens import Calibration, calibrate
 from kvbatch.serve.backends import get_backend
+from kvbatch.serve.config import build_has_gpu
 from kvbatch.serve.probes import probe_for_server
 from kvbatch.serve.server import EmbeddedServer, default_model_path
+
+
+@dataclass(frozen=True)
+class BaseReading:
+    """What the probe server showed of the model's memory: its base before any KV cache, and what serving adds."""
+
+    base_bytes: float
+    serving: ServingMemory
 
 
 def model_file(settings: BatchSettings) -> Path:
@@ -29,22 +39,27 @@ def _probe_server(settings: BatchSettings, model_path: Path, log_dir: Path) -> E
     return EmbeddedServer(config, log_path=log_dir / "probe-server.log")
 
 
-def _base_bytes(server: EmbeddedServer) -> float:
-    """What the model holds before any KV cache: the server's memory less its logged KV buffers."""
-    return float(probe_for_server(server.pid, server.log_text).read() - server.log().kv_total_bytes)
+def _read_base(server: EmbeddedServer) -> BaseReading:
+    """What the model holds before any KV cache (the server's memory less its logged KV buffers), and the
+    buffers its log says serving will touch."""
+    log = server.log()
+    on_gpu = build_has_gpu() and server.config.gpu_layers != 0 and log.on_gpu
+    serving = ServingMemory.from_probe_log(log, probe_context=server.config.context_tokens, on_gpu=on_gpu)
+    return BaseReading(float(probe_for_server(server.pid, server.log_text).read() - log.kv_total_bytes), serving)
 
 
-async def sizes_from_embedded(settings: BatchSettings, report: InputReport, requests_fn, model_path: Path,
-                              log_dir: Path, *, base: bool = True) -> tuple[Calibration, float | None]:  # fmt: skip
+async def sizes_from_embedded(
+    settings: BatchSettings, report: InputReport, requests_fn, model_path: Path, log_dir: Path, *, base: bool = True
+) -> tuple[Calibration, BaseReading | None]:
     """The real tokenizer, and (with `base`) the memory the model needs before any KV, from one probe server."""
     async with _probe_server(settings, model_path, log_dir) as server:
         async with get_backend("openai", server.url, api_key=server.api_key) as backend:
             calibration = await calibrate(backend, report, requests_fn)
-        return calibration, await asyncio.to_thread(_base_bytes, server) if base else None
+        return calibration, await asyncio.to_thread(_read_base, server) if base else None
 
 
-def probe_base(settings: BatchSettings, log_dir: Path) -> float:
+def probe_base(settings: BatchSettings, log_dir: Path) -> BaseReading:
     """The base memory alone (a Ray actor plans for its own node with it)."""
     model_path = model_file(settings)
     with _probe_server(settings, model_path, log_dir) as server:
-        return _base_bytes(server)
+        return _read_base(server)

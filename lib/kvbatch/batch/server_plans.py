@@ -13,7 +13,7 @@ from kvbatch.batch.budgets import embedded_budget, ollama_budget
 from kvbatch.batch.endpoints import EndpointSpec
 from kvbatch.batch.memory import MemoryModel
 from kvbatch.batch.plan import Plan, PlanInputs, make_plan
-from kvbatch.batch.probe import model_file
+from kvbatch.batch.probe import BaseReading, model_file
 from kvbatch.batch.settings import BatchSettings
 from kvbatch.batch.sizes import SizeProfile
 from kvbatch.errors import UserInputError
@@ -87,10 +87,11 @@ def _plan(settings: BatchSettings, sizes: SizeProfile, inputs: PlanInputs) -> Pl
     )
 
 
-async def embedded_plan(settings: BatchSettings, sizes: SizeProfile, spec: EndpointSpec, base_bytes: float,
-                         share: int) -> EndpointPlan:  # fmt: skip
+async def embedded_plan(settings: BatchSettings, sizes: SizeProfile, spec: EndpointSpec, base: BaseReading | None,
+                        share: int) -> EndpointPlan:  # fmt: skip
     """A plan for an embedded server on this machine (or card `spec.gpu`), one of `share` on its memory: from the
-    measurement of this model and cache type when there is one, else from the GGUF's architecture and `base_bytes`."""
+    measurement of this model and cache type when there is one, else from the GGUF's architecture and the probe's
+    base; either way with what the probe's log says serving adds (the plan bounds the peak)."""
     model_path = await asyncio.to_thread(model_file, settings)
     arch = await asyncio.to_thread(architecture_from_gguf, model_path)
     candidates = kv_candidates(settings.kv_type)
@@ -99,12 +100,13 @@ async def embedded_plan(settings: BatchSettings, sizes: SizeProfile, spec: Endpo
     path = settings.measurement_path or find_measurement("embedded", model_path.name, types)
     measurement, shown, reason = _load_measurement(path)
     budget = embedded_budget(settings, spec.gpu, on_gpu=on_gpu, share=share)
-    options = {"checkpoints_in_budget": not on_gpu, "ctx_checkpoints": settings.server.ctx_checkpoints or 0}
+    options = {"checkpoints_in_budget": not on_gpu, "ctx_checkpoints": settings.server.ctx_checkpoints or 0,
+               "serving": base.serving if base else None}  # fmt: skip
     if measurement is not None:
         memory = MemoryModel.from_measurement(arch, measurement, types, **options)
     else:
-        memory = MemoryModel(arch, base_bytes, types, source="predicted from the GGUF, base from a quick probe",
-                             **options)  # fmt: skip
+        memory = MemoryModel(arch, base.base_bytes if base else 0.0, types,
+                             source="predicted from the GGUF, base from a quick probe", **options)  # fmt: skip
     inputs = _inputs(settings, memory, budget, measurement, shown, reason,
                      kv_types=tuple(replace(t, swa_full=settings.server.swa_full) for t in candidates),
                      limits_source=memory.source)  # fmt: skip

@@ -45,6 +45,8 @@ class Sustained(BaseModel):
     memory_peak_bytes: int | None = None
     memory_drift_bytes: float | None = None
     budget_bytes: int | None = None
+    planned_bytes: int | None = None
+    """The plan's memory at its peak for this layout: a load whose peak passed it failed."""
     requests_per_interval: list[int] = Field(default_factory=list)
     slot_requests: list[int] = Field(default_factory=list)
     slot_tokens: list[int] = Field(default_factory=list)

@@ -284,6 +284,7 @@ def save_sustained(out: Path, outcome, *, backend: str, model: str, types: KvCac
             memory_peak_bytes=outcome.memory_peak_bytes,
             memory_drift_bytes=outcome.memory_drift_bytes,
             budget_bytes=outcome.budget_bytes,
+            planned_bytes=outcome.planned_bytes,
             requests_per_interval=outcome.requests_per_interval,
             slot_requests=[s.requests for s in outcome.served],
             slot_tokens=[s.tokens for s in outcome.served],

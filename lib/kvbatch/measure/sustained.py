@@ -8,8 +8,9 @@ therefore runs longer instead of passing on nothing; a ceiling bounds it, and a 
 every slot was filled says so and does not pass. The first request error or sample above the budget ends it at
 once (the verdict is known).
 
-It fails on any request error, on memory above the budget, on a drift above max(1 %, 64 MiB) over the second half
-(allocator noise is a few MiB; a leak or unbounded context checkpoints grow by hundreds), and when it never
+It fails on any request error, on memory above the budget, on a peak above the plan's memory (the plan is a
+bound: what it prices must cover what the server really takes), on a drift above max(1 %, 64 MiB) over the second
+half (allocator noise is a few MiB; a leak or unbounded context checkpoints grow by hundreds), and when it never
 filled its slots.
 """
 
@@ -17,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import itertools
 import time
 from collections.abc import Iterable
@@ -63,6 +65,8 @@ class SustainedResult:
     ceiling_s: float | None = None
     stopped_by: str = ""
     """Why the load ended, in words: filled and past its duration, a request error, the budget, or the ceiling."""
+    planned_bytes: int | None = None
+    """The plan's memory for this layout at its peak, which the load's peak must not pass."""
 
     @property
     def requests_per_s(self) -> float:
@@ -134,6 +138,7 @@ async def sustained_load(
     ceiling_s: float = defaults.SUSTAINED_CEILING_S,
     interval_s: float = defaults.SUSTAINED_INTERVAL_S,
     budget_bytes: int | None = None,
+    planned_bytes: float | None = None,
     sample_s: float = 1.0,
     min_requests_per_slot: int = defaults.SUSTAINED_MIN_REQUESTS_PER_SLOT,
 ) -> SustainedResult:
@@ -185,7 +190,20 @@ async def sustained_load(
         task.cancel()
     await asyncio.gather(*tasks, return_exceptions=True)
     elapsed = load.elapsed()
-    return _verdict(load, elapsed, finished, errors, speeds, series, over_budget, budget_bytes, slots, interval_s)
+    outcome = _verdict(load, elapsed, finished, errors, speeds, series, over_budget, budget_bytes, slots, interval_s)
+    return judge_against_plan(outcome, planned_bytes) if planned_bytes else outcome
+
+
+def judge_against_plan(outcome: SustainedResult, planned_bytes: float) -> SustainedResult:
+    """The outcome with the plan's memory as a bound: a peak above it fails the load (the plan did not price
+    something the server takes while serving)."""
+    peak = outcome.memory_peak_bytes
+    reasons = list(outcome.reasons)
+    if peak and peak > planned_bytes:
+        reasons.append(f"memory peaked at {peak / 2**20:.1f} MiB, above the plan's {planned_bytes / 2**20:.1f} MiB: "
+                       "the plan does not bound what the server takes")  # fmt: skip
+    return dataclasses.replace(outcome, planned_bytes=int(planned_bytes), reasons=reasons,
+                               passed=outcome.passed and not (peak and peak > planned_bytes))  # fmt: skip
 
 
 def _verdict(load: _Load, elapsed: float, finished: list[float], errors: list[str], speeds, series, over_budget,

@@ -14,7 +14,10 @@ from kvbatch import defaults
 from kvbatch.errors import looks_like_oom
 
 _MIB = 1024 * 1024
-_BUFFER_LINE = re.compile(r"(?P<where>[\w.-]+) (?P<kind>KV|model|compute) buffer size\s*=\s*(?P<mib>[\d.]+) MiB")
+_BUFFER_LINE = re.compile(
+    r"(?P<where>[\w.-]+)\s+(?P<kind>KV|model|compute|output) buffer size\s*=\s*(?P<mib>[\d.]+) MiB"
+)
+_VOCAB_LINE = re.compile(r"print_info: n_vocab\s*=\s*(?P<n>\d+)")
 _SLOT_CTX_LINE = re.compile(r"new slot.*?n_ctx(?:_slot)?\s*=\s*(?P<n>\d+)")
 _OFFLOADED_LINE = re.compile(r"offloaded (?P<on>\d+)/(?P<all>\d+) layers to GPU")
 _SYSTEM_INFO_LINE = re.compile(r"system_info: (?P<info>.*)$", re.M)
@@ -39,6 +42,9 @@ class ServerLog:
     system_info: str | None = None
     checkpoint_bytes: list[int] = field(default_factory=list)
     """Sizes of the context checkpoints the server made, in order (each a copy of one slot's window cache)."""
+    output_buffer_bytes: dict[str, int] = field(default_factory=dict)
+    """The logits buffer (vocabulary x slots floats), allocated and cleared at load."""
+    vocab_size: int | None = None
 
     @property
     def kv_total_bytes(self) -> int:
@@ -60,6 +66,7 @@ def parse_server_log(text: str) -> ServerLog:
     kv: dict[str, int] = {}
     model: dict[str, int] = {}
     compute: dict[str, int] = {}
+    output: dict[str, int] = {}
     cache = "kv"
     lines = [_LOG_PREFIX.sub("", line.strip()) for line in text.splitlines() if line.strip()]
     for line in lines:
@@ -75,12 +82,13 @@ def parse_server_log(text: str) -> ServerLog:
                 key = f"{cache}_{where}"
                 kv[key] = kv.get(key, 0) + size
             else:
-                target = model if match.group("kind") == "model" else compute
+                target = {"model": model, "compute": compute, "output": output}[match.group("kind")]
                 target[where] = target.get(where, 0) + size
     slots = [int(m.group("n")) for m in _SLOT_CTX_LINE.finditer(text)]
     offloaded = _OFFLOADED_LINE.search(text)
     info = _SYSTEM_INFO_LINE.search(text)
     checkpoints = [int(float(m.group("mib")) * _MIB) for m in _CHECKPOINT_LINE.finditer(text)]
+    vocab = _VOCAB_LINE.search(text)
     oom_lines = [line for line in lines if looks_like_oom(line)]
     error_lines = [line for line in lines if _ERROR_LINE.search(line)]
     failure = oom_lines[0] if oom_lines else (error_lines[-1] if error_lines else None)
@@ -94,6 +102,8 @@ def parse_server_log(text: str) -> ServerLog:
         (int(offloaded.group("on")), int(offloaded.group("all"))) if offloaded else None,
         info.group("info").strip() if info else None,
         checkpoints,
+        output,
+        int(vocab.group("n")) if vocab else None,
     )
 
 

@@ -167,6 +167,13 @@ def build_parser() -> argparse.ArgumentParser:
     report = commands.add_parser("report", help="render (again) the HTML report of a run")
     report.add_argument("--run", default=None, help="run folder or name under data/runs (default: the newest)")
     report.set_defaults(handler=cmd_report)
+
+    export = commands.add_parser("export", help="write a run's answers as one table (a row per custom_id)")
+    export.add_argument("run", help="run folder or name under data/runs")
+    export.add_argument("--format", default=None, choices=("csv", "parquet", "jsonl"),
+                        help="default: from the --out file's suffix")  # fmt: skip
+    export.add_argument("--out", required=True, help="file to write")
+    export.set_defaults(handler=cmd_export)
     return parser
 
 
@@ -176,6 +183,8 @@ def _add_batch_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--system-prompt", default=None, help="system prompt file (table input)")
     parser.add_argument("--template", default=None, help="user message template with {column} fields (table input)")
     parser.add_argument("--id-column", default=None, help="table column to use as custom_id (default: row-N)")
+    parser.add_argument("--schema", default=None,
+                        help="JSON Schema file every answer of a table input must keep to (checked, asked again)")
     parser.add_argument("--mode", default="independent", choices=("independent", "conversation"))
     parser.add_argument("--concurrency", default="auto",
                         help="requests in flight per server, or auto (measure and keep the fastest)")  # fmt: skip
@@ -214,6 +223,8 @@ def _add_batch_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--temperature", type=float, default=None, help="override temperature of every request")
     parser.add_argument("--max-attempts", type=int, default=defaults.MAX_ATTEMPTS,
                         help="crashes a request may cause alone before it fails for good")  # fmt: skip
+    parser.add_argument("--answer-attempts", type=int, default=defaults.ANSWER_ATTEMPTS,
+                        help="answers asked for until one keeps to the request's response_format (JSON, its schema)")
     parser.add_argument("--max-wait", type=float, default=defaults.MAX_WAIT_S,
                         help="seconds to wait out transient failures before stopping (default 1800)")  # fmt: skip
     parser.add_argument("--request-timeout", type=float, default=defaults.REQUEST_TIMEOUT_S,
@@ -236,6 +247,8 @@ def settings_from_args(args: argparse.Namespace):
             concurrency = int(concurrency)
         except ValueError as exc:
             raise UserInputError(f"--concurrency: {args.concurrency!r} is neither a number nor auto") from exc
+    if args.answer_attempts < 1:
+        raise UserInputError("--answer-attempts: must be at least 1")
     if args.slot_ctx is not None and args.slot_ctx < 256:
         raise UserInputError("--slot-ctx: must be at least 256 tokens")
     generation = {key: value for key, value in (("max_tokens", args.max_tokens), ("temperature", args.temperature))
@@ -251,6 +264,7 @@ def settings_from_args(args: argparse.Namespace):
         system_prompt_path=Path(args.system_prompt) if args.system_prompt else None,
         template=args.template,
         id_column=args.id_column,
+        schema_path=Path(args.schema) if args.schema else None,
         mode=args.mode,
         concurrency=concurrency,
         slots=args.slots or (concurrency if isinstance(concurrency, int) else None),
@@ -271,6 +285,7 @@ def settings_from_args(args: argparse.Namespace):
         measurement_path=Path(args.measurements) if args.measurements else None,
         generation=generation,
         max_attempts=args.max_attempts,
+        answer_attempts=args.answer_attempts,
         max_wait_s=args.max_wait,
         request_timeout_s=args.request_timeout,
         retry_failed=getattr(args, "retry_failed", False),
@@ -366,6 +381,22 @@ def cmd_report(args: argparse.Namespace) -> int:
     if not folder.is_run():
         raise UserInputError(f"{folder.path} is not a run folder (no run.json); run `make batch` first")
     print(f"report: {render_run_report(folder.path)}")
+    return 0
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from kvbatch.batch.runfolder import RunFolder
+    from kvbatch.report.results import EXPORT_FORMATS, export_results
+
+    folder = RunFolder.named(args.run)
+    if not folder.is_run():
+        raise UserInputError(f"{folder.path} is not a run folder (no run.json)")
+    out = Path(args.out)
+    fmt = args.format or out.suffix.lstrip(".").lower()
+    if fmt not in EXPORT_FORMATS:
+        raise UserInputError(f"--out {out}: say --format ({', '.join(EXPORT_FORMATS)}); the suffix does not tell")
+    rows = export_results(folder.path, out, fmt)
+    print(f"{rows} rows ({fmt}): {out}")
     return 0
 
 

@@ -87,6 +87,12 @@ server restart or a model reload takes minutes, never half an hour."""
 MAX_ATTEMPTS = 2
 """Crashes a request may cause while sent alone before it fails for good: twice alone is proof it is the cause
 (a request in flight during two crashes is only a suspect, and is then sent alone)."""
+ANSWER_ATTEMPTS = 4
+"""Answers asked for per request whose `response_format` asks for JSON, until one keeps to it (`--answer-attempts`):
+at a 20 % invalid rate, 0.2^4 = 0.16 % fail for good. Its own budget: an invalid answer is not a crash."""
+ANSWER_RETRY_TEMPERATURE = 0.7
+"""The temperature an invalid answer is asked again at when its request had none: greedy decoding gives the same
+answer whatever the seed."""
 MAX_SERVER_FAULTS = 4
 """Server faults (5xx, a timeout, a dropped connection while the server stays up) one request may meet while the
 server answers others before it fails for good: a random 1 % of dropped connections hits one request four times in

@@ -157,7 +157,35 @@ else:
 table(errors) if not errors.empty else Markdown("No request failed.")
 
 # %% [markdown]
+# ## The answers
+# Requests that asked for JSON (`response_format`): the share whose first answer kept to it, the answers asked again
+# and why, and, for each boolean, integer and enum field, how many answers gave each value.
+
+# %%
+answers = R.load_results(run)
+checked = summary.get("answers_checked") or 0
+cut = summary.get("answers_cut_at_max_tokens") or 0
+invalid = summary.get("invalid_answers") or {}
+words = {"not_json": "not JSON", "cut": "JSON cut off at max_tokens", "schema": "against the schema"}
+display(Markdown(
+    f"{cut} answer(s) ended at max_tokens (`finish_reason: length`). "
+    + (f"{checked} request(s) asked for JSON; {share(summary.get('answers_valid_at_first_attempt', 0) / checked)} kept "
+       "to it at the first attempt; answers asked again: "
+       + (", ".join(f"{n} {words.get(k, k)}" for k, n in invalid.items()) or "none") + "."
+       if checked else "No request asked for JSON.")
+))
+distributions = R.answer_distributions(answers)
+if distributions:
+    fig, axes = plt.subplots(1, len(distributions), figsize=(4 * len(distributions), 3.2), squeeze=False)
+    for ax, (field, counts) in zip(axes[0], distributions.items(), strict=True):
+        ax.bar([str(v) for v in counts.index], counts.values, color="tab:blue")
+        ax.set(title=field, ylabel="answers")
+        integer_axis(ax.yaxis)
+    fig.tight_layout()
+    plt.show()
+
+# %% [markdown]
 # ## A few answers (text is escaped)
 
 # %%
-table(R.load_results(run).head(5)[["custom_id", "finish_reason", "completion_tokens", "answer"]])
+table(answers[answers.status == "completed"].head(5)[["custom_id", "finish_reason", "completion_tokens", "answer"]])

@@ -82,12 +82,21 @@ class Fingerprint(BaseModel):
         return [f"{key}: was {stored.get(key)!r}, now {mine[key]!r}" for key in mine if stored.get(key) != mine[key]]
 
 
+class InputSource(BaseModel):
+    """Where the run's requests came from: an export joins a table input's own columns back on its id column."""
+
+    path: str
+    table: bool = False
+    id_column: str | None = None
+
+
 class RunRecord(BaseModel):
     """run.json."""
 
     journal_version: int = JOURNAL_VERSION
     created_unix_s: float
     fingerprint: Fingerprint
+    input: InputSource | None = None
 
 
 class Journal:
@@ -106,7 +115,7 @@ class Journal:
         self.repaired_bytes = 0
 
     @classmethod
-    def open(cls, folder: RunFolder | Path, fingerprint: Fingerprint) -> Journal:
+    def open(cls, folder: RunFolder | Path, fingerprint: Fingerprint, source: InputSource | None = None) -> Journal:
         folder = folder if isinstance(folder, RunFolder) else RunFolder(Path(folder))
         folder.path.mkdir(parents=True, exist_ok=True)
         journal = cls(folder)
@@ -133,7 +142,7 @@ class Journal:
                 "to; move them away or use another --run name"
             )
         else:
-            record = RunRecord(created_unix_s=time.time(), fingerprint=fingerprint)
+            record = RunRecord(created_unix_s=time.time(), fingerprint=fingerprint, input=source)
             write_durably(folder.run_file, record.model_dump_json(indent=2))
         for path in (journal.results_path, journal.errors_path):
             journal.repaired_bytes += _repair_torn_tail(path)

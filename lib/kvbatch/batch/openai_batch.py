@@ -51,6 +51,7 @@ def scan_openai_batch(
     max_problems: int = 1000,
     refused: dict[str, str] | None = None,
     accepted: frozenset[str] | None = None,
+    schema_keywords: dict[str, str] | None = None,
 ) -> InputReport:
     """Validate an OpenAI Batch JSONL file line by line, and index it for the executor. `refused` names body
     fields the chosen server cannot honour; `accepted`, when given, the only ones it takes (the rest are noted)."""
@@ -112,7 +113,8 @@ def scan_openai_batch(
                          f"{record.get('url')!r} is not supported; use {SUPPORTED_URLS[0]}")  # fmt: skip
                 continue
             body = record.get("body")
-            messages = check_body(body, (str(path), line_no), report.problems, refused, accepted, not_sent)
+            messages = check_body(body, (str(path), line_no), report.problems, refused, accepted, not_sent,
+                                  schema_keywords)
             if messages is None:
                 continue
             if body.get("model"):

@@ -15,6 +15,7 @@ from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any
 
+from kvbatch.batch.answers import response_format_problem
 from kvbatch.errors import UserInputError
 from kvbatch.messages import message_text
 
@@ -137,9 +138,11 @@ def check_body(
     refused: dict[str, str] | None = None,
     accepted: frozenset[str] | None = None,
     not_sent: Counter | None = None,
+    schema_keywords: dict[str, str] | None = None,
 ) -> list[dict[str, Any]] | None:
     """The messages of a valid chat body, or None after adding the first problem found. Fields outside `accepted`
-    (when the server takes only some) are counted in `not_sent`, for a note."""
+    (when the server takes only some) are counted in `not_sent`, for a note; a `response_format` must be one whose
+    answers can be checked, with no schema keyword the server refuses (`schema_keywords`)."""
     path, line_no = where
 
     def problem(name: str, reason: str) -> None:
@@ -180,6 +183,11 @@ def check_body(
         if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))
                                   or not math.isfinite(value)):  # fmt: skip
             problem(f"body.{key}", "must be a number")
+            return None
+    if "response_format" in body:
+        found = response_format_problem(body["response_format"], schema_keywords or {})
+        if found:
+            problem(*found)
             return None
     for key, reason in (refused or {}).items():
         if key in body:

@@ -6,16 +6,17 @@ from __future__ import annotations
 import asyncio
 import tempfile
 import time
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 from kvbatch.aio import run_sync
+from kvbatch.batch.answers import load_schema_file
 from kvbatch.batch.endpoints import EndpointSpec, endpoint_specs
 from kvbatch.batch.execution.executor import Executor, RunOptions
 from kvbatch.batch.execution.guard import TruncationGuard
 from kvbatch.batch.execution.stats import RunStats
-from kvbatch.batch.journal import Fingerprint, Journal, completed_ids
+from kvbatch.batch.journal import Fingerprint, InputSource, Journal, completed_ids
 from kvbatch.batch.openai_batch import iter_openai_batch, load_index, save_index, scan_openai_batch
 from kvbatch.batch.plan import Plan, least_slot_context
 from kvbatch.batch.plan_record import PlanRecord
@@ -49,18 +50,22 @@ class FieldRules:
 
     refused: dict[str, str]
     accepted: frozenset[str] | None
+    schema_keywords: dict[str, str] = field(default_factory=dict)
+    """JSON Schema keywords a server refuses in a response_format schema, with the reason."""
 
 
 def field_rules(specs: list[EndpointSpec]) -> FieldRules:
     refused: dict[str, str] = {}
     accepted: frozenset[str] | None = None
+    keywords: dict[str, str] = {}
     for spec in specs:
         if spec.kind == "external":
             backend = backend_class(spec.backend)
             refused.update(backend.refused_fields)
+            keywords.update(backend.refused_schema_keywords)
             if backend.accepted_fields is not None:
                 accepted = backend.accepted_fields if accepted is None else accepted & backend.accepted_fields
-    return FieldRules(refused, accepted)
+    return FieldRules(refused, accepted, keywords)
 
 
 def load_input(settings: BatchSettings, rules: FieldRules | None = None) -> tuple[InputReport, Any]:
@@ -74,10 +79,17 @@ def load_input(settings: BatchSettings, rules: FieldRules | None = None) -> tupl
             body["max_tokens"] = settings.default_max_tokens
         return body
 
+    rules = rules or FieldRules({}, None)
+    if settings.schema_path is not None and not settings.is_table:
+        raise UserInputError("--schema is for a table input; an OpenAI Batch line gives its own response_format")
     if settings.is_table:
         if settings.template is None or settings.system_prompt_path is None:
             raise UserInputError("a table input needs both --system-prompt FILE and --template TEXT")
-        table = TableInput(settings.input_path, settings.system_prompt_path, settings.template, settings.id_column)
+        body_defaults = {}
+        if settings.schema_path is not None:
+            body_defaults["response_format"] = load_schema_file(settings.schema_path, rules.schema_keywords)
+        table = TableInput(settings.input_path, settings.system_prompt_path, settings.template, settings.id_column,
+                           body_defaults=body_defaults)  # fmt: skip
         report = table.scan()
 
         def table_requests(done):
@@ -86,8 +98,8 @@ def load_input(settings: BatchSettings, rules: FieldRules | None = None) -> tupl
 
         return report, table_requests
     report = load_index(settings.folder.index, settings.input_path)
-    rules = rules or FieldRules({}, None)
-    report = report or scan_openai_batch(settings.input_path, refused=rules.refused, accepted=rules.accepted)
+    report = report or scan_openai_batch(settings.input_path, refused=rules.refused, accepted=rules.accepted,
+                                         schema_keywords=rules.schema_keywords)  # fmt: skip
 
     def requests(done):
         for request in iter_openai_batch(report, done):
@@ -212,7 +224,9 @@ async def run_batch_async(settings: BatchSettings, *, say=print) -> RunOutcome:
             prepared = await prepare(settings, report, requests_fn, specs, Path(scratch))
         say(_describe(prepared))
         # run.json is written only now: a plan error leaves no run behind
-        journal = await asyncio.to_thread(Journal.open, folder, fingerprint)
+        source = InputSource(path=str(settings.input_path.resolve()), table=settings.is_table,
+                             id_column=settings.id_column)  # fmt: skip
+        journal = await asyncio.to_thread(Journal.open, folder, fingerprint, source)
         if journal.resumed:
             say(
                 f"resuming {folder.path}: {len(journal.done)} of {report.request_count} already done"
@@ -251,6 +265,7 @@ async def _execute(settings: BatchSettings, report: InputReport, requests_fn, pr
         concurrency=settings.concurrency,
         chunk_size=lambda: plan.chunk_size,  # read live: a back-off that shrinks the context shortens chunks
         max_attempts=settings.max_attempts,
+        answer_attempts=settings.answer_attempts,
         max_wait_s=settings.max_wait_s,
         memory_threshold_bytes=settings.memory_threshold_bytes,
         progress=settings.progress,
@@ -318,6 +333,9 @@ def _summary(report: InputReport, prepared: Prepared, stats: RunStats, executor:
         cached_prompt_tokens=stats.cached_tokens,
         completion_tokens=stats.completion_tokens,
         answers_cut_at_max_tokens=stats.truncated_answers,
+        answers_checked=stats.answers_checked,
+        answers_valid_at_first_attempt=stats.answers_valid_first,
+        invalid_answers=dict(stats.invalid_answers),
         cache_share_of_prompt_tokens=stats.cache_share(),
         system_prompt_share_served_from_cache=stats.system_prompt_share(),
         per_prefix={key: value.__dict__ for key, value in stats.per_prefix.items()},

@@ -18,6 +18,8 @@ class BatchSettings:
     system_prompt_path: Path | None = None
     template: str | None = None
     id_column: str | None = None
+    schema_path: Path | None = None
+    """`--schema FILE`: the JSON Schema every answer of a table input must keep to."""
     mode: str = "independent"
     concurrency: int | str = "auto"
     slots: int | None = None
@@ -45,6 +47,7 @@ class BatchSettings:
     generation: dict[str, Any] = field(default_factory=dict)
     default_max_tokens: int = defaults.DEFAULT_MAX_TOKENS
     max_attempts: int = defaults.MAX_ATTEMPTS
+    answer_attempts: int = defaults.ANSWER_ATTEMPTS
     max_wait_s: float = defaults.MAX_WAIT_S
     request_timeout_s: float = defaults.REQUEST_TIMEOUT_S
     retry_failed: bool = False

@@ -41,6 +41,12 @@ class Summary(BaseModel):
     cached_prompt_tokens: int
     completion_tokens: int
     answers_cut_at_max_tokens: int
+    """Answers that ended at max_tokens or the context (`finish_reason: length`), kept or asked again."""
+    answers_checked: int = 0
+    """Requests whose response_format asked for JSON, finished this invocation."""
+    answers_valid_at_first_attempt: int = 0
+    invalid_answers: dict[str, int] = Field(default_factory=dict)
+    """Answers that broke their request's response_format, by kind (not_json, cut, schema), re-asked or failed."""
     cache_share_of_prompt_tokens: float | None
     system_prompt_share_served_from_cache: float | None
     per_prefix: dict[str, dict[str, Any]] = Field(default_factory=dict)

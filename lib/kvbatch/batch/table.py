@@ -4,6 +4,7 @@ system prompt file. The table's bytes, the system prompt, the template and the i
 from __future__ import annotations
 
 import hashlib
+import json
 import string
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -97,6 +98,8 @@ class TableInput:
         digest = hashlib.sha256(system.encode())
         digest.update(self.template.encode("utf-8", "surrogatepass"))
         digest.update(f"\0id_column={self.id_column or ''}\0".encode())
+        if self.body_defaults:  # a --schema is part of what the run asks
+            digest.update(json.dumps(self.body_defaults, sort_keys=True).encode())
         with open(self.table_path, "rb") as handle:
             for block in iter(lambda: handle.read(1 << 20), b""):
                 digest.update(block)

@@ -22,28 +22,129 @@ def _jsonl_records(path: Path) -> list[dict[str, Any]]:
     return records
 
 
-def load_results(run_dir: Path | str) -> pd.DataFrame:
-    """One row per completed request: custom_id, answer text, finish reason and token counts."""
+RESULT_COLUMNS = [
+    "custom_id", "status", "answer", "finish_reason", "prompt_tokens", "cached_tokens", "completion_tokens",
+    "latency_s", "attempts", "answer_attempts", "error_code", "error_message",
+]  # fmt: skip
+
+
+def _completed_rows(folder: RunFolder) -> list[dict[str, Any]]:
     rows = []
-    for record in _jsonl_records(RunFolder(Path(run_dir)).results):
+    for record in _jsonl_records(folder.results):
         body = record["response"]["body"]
         choice = (body.get("choices") or [{}])[0]
         usage = body.get("usage") or {}
         details = usage.get("prompt_tokens_details") or {}
         cached = details.get("cached_tokens", (body.get("timings") or {}).get("cache_n"))
-        rows.append(
-            {
-                "custom_id": record["custom_id"],
-                "answer": (choice.get("message") or {}).get("content"),
-                "finish_reason": choice.get("finish_reason"),
-                "prompt_tokens": usage.get("prompt_tokens"),
-                "cached_tokens": cached,
-                "completion_tokens": usage.get("completion_tokens"),
-            }
-        )
-    return pd.DataFrame(
-        rows, columns=["custom_id", "answer", "finish_reason", "prompt_tokens", "cached_tokens", "completion_tokens"]
-    )
+        rows.append({"custom_id": record["custom_id"], "status": "completed",
+                     "answer": (choice.get("message") or {}).get("content"),
+                     "finish_reason": choice.get("finish_reason"), "prompt_tokens": usage.get("prompt_tokens"),
+                     "cached_tokens": cached, "completion_tokens": usage.get("completion_tokens")})  # fmt: skip
+    return rows
+
+
+def _failed_rows(folder: RunFolder) -> list[dict[str, Any]]:
+    return [{"custom_id": r["custom_id"], "status": "failed", "answer": r["error"].get("last_answer"),
+             "finish_reason": r["error"].get("finish_reason"), "attempts": r.get("attempts"),
+             "error_code": r["error"]["code"], "error_message": r["error"]["message"]}
+            for r in _jsonl_records(folder.errors)]  # fmt: skip
+
+
+def _json_fields(frame: pd.DataFrame) -> pd.DataFrame:
+    """The top-level fields of the answers that asked for JSON, one column each (a nested value as JSON text)."""
+    asked = frame["answer_attempts"].notna() if "answer_attempts" in frame else pd.Series(False, index=frame.index)
+    if not asked.any():
+        return frame
+    fields: dict[str, dict[int, Any]] = {}
+    for index, text in frame.loc[asked & frame["answer"].notna(), "answer"].items():
+        try:
+            value = json.loads(text)
+        except (TypeError, ValueError):
+            continue
+        if isinstance(value, dict):
+            for key, item in value.items():
+                column = key if key not in frame.columns else f"answer_{key}"
+                fields.setdefault(column, {})[index] = (
+                    json.dumps(item, ensure_ascii=False) if isinstance(item, (dict, list)) else item
+                )
+    frame.attrs["answer_fields"] = list(fields)
+    for column, values in fields.items():
+        frame[column] = pd.Series(values, dtype=object).reindex(frame.index)
+        if pd.api.types.infer_dtype(frame[column], skipna=True) in ("integer", "floating", "boolean"):
+            frame[column] = frame[column].convert_dtypes()
+    return frame
+
+
+def _input_columns(folder: RunFolder, frame: pd.DataFrame) -> pd.DataFrame:
+    """A table input's own columns, joined on its id column (or its row number, `row-N`)."""
+    record = _json(folder.run_file).get("input") or {}
+    path = Path(record.get("path") or "")
+    if not record.get("table") or not path.is_file():
+        return frame
+    if path.suffix.lower() in (".jsonl", ".ndjson"):
+        table = pd.read_json(path, lines=True, dtype=False)
+    else:
+        table = pd.read_csv(path, dtype=str, keep_default_na=False, encoding="utf-8-sig")
+    id_column = record.get("id_column")
+    keys = table[id_column].astype(str) if id_column else pd.Series([f"row-{i + 1}" for i in range(len(table))])
+    table = table.drop(columns=[id_column] if id_column else [])
+    table = table.rename(columns={c: c if c not in frame.columns else f"input_{c}" for c in table.columns})
+    table.insert(0, "custom_id", keys.values)
+    return frame.merge(table, on="custom_id", how="left")
+
+
+def load_results(run_dir: Path | str) -> pd.DataFrame:
+    """One row per request with an outcome: status (completed or failed), the answer, finish reason, tokens,
+    latency, attempts (a failed one: its error and last answer); for answers that asked for JSON, its top-level
+    fields as columns; for a table input, the table's own columns joined on its id. `kvbatch export` writes it."""
+    folder = RunFolder(Path(run_dir))
+    frame = pd.DataFrame(_completed_rows(folder) + _failed_rows(folder), columns=RESULT_COLUMNS)
+    metrics = _jsonl_records(folder.metrics)
+    if metrics:
+        per_request = pd.DataFrame(metrics).drop_duplicates("custom_id", keep="last").set_index("custom_id")
+        for column in ("latency_s", "attempts", "answer_attempts"):
+            if column in per_request:
+                known = frame["custom_id"].map(per_request[column])
+                frame[column] = known.where(known.notna(), frame[column])
+    for column in ("prompt_tokens", "cached_tokens", "completion_tokens", "attempts", "answer_attempts"):
+        frame[column] = pd.to_numeric(frame[column], errors="coerce").astype("Int64")
+    frame["latency_s"] = pd.to_numeric(frame["latency_s"], errors="coerce")
+    frame = _json_fields(frame)
+    fields = frame.attrs.get("answer_fields", [])
+    frame = _input_columns(folder, frame)
+    frame.attrs["answer_fields"] = fields
+    return frame
+
+
+def answer_distributions(frame: pd.DataFrame, *, most_values: int = 12) -> dict[str, pd.Series]:
+    """For each JSON answer field that is a boolean, an integer or a string of few values (an enum): how many
+    answers gave each value (the report's bar charts)."""
+    counts: dict[str, pd.Series] = {}
+    done = frame[frame["status"] == "completed"] if "status" in frame else frame
+    for column in frame.attrs.get("answer_fields", []):
+        values = done[column].dropna()
+        if values.empty:
+            continue
+        kind = pd.api.types.infer_dtype(values, skipna=True)
+        if kind == "boolean" or kind == "integer" or (kind == "string" and values.nunique() <= most_values):
+            counts[column] = values.value_counts().sort_index()
+    return counts
+
+
+EXPORT_FORMATS = ("csv", "parquet", "jsonl")
+
+
+def export_results(run_dir: Path | str, out: Path, fmt: str) -> int:
+    """Write `load_results` as CSV, Parquet (pyarrow) or JSON lines; returns the rows written."""
+    frame = load_results(run_dir)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    if fmt == "csv":
+        frame.to_csv(out, index=False)
+    elif fmt == "parquet":
+        frame.to_parquet(out, index=False, engine="pyarrow")
+    else:
+        frame.to_json(out, orient="records", lines=True, force_ascii=False)
+    return len(frame)
 
 
 def load_errors(run_dir: Path | str) -> pd.DataFrame:

@@ -63,6 +63,9 @@ class Supervisor(abc.ABC):
     restarts_itself: bool = False
     """True when the server is ours to restart (embedded, a Ray actor): recovery brings it back rather than
     waiting for someone else to."""
+    holds_layout_context: bool = True
+    """The layout's per-slot context is what the server gives each request (we started it, or send `num_ctx`); a
+    running OpenAI-compatible server's is its own, which the layout only estimates."""
 
     @property
     def pid(self) -> int | None:
@@ -240,6 +243,7 @@ class ExternalSupervisor(Supervisor):
     """A server someone else runs: we can only wait for it, with capped back-off and jitter, up to `max_wait_s`."""
 
     label = "external"
+    holds_layout_context = False
 
     def __init__(self, backend: Backend, layout: SlotLayout, *, max_wait_s: float = defaults.MAX_WAIT_S) -> None:
         self.backend = backend
@@ -279,6 +283,8 @@ class ExternalSupervisor(Supervisor):
 class OllamaSupervisor(ExternalSupervisor):
     """A running Ollama: `num_ctx` is ours to set, so an out-of-memory halves the per-slot context (Ollama reloads
     the model at the new size); after the first reply `/api/ps` must show the context asked for, all on the GPU."""
+
+    holds_layout_context = True  # num_ctx goes with every request
 
     label = "ollama"
 

@@ -38,6 +38,7 @@ class RunOptions:
     chunk_size: int | Callable[[], int] = 1
     """Requests per conversation, or how to read it from the plan (which a back-off may change)."""
     max_attempts: int = defaults.MAX_ATTEMPTS
+    answer_attempts: int = defaults.ANSWER_ATTEMPTS
     max_wait_s: float = defaults.MAX_WAIT_S
     memory_threshold_bytes: int | None = None
     memory_interval_s: float = defaults.MEMORY_SAMPLE_S
@@ -193,6 +194,7 @@ class Executor:
             self.guard,
             policy=policy,
             max_wait_s=self.options.max_wait_s,
+            answer_attempts=self.options.answer_attempts,
         )
         sender.others_waiting = lambda: not feed.drained
         workers = Workers(feed, sender, recorder, chunk_size=self.options.chunk_size)

@@ -153,7 +153,8 @@ class Workers:
     async def _record(self, endpoint: Endpoint, request: BatchRequest, outcome: Outcome, slot: int) -> None:
         if outcome.result is not None:
             self.recorder.success(request, outcome.result, attempts=outcome.attempts, slot=outcome.slot,
-                                  endpoint=endpoint.label, waited_s=outcome.waited_s)  # fmt: skip
+                                  endpoint=endpoint.label, waited_s=outcome.waited_s,
+                                  answer_attempts=outcome.answer_attempts)  # fmt: skip
             if not endpoint.first_reply_checked:
                 endpoint.first_reply_checked = True
                 try:
@@ -163,7 +164,7 @@ class Workers:
         else:
             assert outcome.error is not None
             self.recorder.failure(request, outcome.error, attempts=outcome.attempts, endpoint=endpoint.label,
-                                  details=outcome.error.details)  # fmt: skip
+                                  details=outcome.error.details, answer_attempts=outcome.answer_attempts)  # fmt: skip
         await self.feed.finished()
 
     async def independent(self, endpoint: Endpoint, slot: int, quota: Quota, warm_before: asyncio.Event | None,

@@ -9,6 +9,7 @@ from collections.abc import Callable
 from typing import Any
 
 from kvbatch import defaults, jsoncodec
+from kvbatch.batch.answers import AnswerProblem, InvalidAnswerError
 from kvbatch.batch.execution.stats import PrefixStats, RunStats
 from kvbatch.batch.journal import Journal
 from kvbatch.batch.progress import Progress
@@ -81,13 +82,25 @@ class Recorder:
             self._since_sync = 0
             self._fsync.request()
 
+    def invalid_answer(self, problem: AnswerProblem, finish_reason: str | None) -> None:
+        """One answer that broke its request's response_format (counted; the request is asked again or fails)."""
+        kinds = self.stats.invalid_answers
+        kinds[problem.kind] = kinds.get(problem.kind, 0) + 1
+        self.stats.truncated_answers += finish_reason == "length"
+
+    def _answers(self, answer_attempts: int) -> None:
+        if answer_attempts:
+            self.stats.answers_checked += 1
+            self.stats.answers_valid_first += answer_attempts == 1
+
     def success(
         self, request: BatchRequest, result: ChatResult, *, attempts: int, slot: int | None, endpoint: str,
-        waited_s: float,
+        waited_s: float, answer_attempts: int = 0,
     ) -> None:  # fmt: skip
         self.journal.record_result(request.custom_id, result.response_body)
         stats = self.stats
         stats.completed += 1
+        self._answers(answer_attempts)
         prompt = result.prompt_tokens or 0
         cached = result.cached_prompt_tokens
         stats.prompt_tokens += prompt
@@ -126,12 +139,14 @@ class Recorder:
             "endpoint": endpoint,
             "slot": slot,
             "attempts": attempts,
+            "answer_attempts": answer_attempts or None,
         }))  # fmt: skip
         self.progress.update(ok=True, cache_share=stats.cache_share())
         self.sync()
 
     def failure(self, request: BatchRequest, error: KvbatchError, *, attempts: int, endpoint: str,
-                details: dict[str, Any] | None = None) -> None:  # fmt: skip
+                details: dict[str, Any] | None = None, answer_attempts: int = 0) -> None:  # fmt: skip
+        self._answers(answer_attempts if isinstance(error, InvalidAnswerError) else 0)
         self.journal.record_error(request.custom_id, type(error).__name__, error.server_message or str(error),
                                   attempts=attempts, status_code=error.status_code, details=details)  # fmt: skip
         self.stats.failed += 1

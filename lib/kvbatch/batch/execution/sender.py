@@ -10,6 +10,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from kvbatch import defaults
+from kvbatch.batch.answers import AnswerContracts, ask_again, invalid_answer
 from kvbatch.batch.execution.endpoint import Endpoint, EndpointOut
 from kvbatch.batch.execution.guard import TruncationGuard
 from kvbatch.batch.execution.policy import Action, Decision, FailurePolicy
@@ -28,6 +29,8 @@ class Outcome:
     waited_s: float
     slot: int | None = None
     """The slot id leased for the last attempt."""
+    answer_attempts: int = 0
+    """Answers asked for until one kept to the request's response_format (0: it asked for no JSON)."""
 
 
 class RunStopped(Exception):
@@ -50,11 +53,14 @@ class Sender:
         *,
         policy: FailurePolicy,
         max_wait_s: float = defaults.MAX_WAIT_S,
+        answer_attempts: int = defaults.ANSWER_ATTEMPTS,
     ) -> None:
         self.recorder = recorder
         self.guard = guard
         self.policy = policy
         self.max_wait_s = max_wait_s
+        self.answer_attempts = max(answer_attempts, 1)
+        self.contracts = AnswerContracts()
         self.fatal: KvbatchError | None = None
         self.others_waiting: Callable[[], bool] = lambda: True
         """Whether other requests remain to be sent (the executor sets it from its feed): at the batch's tail a
@@ -68,10 +74,13 @@ class Sender:
         self.recorder.event("failure", **decision.event(endpoint.label, request.custom_id, error))
 
     async def send(self, endpoint: Endpoint, request: BatchRequest, body: dict[str, Any], slot: int | None) -> Outcome:
-        """Send until there is an outcome. Raises EndpointOut or RetryLater (hand the request back), or RunStopped."""
+        """Send until there is an outcome. Raises EndpointOut or RetryLater (hand the request back), or RunStopped.
+        An answer that breaks the request's response_format is asked again (its own budget, nothing charged)."""
         waited = 0.0
         delays = backoff_delays()
         policy = self.policy
+        contract = self.contracts.of(body)
+        answers = 0
         while True:
             if self.fatal:
                 raise RunStopped(self.fatal)
@@ -100,7 +109,18 @@ class Sender:
                 truncated = self.guard.check(request, result) if self.guard else None
                 if truncated is not None:
                     return Outcome(None, truncated, total, waited, leased)
-                return Outcome(result, None, total, waited, leased)
+                problem = contract.check(result.text, result.finish_reason) if contract else None
+                answers += contract is not None
+                if problem is None:
+                    return Outcome(result, None, total, waited, leased, answers)
+                self.recorder.invalid_answer(problem, result.finish_reason)
+                if answers >= self.answer_attempts:
+                    error = invalid_answer(problem, result.text, result.finish_reason, answers)
+                    return Outcome(None, error, total, waited, leased, answers)
+                supervisor = endpoint.supervisor
+                room = supervisor.layout.slot_context_tokens if supervisor.holds_layout_context else None
+                body = ask_again(body, answers, problem, prompt_tokens=result.prompt_tokens, slot_context_tokens=room)
+                continue
             assert error is not None
             alone_at_the_tail = isinstance(error, (ServerFaultError, RequestTimeoutError)) and (
                 endpoint.gate.in_flight == 0 and not self.others_waiting()

@@ -47,7 +47,14 @@ class RunStats:
     cached_tokens_known: int = 0
     completion_tokens: int = 0
     truncated_answers: int = 0
-    """Answers that ended because they reached max_tokens or the context (`finish_reason: length`)."""
+    """Answers that ended because they reached max_tokens or the context (`finish_reason: length`), kept or asked
+    again."""
+    answers_checked: int = 0
+    """Requests whose response_format asked for JSON, finished (a success or a failure for its answer)."""
+    answers_valid_first: int = 0
+    """Of those, the ones whose first answer kept to it."""
+    invalid_answers: dict[str, int] = field(default_factory=dict)
+    """Answers that did not keep to their request's response_format, by kind (not_json, cut, schema)."""
     started_unix_s: float = field(default_factory=time.time)
     per_prefix: dict[str, PrefixStats] = field(default_factory=dict)
     per_endpoint: dict[str, EndpointStats] = field(default_factory=dict)

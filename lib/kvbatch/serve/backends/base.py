@@ -111,6 +111,9 @@ class Backend(abc.ABC):
     name: str = ""
     refused_fields: ClassVar[dict[str, str]] = {}
     """Request body fields this server cannot honour, with the reason; validation refuses them up front."""
+    refused_schema_keywords: ClassVar[dict[str, str]] = {}
+    """JSON Schema keywords this server refuses in a `response_format` schema, with the reason: validation names
+    them (file, line, where in the schema) before the first request."""
     accepted_fields: ClassVar[frozenset[str] | None] = None
     """The body fields this backend sends or translates; any other is named in the input notes as not sent (None:
     the body goes to the server as it is)."""

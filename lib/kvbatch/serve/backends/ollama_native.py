@@ -154,6 +154,11 @@ class OllamaBackend(HttpBackend):
     accepted_fields: ClassVar[frozenset[str] | None] = frozenset(
         {"messages", "response_format", "options", *OPTION_NAMES, *IGNORED_FIELDS}
     )
+    refused_schema_keywords: ClassVar[dict[str, str]] = {
+        "$defs": "Ollama refuses `$defs` in a format schema: write the definitions inline",
+        "definitions": "Ollama refuses `definitions` in a format schema: write them inline",
+        "pattern": "Ollama refuses `pattern` in a format schema: remove it, or use an enum",
+    }
 
     def __init__(
         self,

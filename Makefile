@@ -11,10 +11,11 @@ INPUT ?= data/sample/requests.jsonl
 RUN ?=
 BATCH_ARGS ?=
 MEASURE_ARGS ?=
+API_ARGS ?=
 PYTEST_ARGS ?=
 LAB_PORT ?= 8888
 
-.PHONY: setup test batch measure report lab lint plan serve notebooks clean
+.PHONY: setup test batch measure report lab lint plan serve api browser notebooks clean
 
 setup: $(STAMP)
 
@@ -30,7 +31,15 @@ $(STAMP): pyproject.toml
 	$(BIN)/python -m ipykernel install --prefix $(VENV) --name kvbatch --display-name "kvbatch (.venv)" >/dev/null
 	@touch $@
 
-test: setup
+# The status page of `kvbatch api` is checked in headless Chromium (Debian's package): installed here when missing.
+browser:
+	@command -v chromium >/dev/null || command -v chromium-browser >/dev/null || { \
+		if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+			echo "installing Debian's chromium for the status-page test (once)"; \
+			(apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium) >/dev/null; \
+		else echo "the status-page test needs chromium: install it (apt-get install chromium)"; exit 1; fi; }
+
+test: setup browser
 	@set +e; $(BIN)/python -m pytest $(PYTEST_ARGS); rc=$$?; \
 	if [ $$rc -eq 5 ]; then echo "pytest collected no tests (exit 5)"; exit 0; fi; exit $$rc
 
@@ -48,6 +57,10 @@ measure: setup
 
 serve: setup
 	$(BIN)/kvbatch serve
+
+# The OpenAI Batch API on 127.0.0.1 (`API_ARGS=--port 8321 --url ...`): point the openai SDK's base_url at it.
+api: setup
+	$(BIN)/kvbatch api $(API_ARGS)
 
 # JupyterLab refuses root without --allow-root; containers (and these machines) run as root.
 lab: setup

@@ -12,7 +12,7 @@ import pytest
 from aiohttp import web
 from background import BackgroundApp
 from batch_helpers import kvbatch
-from kvbatch.batch.answers import load_schema_file
+from kvbatch.batch.answers import AnswerProblem, ask_again, load_schema_file, refused_keywords
 from kvbatch.batch.openai_batch import scan_openai_batch
 from kvbatch.errors import UserInputError
 from kvbatch.results import load_results
@@ -135,6 +135,8 @@ def test_a_schema_the_server_refuses_or_that_is_broken_is_named_before_the_first
     assert ":3: body.response_format.json_schema.schema: not a valid JSON Schema" in problems[1]
     assert "properties.score.type" in problems[1]
     assert len(scan_openai_batch(path).problems) == 1  # llama-server takes $defs: only the broken schema
+    field_named_pattern = {"type": "object", "properties": {"pattern": {"type": "string"}}}
+    assert refused_keywords(field_named_pattern, OllamaBackend.refused_schema_keywords) == []  # a field, no keyword
     schema_file = tmp_path / "screen.json"
     schema_file.write_text(json.dumps({**SCHEMA, "properties": {"name": {"type": "string", "pattern": "^[A-Z]"}}}))
     with pytest.raises(UserInputError, match=r"screen.json: schema.properties.name.pattern: Ollama refuses"):
@@ -172,3 +174,15 @@ def test_a_table_input_with_a_schema_is_answered_by_the_real_server_and_exports_
         assert list(back.columns) == list(frame.columns)
         for column in ("custom_id", "answer", "decision", "name", "completion_tokens", "score", "remote"):
             assert back[column].tolist() == frame[column].tolist(), (fmt, column)
+
+
+def test_a_cut_answer_is_asked_again_with_more_room_until_the_slot_has_none():
+    cut = AnswerProblem("cut", "$", "cut off")
+    body = {"messages": [], "max_tokens": 300, "max_completion_tokens": 300, "temperature": 0}
+    again = ask_again(body, 1, cut, prompt_tokens=3000, slot_context_tokens=3584)
+    assert again["max_tokens"] == again["max_completion_tokens"] == 584  # within the slot's room, both keys
+    assert again["temperature"] > 0 and again["seed"] != body.get("seed")
+    assert ask_again(again, 2, cut, prompt_tokens=3000, slot_context_tokens=3584) is None  # no room left
+    kept = ask_again({"messages": [], "options": {"temperature": 0.2}}, 1, AnswerProblem("schema", "$.a", "x"),
+                     prompt_tokens=None, slot_context_tokens=None)  # fmt: skip
+    assert "temperature" not in kept  # Ollama's own options.temperature stays the user's

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import signal
 import sys
 import time
@@ -122,6 +123,7 @@ def build_parser() -> argparse.ArgumentParser:
     sample.add_argument("--out", default=str(defaults.SAMPLE_INPUT))
     sample.add_argument("--max-tokens", type=int, default=300)
     sample.add_argument("--seed", type=int, default=1)
+    sample.add_argument("--text", action="store_true", help="free-text answers (default: JSON with a schema)")
     sample.set_defaults(handler=cmd_sample)
 
     measure = commands.add_parser("measure", help="run the measurement notebooks headless; reports in reports/")
@@ -168,6 +170,19 @@ def build_parser() -> argparse.ArgumentParser:
     report.add_argument("--run", default=None, help="run folder or name under data/runs (default: the newest)")
     report.set_defaults(handler=cmd_report)
 
+    api = commands.add_parser("api", help="serve the OpenAI Batch API on this machine (files, batches, a status page)")
+    _add_batch_flags(api, with_input=False)
+    api.add_argument("--host", default="127.0.0.1")
+    api.add_argument("--port", type=int, default=defaults.API_PORT)
+    api.add_argument("--data", default=str(defaults.API_DATA_DIR), help="store folder (SQLite, files, run folders)")
+    api.add_argument("--api-key-env", default=None,
+                     help="environment variable holding the key clients must send (needed beyond loopback)")
+    api.add_argument("--webhook-url", default=None, help="POST batch.completed/failed/cancelled events here")
+    api.add_argument("--webhook-secret-env", default=None,
+                     help="environment variable holding the webhook signing secret (Standard Webhooks)")
+    api.add_argument("--no-report", action="store_true", help="skip rendering each batch's HTML report")
+    api.set_defaults(handler=cmd_api)
+
     export = commands.add_parser("export", help="write a run's answers as one table (a row per custom_id)")
     export.add_argument("run", help="run folder or name under data/runs")
     export.add_argument("--format", default=None, choices=("csv", "parquet", "jsonl"),
@@ -177,14 +192,20 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _add_batch_flags(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("input", help="OpenAI Batch JSONL, or a CSV/JSONL table with --system-prompt and --template")
-    parser.add_argument("--run", default=None, help="run folder or name under data/runs (default: from the input name)")
-    parser.add_argument("--system-prompt", default=None, help="system prompt file (table input)")
-    parser.add_argument("--template", default=None, help="user message template with {column} fields (table input)")
-    parser.add_argument("--id-column", default=None, help="table column to use as custom_id (default: row-N)")
-    parser.add_argument("--schema", default=None,
-                        help="JSON Schema file every answer of a table input must keep to (checked, asked again)")
+def _add_batch_flags(parser: argparse.ArgumentParser, *, with_input: bool = True) -> None:
+    if with_input:
+        parser.add_argument("input",
+                            help="OpenAI Batch JSONL, or a CSV/JSONL table with --system-prompt and --template")
+        parser.add_argument("--run", default=None,
+                            help="run folder or name under data/runs (default: from the input name)")
+        parser.add_argument("--system-prompt", default=None, help="system prompt file (table input)")
+        parser.add_argument("--template", default=None,
+                            help="user message template with {column} fields (table input)")
+        parser.add_argument("--id-column", default=None, help="table column to use as custom_id (default: row-N)")
+        parser.add_argument("--schema", default=None,
+                            help="JSON Schema file every answer of a table input must keep to (checked, asked again)")
+    else:
+        parser.set_defaults(input=None, run=None, system_prompt=None, template=None, id_column=None, schema=None)
     parser.add_argument("--mode", default="independent", choices=("independent", "conversation"))
     parser.add_argument("--concurrency", default="auto",
                         help="requests in flight per server, or auto (measure and keep the fastest)")  # fmt: skip
@@ -349,7 +370,8 @@ def cmd_plan(args: argparse.Namespace) -> int:
 def cmd_sample(args: argparse.Namespace) -> int:
     from kvbatch.batch.sample import write_sample
 
-    path = write_sample(Path(args.out), args.n, seed=args.seed, max_tokens=args.max_tokens)
+    path = write_sample(Path(args.out), args.n, seed=args.seed, max_tokens=args.max_tokens,
+                        json_answer=not args.text)  # fmt: skip
     print(f"wrote {args.n} requests to {path}")
     return 0
 
@@ -381,6 +403,21 @@ def cmd_report(args: argparse.Namespace) -> int:
     if not folder.is_run():
         raise UserInputError(f"{folder.path} is not a run folder (no run.json); run `make batch` first")
     print(f"report: {render_run_report(folder.path)}")
+    return 0
+
+
+def cmd_api(args: argparse.Namespace) -> int:
+    from kvbatch.aio import run_sync
+    from kvbatch.api.service import api_key_from, serve
+
+    key = api_key_from(args.api_key_env, args.host)
+    secret = os.environ.get(args.webhook_secret_env) if args.webhook_secret_env else None
+    if args.webhook_secret_env and not secret:
+        raise UserInputError(f"--webhook-secret-env {args.webhook_secret_env}: that environment variable is not set")
+    args.input, args.run = "api-batch.jsonl", "api"  # each batch's own file and run folder replace them
+    settings = settings_from_args(args)
+    run_sync(serve(settings, data=Path(args.data), host=args.host, port=args.port, api_key=key,
+                   webhook_url=args.webhook_url, webhook_secret=secret, report=not args.no_report))  # fmt: skip
     return 0
 
 

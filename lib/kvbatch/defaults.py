@@ -198,3 +198,17 @@ MAX_CONNECTIONS = 256
 (UNKNOWN_SERVER_SLOTS); below that a trial's extra requests would wait for a connection, on the request's clock."""
 RAY_SHUTDOWN_S = 30.0
 """How long a Ray actor is given at the run's end to stop its server and remove its logs before it is killed."""
+
+API_DATA_DIR = Path("data/api")
+"""`kvbatch api --data`: its SQLite store, uploaded files, and each batch's run folder."""
+API_PORT = 8321
+API_COUNT_EVERY_S = 1.0
+"""How often a running batch's request_counts are read from its journal and saved."""
+API_RETRY_PAUSE_S = 30.0
+"""After a batch's run stopped (its servers gone past --max-wait), the pause before it is taken up again."""
+API_PAGE_REFRESH_S = 2
+"""The status page reloads itself this often (seconds)."""
+WEBHOOK_ATTEMPTS = 6
+WEBHOOK_TIMEOUT_S = 10.0
+WEBHOOK_FIRST_DELAY_S = 1.0
+"""Webhook deliveries are retried with back-off doubling from this (1, 2, 4, ... s), in the background."""

@@ -163,16 +163,17 @@ table(errors) if not errors.empty else Markdown("No request failed.")
 
 # %%
 answers = R.load_results(run)
-checked = summary.get("answers_checked") or 0
+asked = answers[answers.answer_attempts.notna()]  # every invocation of the run, from its journal and metrics
+first = int(((asked.answer_attempts == 1) & (asked.status == "completed")).sum())
 cut = summary.get("answers_cut_at_max_tokens") or 0
 invalid = summary.get("invalid_answers") or {}
 words = {"not_json": "not JSON", "cut": "JSON cut off at max_tokens", "schema": "against the schema"}
 display(Markdown(
-    f"{cut} answer(s) ended at max_tokens (`finish_reason: length`). "
-    + (f"{checked} request(s) asked for JSON; {share(summary.get('answers_valid_at_first_attempt', 0) / checked)} kept "
-       "to it at the first attempt; answers asked again: "
+    f"{cut} answer(s) ended at max_tokens (`finish_reason: length`) in the last invocation. "
+    + (f"{len(asked)} request(s) asked for JSON; {share(first / len(asked))} kept to it at the first attempt, "
+       f"{int((asked.status == 'failed').sum())} never did; answers asked again in the last invocation: "
        + (", ".join(f"{n} {words.get(k, k)}" for k, n in invalid.items()) or "none") + "."
-       if checked else "No request asked for JSON.")
+       if len(asked) else "No request asked for JSON.")
 ))
 distributions = R.answer_distributions(answers)
 if distributions:

@@ -84,7 +84,11 @@ def refused_keywords(schema: Any, refused: dict[str, str], path: str = "schema")
         for key, value in schema.items():
             if key in refused:
                 found.append((f"{path}.{key}", refused[key]))
-            if key not in ("enum", "const", "default", "examples"):
+            if key in ("properties", "patternProperties", "$defs", "definitions", "dependentSchemas") and (
+                    isinstance(value, dict)):  # fmt: skip
+                for name, sub in value.items():  # the names here are the answer's fields, not keywords
+                    found.extend(refused_keywords(sub, refused, f"{path}.{key}.{name}"))
+            elif key not in ("enum", "const", "default", "examples"):
                 found.extend(refused_keywords(value, refused, f"{path}.{key}"))
     elif isinstance(schema, list):
         for index, item in enumerate(schema):
@@ -146,7 +150,10 @@ class AnswerContract:
             return AnswerProblem(kind, "$", f"{reason} ({str(exc).splitlines()[0][:120]})")
         if self._validator is None:
             return None
-        error = jsonschema.exceptions.best_match(self._validator.iter_errors(value))
+        try:
+            error = jsonschema.exceptions.best_match(self._validator.iter_errors(value))
+        except Exception as exc:  # noqa: BLE001 (an unresolvable $ref, an unknown format: the schema's fault)
+            return AnswerProblem("schema", "$", f"the schema cannot be applied: {type(exc).__name__}: {exc}"[:300])
         if error is None:
             return None
         return AnswerProblem("schema", json_path(error.absolute_path), error.message[:300])
@@ -169,26 +176,37 @@ class AnswerContracts:
         return contract
 
 
+MAX_TOKENS_KEYS = ("max_tokens", "max_completion_tokens")
+
+
 def ask_again(body: dict[str, Any], attempt: int, problem: AnswerProblem, *, prompt_tokens: int | None,
-              slot_context_tokens: int | None) -> dict[str, Any]:  # fmt: skip
+              slot_context_tokens: int | None) -> dict[str, Any] | None:  # fmt: skip
     """The body for the next attempt: another seed (and some temperature where there was none: greedy decoding
-    gives the same answer whatever the seed); after a cut, twice the answer room, within what the slot holds."""
+    gives the same answer whatever the seed); after a cut, twice the answer room, within what the slot holds.
+    None when a cut answer has no more room to grow (asking again at the same max_tokens would be cut again)."""
     again = dict(body)
     again["seed"] = int(body.get("seed") or 0) + attempt * 7919
-    if not body.get("temperature"):
+    options = body.get("options") if isinstance(body.get("options"), dict) else {}
+    if not body.get("temperature") and not options.get("temperature"):
         again["temperature"] = defaults.ANSWER_RETRY_TEMPERATURE
     if problem.kind == "cut":
-        key = "max_completion_tokens" if "max_completion_tokens" in body else "max_tokens"
-        current = int(body.get(key) or defaults.DEFAULT_MAX_TOKENS)
+        keys = [key for key in MAX_TOKENS_KEYS if key in body] or ["max_tokens"]
+        current = max(int(body.get(key) or defaults.DEFAULT_MAX_TOKENS) for key in keys)
         room = slot_context_tokens - prompt_tokens if slot_context_tokens and prompt_tokens else None
         grown = current * 2 if room is None else min(current * 2, room)
-        again[key] = max(grown, current)
+        if grown <= current:
+            return None
+        for key in keys:
+            again[key] = grown
     return again
 
 
-def invalid_answer(problem: AnswerProblem, text: str, finish_reason: str | None, attempts: int) -> InvalidAnswerError:
+def invalid_answer(problem: AnswerProblem, text: str, finish_reason: str | None, attempts: int, *,
+                   no_room: bool = False) -> InvalidAnswerError:  # fmt: skip
+    why = (f"it was cut off at max_tokens with no more room in the slot after {attempts} attempt(s)" if no_room
+           else f"after {attempts} attempt(s) (--answer-attempts)")  # fmt: skip
     return InvalidAnswerError(
-        f"the answer did not keep to the request's response_format after {attempts} attempt(s) "
-        f"(--answer-attempts): {problem.describe()}",
-        details={"validation": problem.as_dict(), "last_answer": text, "finish_reason": finish_reason},
+        f"the answer did not keep to the request's response_format: {why}: {problem.describe()}",
+        details={"validation": problem.as_dict(), "last_answer": text, "finish_reason": finish_reason,
+                 "answer_attempts": attempts},  # fmt: skip
     )

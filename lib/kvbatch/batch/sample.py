@@ -122,7 +122,32 @@ CRITERIA_TOPICS = [
 ]
 
 
-def system_prompt(target_tokens: int = 2400, seed: int = 7) -> str:
+ANSWER_SCHEMA = {
+    "type": "object",
+    "properties": {
+        "decision": {"type": "string", "enum": ["advance", "hold"]},
+        "score": {"type": "integer", "minimum": 0, "maximum": 5},
+        "strongest_criterion": {"type": "string", "enum": [title for title, _ in CRITERIA_TOPICS]},
+        "red_flags": {"type": "boolean"},
+        "summary": {"type": "string", "maxLength": 240},
+    },
+    "required": ["decision", "score", "strongest_criterion", "red_flags", "summary"],
+    "additionalProperties": False,
+}
+"""The decision a program reads from each screening answer (the shipped sample asks for it)."""
+
+_TEXT_FORMAT = (
+    "\nOutput format: first line 'DECISION: advance' or 'DECISION: hold'. Then one line per criterion as "
+    "'<number>. <title>: <score>/5 - <one sentence of evidence>'. End with 'SUMMARY:' and two sentences.\n"
+)
+_JSON_FORMAT = (
+    "\nOutput format: one JSON object and nothing else, with `decision` (advance or hold), `score` (0-5 overall), "
+    "`strongest_criterion` (the title of the criterion best met), `red_flags` (true or false) and `summary` (two "
+    "short sentences).\n"
+)
+
+
+def system_prompt(target_tokens: int = 2400, seed: int = 7, *, json_answer: bool = False) -> str:
     """The screening criteria: the long, byte-identical prefix every request shares."""
     rng = random.Random(seed)
     parts = [
@@ -142,10 +167,7 @@ def system_prompt(target_tokens: int = 2400, seed: int = 7) -> str:
             f"\nCriterion {section}: {title}. Score 0-5 for {text}. {detail} A score of 5 needs two or more "
             f"independent examples; 3 means adequate; 1 means a claim without evidence; 0 means absent.\n"
         )
-    parts.append(
-        "\nOutput format: first line 'DECISION: advance' or 'DECISION: hold'. Then one line per criterion as "
-        "'<number>. <title>: <score>/5 - <one sentence of evidence>'. End with 'SUMMARY:' and two sentences.\n"
-    )
+    parts.append(_JSON_FORMAT if json_answer else _TEXT_FORMAT)
     return "".join(parts)
 
 
@@ -165,11 +187,14 @@ def candidate_message(rng: random.Random, target_tokens: int = 600) -> str:
 
 
 def write_sample(
-    path: Path, n: int, *, seed: int = 1, max_tokens: int = 300, system_tokens: int = 2400, user_tokens: int = 600
+    path: Path, n: int, *, seed: int = 1, max_tokens: int = 300, system_tokens: int = 2400, user_tokens: int = 600,
+    json_answer: bool = False,
 ) -> Path:
-    """Write `n` requests in the OpenAI Batch format, streaming (any n fits in memory)."""
+    """Write `n` requests in the OpenAI Batch format, streaming (any n fits in memory). With `json_answer` each asks
+    for `ANSWER_SCHEMA` (`response_format`), as the shipped sample does."""
     rng = random.Random(seed)
-    system = system_prompt(system_tokens)
+    system = system_prompt(system_tokens, json_answer=json_answer)
+    response_format = {"type": "json_schema", "json_schema": {"name": "screening", "schema": ANSWER_SCHEMA}}
     path.parent.mkdir(parents=True, exist_ok=True)
     with open(path, "w", encoding="utf-8") as handle:
         for index in range(n):
@@ -184,6 +209,7 @@ def write_sample(
                     ],
                     "max_tokens": max_tokens,
                     "temperature": 0,
+                    **({"response_format": response_format} if json_answer else {}),
                 },
             }
             handle.write(json.dumps(record, ensure_ascii=False) + "\n")

@@ -65,7 +65,7 @@ class TableInput:
         except UnicodeDecodeError as exc:
             raise UserInputError(f"{self.system_prompt_path}: not UTF-8 (byte at position {exc.start})") from exc
 
-    def _rows(self) -> Iterator[tuple[int, dict[str, Any]]]:
+    def rows(self) -> Iterator[tuple[int, dict[str, Any]]]:
         row_no = 1  # header is line 1 in a CSV; data starts on line 2
         try:
             for frame in self._frames():
@@ -81,7 +81,7 @@ class TableInput:
         user = self.template.format(**{key: "" if value is None else value for key, value in row.items()})
         return [{"role": "system", "content": system}, {"role": "user", "content": user}]
 
-    def _custom_id(self, line_no: int, row: dict[str, Any]) -> str:
+    def custom_id(self, line_no: int, row: dict[str, Any]) -> str:
         return str(row[self.id_column]) if self.id_column else f"row-{line_no - 1}"
 
     def scan(self) -> InputReport:
@@ -105,7 +105,7 @@ class TableInput:
                 digest.update(block)
         seen: dict[str, int] = {}
         checked_columns = False
-        for line_no, row in self._rows():
+        for line_no, row in self.rows():
             if not checked_columns:
                 missing = [name for name in fields if name not in row]
                 if missing:
@@ -116,7 +116,7 @@ class TableInput:
                     report.problems.append(InputProblem(path, 1, self.id_column, "id column not in the table"))
                     break
                 checked_columns = True
-            custom_id = self._custom_id(line_no, row)
+            custom_id = self.custom_id(line_no, row)
             name = self.id_column or "id"
             if not custom_id:
                 report.problems.append(InputProblem(path, line_no, name, "empty id"))
@@ -141,8 +141,8 @@ class TableInput:
     ) -> Iterator[BatchRequest]:
         system = self.system_prompt()
         key = next(iter(report.prefix_offsets), "")
-        for line_no, row in self._rows():
-            custom_id = self._custom_id(line_no, row)
+        for line_no, row in self.rows():
+            custom_id = self.custom_id(line_no, row)
             if custom_id in done:
                 continue
             yield BatchRequest(custom_id, {**self.body_defaults, "messages": self._messages(system, row)}, line_no, key)

@@ -46,7 +46,8 @@ def _completed_rows(folder: RunFolder) -> list[dict[str, Any]]:
 def _failed_rows(folder: RunFolder) -> list[dict[str, Any]]:
     return [{"custom_id": r["custom_id"], "status": "failed", "answer": r["error"].get("last_answer"),
              "finish_reason": r["error"].get("finish_reason"), "attempts": r.get("attempts"),
-             "error_code": r["error"]["code"], "error_message": r["error"]["message"]}
+             "answer_attempts": r["error"].get("answer_attempts"), "error_code": r["error"]["code"],
+             "error_message": r["error"]["message"]}
             for r in _jsonl_records(folder.errors)]  # fmt: skip
 
 
@@ -63,34 +64,40 @@ def _json_fields(frame: pd.DataFrame) -> pd.DataFrame:
             continue
         if isinstance(value, dict):
             for key, item in value.items():
-                column = key if key not in frame.columns else f"answer_{key}"
-                fields.setdefault(column, {})[index] = (
-                    json.dumps(item, ensure_ascii=False) if isinstance(item, (dict, list)) else item
-                )
+                column = key if key not in frame.columns else f"answer.{key}"
+                fields.setdefault(column, {})[index] = item
     frame.attrs["answer_fields"] = list(fields)
     for column, values in fields.items():
-        frame[column] = pd.Series(values, dtype=object).reindex(frame.index)
-        if pd.api.types.infer_dtype(frame[column], skipna=True) in ("integer", "floating", "boolean"):
-            frame[column] = frame[column].convert_dtypes()
+        series = pd.Series(values, dtype=object).reindex(frame.index)
+        kind = pd.api.types.infer_dtype(series, skipna=True)
+        if kind in ("integer", "boolean"):
+            series = series.convert_dtypes()
+        elif kind in ("floating", "mixed-integer-float"):
+            series = pd.to_numeric(series)
+        elif kind != "string":  # nested values, or a field of mixed types: JSON text, which every format keeps
+            series = series.map(lambda v: v if v is None or (isinstance(v, float) and pd.isna(v))
+                                else json.dumps(v, ensure_ascii=False))  # fmt: skip
+        frame[column] = series
     return frame
 
 
 def _input_columns(folder: RunFolder, frame: pd.DataFrame) -> pd.DataFrame:
     """A table input's own columns, joined on its id column (or its row number, `row-N`)."""
+    from kvbatch.batch.table import TableInput
+
     record = _json(folder.run_file).get("input") or {}
     path = Path(record.get("path") or "")
     if not record.get("table") or not path.is_file():
         return frame
-    if path.suffix.lower() in (".jsonl", ".ndjson"):
-        table = pd.read_json(path, lines=True, dtype=False)
-    else:
-        table = pd.read_csv(path, dtype=str, keep_default_na=False, encoding="utf-8-sig")
     id_column = record.get("id_column")
-    keys = table[id_column].astype(str) if id_column else pd.Series([f"row-{i + 1}" for i in range(len(table))])
-    table = table.drop(columns=[id_column] if id_column else [])
-    table = table.rename(columns={c: c if c not in frame.columns else f"input_{c}" for c in table.columns})
-    table.insert(0, "custom_id", keys.values)
-    return frame.merge(table, on="custom_id", how="left")
+    table = TableInput(path, Path(), "", id_column)  # the run's own reader: the ids come out as the run made them
+    rows = [{**row, "custom_id": table.custom_id(line_no, row)} for line_no, row in table.rows()]
+    if not rows:
+        return frame
+    joined = pd.DataFrame(rows).drop(columns=[id_column] if id_column else [])
+    joined = joined.rename(columns={c: c if c not in frame.columns or c == "custom_id" else f"input.{c}"
+                                    for c in joined.columns})  # fmt: skip
+    return frame.merge(joined, on="custom_id", how="left")
 
 
 def load_results(run_dir: Path | str) -> pd.DataFrame:

@@ -82,16 +82,23 @@ class Recorder:
             self._since_sync = 0
             self._fsync.request()
 
-    def invalid_answer(self, problem: AnswerProblem, finish_reason: str | None) -> None:
-        """One answer that broke its request's response_format (counted; the request is asked again or fails)."""
-        kinds = self.stats.invalid_answers
-        kinds[problem.kind] = kinds.get(problem.kind, 0) + 1
-        self.stats.truncated_answers += finish_reason == "length"
+    def invalid_answer(self, problem: AnswerProblem, result: ChatResult, endpoint: str) -> None:
+        """One answer that broke its request's response_format: counted, with the tokens and time it took (the
+        request is asked again or fails)."""
+        stats = self.stats
+        stats.invalid_answers[problem.kind] = stats.invalid_answers.get(problem.kind, 0) + 1
+        stats.truncated_answers += result.finish_reason == "length"
+        stats.prompt_tokens += result.prompt_tokens or 0
+        stats.completion_tokens += result.completion_tokens or 0
+        per_endpoint = stats.endpoint(endpoint)
+        per_endpoint.prompt_tokens += result.prompt_tokens or 0
+        per_endpoint.completion_tokens += result.completion_tokens or 0
+        per_endpoint.busy_s += result.latency_s
 
-    def _answers(self, answer_attempts: int) -> None:
+    def _answers(self, answer_attempts: int, *, valid: bool) -> None:
         if answer_attempts:
             self.stats.answers_checked += 1
-            self.stats.answers_valid_first += answer_attempts == 1
+            self.stats.answers_valid_first += valid and answer_attempts == 1
 
     def success(
         self, request: BatchRequest, result: ChatResult, *, attempts: int, slot: int | None, endpoint: str,
@@ -100,7 +107,7 @@ class Recorder:
         self.journal.record_result(request.custom_id, result.response_body)
         stats = self.stats
         stats.completed += 1
-        self._answers(answer_attempts)
+        self._answers(answer_attempts, valid=True)
         prompt = result.prompt_tokens or 0
         cached = result.cached_prompt_tokens
         stats.prompt_tokens += prompt
@@ -146,7 +153,7 @@ class Recorder:
 
     def failure(self, request: BatchRequest, error: KvbatchError, *, attempts: int, endpoint: str,
                 details: dict[str, Any] | None = None, answer_attempts: int = 0) -> None:  # fmt: skip
-        self._answers(answer_attempts if isinstance(error, InvalidAnswerError) else 0)
+        self._answers(answer_attempts if isinstance(error, InvalidAnswerError) else 0, valid=False)
         self.journal.record_error(request.custom_id, type(error).__name__, error.server_message or str(error),
                                   attempts=attempts, status_code=error.status_code, details=details)  # fmt: skip
         self.stats.failed += 1

@@ -61,6 +61,9 @@ class Sender:
         self.max_wait_s = max_wait_s
         self.answer_attempts = max(answer_attempts, 1)
         self.contracts = AnswerContracts()
+        self._asked: dict[str, tuple[int, dict[str, Any]]] = {}
+        """Per request still being asked again: the answers it had and the body of its next attempt (kept when it
+        is handed back to the feed, so a hand-back neither resets its budget nor its grown max_tokens)."""
         self.fatal: KvbatchError | None = None
         self.others_waiting: Callable[[], bool] = lambda: True
         """Whether other requests remain to be sent (the executor sets it from its feed): at the batch's tail a
@@ -69,6 +72,11 @@ class Sender:
     def stop(self, error: KvbatchError) -> RunStopped:
         self.fatal = self.fatal or error
         return RunStopped(self.fatal)
+
+    def _outcome(self, request: BatchRequest, result: ChatResult | None, error: KvbatchError | None, attempts: int,
+                 waited: float, slot: int | None, answers: int) -> Outcome:  # fmt: skip
+        self._asked.pop(request.custom_id, None)
+        return Outcome(result, error, attempts, waited, slot, answers)
 
     def _note(self, endpoint: Endpoint, request: BatchRequest, error: KvbatchError, decision: Decision) -> None:
         self.recorder.event("failure", **decision.event(endpoint.label, request.custom_id, error))
@@ -80,7 +88,7 @@ class Sender:
         delays = backoff_delays()
         policy = self.policy
         contract = self.contracts.of(body)
-        answers = 0
+        answers, body = self._asked.get(request.custom_id, (0, body))
         while True:
             if self.fatal:
                 raise RunStopped(self.fatal)
@@ -105,21 +113,28 @@ class Sender:
                     error = exc
             if result is not None:
                 total = policy.failed_attempts(request.custom_id) + 1  # earlier sends of it included
-                policy.succeeded(endpoint.label, request.custom_id)
                 truncated = self.guard.check(request, result) if self.guard else None
+                problem = contract.check(result.text, result.finish_reason) if contract and not truncated else None
+                if problem is not None:  # the server served: its breaker counts it; the request's record stays
+                    policy.breaker(endpoint.label).success()
+                else:
+                    policy.succeeded(endpoint.label, request.custom_id)
                 if truncated is not None:
-                    return Outcome(None, truncated, total, waited, leased)
-                problem = contract.check(result.text, result.finish_reason) if contract else None
+                    return self._outcome(request, None, truncated, total, waited, leased, answers)
                 answers += contract is not None
                 if problem is None:
-                    return Outcome(result, None, total, waited, leased, answers)
-                self.recorder.invalid_answer(problem, result.finish_reason)
-                if answers >= self.answer_attempts:
-                    error = invalid_answer(problem, result.text, result.finish_reason, answers)
-                    return Outcome(None, error, total, waited, leased, answers)
+                    return self._outcome(request, result, None, total, waited, leased, answers)
+                self.recorder.invalid_answer(problem, result, endpoint.label)
                 supervisor = endpoint.supervisor
                 room = supervisor.layout.slot_context_tokens if supervisor.holds_layout_context else None
-                body = ask_again(body, answers, problem, prompt_tokens=result.prompt_tokens, slot_context_tokens=room)
+                again = ask_again(body, answers, problem, prompt_tokens=result.prompt_tokens, slot_context_tokens=room)
+                if answers >= self.answer_attempts or again is None:
+                    policy.finished(request.custom_id)
+                    error = invalid_answer(problem, result.text, result.finish_reason, answers,
+                                           no_room=again is None)  # fmt: skip
+                    return self._outcome(request, None, error, total, waited, leased, answers)
+                body = again
+                self._asked[request.custom_id] = (answers, body)
                 continue
             assert error is not None
             alone_at_the_tail = isinstance(error, (ServerFaultError, RequestTimeoutError)) and (
@@ -143,7 +158,7 @@ class Sender:
             if decision.action is Action.FAIL:
                 total = policy.failed_attempts(request.custom_id)
                 policy.finished(request.custom_id)
-                return Outcome(None, decision.error or error, total, waited)
+                return self._outcome(request, None, decision.error or error, total, waited, None, answers)
             self.recorder.stats.retried += 1
             self.recorder.stats.endpoint(endpoint.label).retried += 1
             if decision.action is Action.BREAK:

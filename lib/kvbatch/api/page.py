@@ -1,0 +1,85 @@
+"""The status page at `/`: every batch with its state, a progress bar, throughput, ETA, prefix-cache share, memory
+against the budget, errors, and links to its files and its HTML report. It reloads itself; every value from a
+user's input is escaped."""
+
+from __future__ import annotations
+
+import html
+import urllib.parse
+
+from kvbatch import defaults
+from kvbatch.api.models import BatchObject
+from kvbatch.units import format_bytes
+
+_STYLE = """
+body { font-family: system-ui, sans-serif; margin: 2rem; color: #222; }
+table { border-collapse: collapse; width: 100%; }
+th, td { text-align: left; padding: 0.4rem 0.6rem; border-bottom: 1px solid #ddd; vertical-align: top; }
+.bar { width: 12rem; height: 0.9rem; background: #eee; border-radius: 0.3rem; overflow: hidden; }
+.bar > div { height: 100%; background: #2a7ae2; }
+.failed, .cancelled { color: #b00020; } .completed { color: #1b7f3b; }
+small { color: #666; }
+"""
+
+
+def _eta(batch: BatchObject) -> str:
+    counts, rate = batch.request_counts, batch.x_kvbatch.get("requests_per_s")
+    left = counts.total - counts.completed - counts.failed
+    if batch.status != "in_progress" or not rate or left <= 0:
+        return ""
+    seconds = left / rate
+    return f"{seconds / 3600:.1f} h" if seconds >= 3600 else f"{seconds / 60:.0f} min" if seconds >= 60 else \
+        f"{seconds:.0f} s"  # fmt: skip
+
+
+def _link(path: str, text: str, key: str) -> str:
+    query = f"?{urllib.parse.urlencode({'key': key})}" if key else ""
+    return f'<a href="{html.escape(path + query)}">{html.escape(text)}</a>'
+
+
+def _row(batch: BatchObject, key: str) -> str:
+    counts, extra = batch.request_counts, batch.x_kvbatch
+    done = counts.completed + counts.failed
+    share = done / counts.total if counts.total else (1.0 if batch.status == "completed" else 0.0)
+    rate = extra.get("requests_per_s")
+    cache = extra.get("cache_share")
+    memory, planned, budget = extra.get("memory_bytes"), extra.get("planned_bytes"), extra.get("budget_bytes")
+    memory_text = " / ".join(part for part in (
+        f"{format_bytes(memory)} now" if memory else "", f"{format_bytes(planned)} planned" if planned else "",
+        f"{format_bytes(budget)} budget" if budget else "") if part)  # fmt: skip
+    errors = [f"{counts.failed} failed"] if counts.failed else []
+    if batch.errors and batch.errors.data:
+        errors += [f"line {e.line}: {e.message}" if e.line else e.message for e in batch.errors.data[:5]]
+    if extra.get("last_stop"):
+        errors.append(f"stopped, will go on: {extra['last_stop']}")
+    links = [_link(f"/v1/files/{batch.input_file_id}/content", "input", key)]
+    if batch.output_file_id:
+        links.append(_link(f"/v1/files/{batch.output_file_id}/content", "output", key))
+    if batch.error_file_id:
+        links.append(_link(f"/v1/files/{batch.error_file_id}/content", "errors", key))
+    if extra.get("report"):
+        links.append(_link(f"/reports/{extra['report']}", "report", key))
+    plan = html.escape(str(extra.get("plan") or "")).replace("\n", "<br>")
+    return (
+        f'<tr data-batch="{html.escape(batch.id)}"><td>{html.escape(batch.id)}<br><small>'
+        f"{html.escape(', '.join(f'{k}={v}' for k, v in (batch.metadata or {}).items()))}</small></td>"
+        f'<td class="{batch.status}">{batch.status}</td>'
+        f'<td><div class="bar" title="{share:.0%}"><div style="width:{share * 100:.1f}%"></div></div>'
+        f"<small>{done:,} of {counts.total:,} ({share:.0%})</small></td>"
+        f"<td>{f'{rate:.2f} req/s' if rate else ''}</td><td>{_eta(batch)}</td>"
+        f"<td>{f'{cache:.0%}' if cache is not None else ''}</td><td>{html.escape(memory_text)}</td>"
+        f"<td>{'<br>'.join(html.escape(e) for e in errors)}</td><td>{' · '.join(links)}</td>"
+        f"<td><details><summary>plan</summary><small>{plan}</small></details></td></tr>"
+    )
+
+
+def status_page(batches: list[BatchObject], *, key: str = "") -> str:
+    rows = "".join(_row(b, key) for b in batches) or '<tr><td colspan="10">No batches yet.</td></tr>'
+    return (
+        "<!doctype html><html><head><meta charset='utf-8'><title>kvbatch batches</title>"
+        f"<meta http-equiv='refresh' content='{defaults.API_PAGE_REFRESH_S}'><style>{_STYLE}</style></head><body>"
+        "<h1>kvbatch batches</h1><p>OpenAI Batch API at <code>/v1</code>; one batch runs at a time, the others wait "
+        "in order. This page reloads itself.</p><table><thead><tr><th>batch</th><th>state</th><th>progress</th>"
+        "<th>throughput</th><th>ETA</th><th>prefix cache</th><th>memory</th><th>errors</th><th>files</th>"
+        f"<th></th></tr></thead><tbody>{rows}</tbody></table></body></html>"
+    )

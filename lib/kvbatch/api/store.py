@@ -1,0 +1,175 @@
+"""The batch API's durable store: files and batches in one SQLite database (`--data`/kvbatch.db, WAL journal), the
+uploaded bytes beside it in `files/`, each batch's run folder (journal, plan, report) in `batches/<id>/`.
+
+Every change is one committed transaction, so `kill -9` at any moment leaves the state as it was before or after
+the change; a batch found `validating`, `in_progress` or `finalizing` at start goes on from its run folder.
+"""
+
+from __future__ import annotations
+
+import json
+import secrets
+import sqlite3
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+from kvbatch.api.models import BatchObject, FileObject, RequestCounts
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS files (
+    id TEXT PRIMARY KEY, filename TEXT NOT NULL, purpose TEXT NOT NULL, bytes INTEGER NOT NULL,
+    created_at INTEGER NOT NULL, path TEXT NOT NULL, seq INTEGER NOT NULL
+);
+CREATE TABLE IF NOT EXISTS batches (
+    id TEXT PRIMARY KEY, seq INTEGER NOT NULL, body TEXT NOT NULL
+);
+"""
+
+LIVE_STATES = ("validating", "in_progress", "finalizing", "cancelling")
+"""States a restart picks up again: the batch's run folder says what was done."""
+
+
+def new_id(prefix: str) -> str:
+    return f"{prefix}_{secrets.token_hex(12)}"
+
+
+class Store:
+    """One connection, used under a lock (callers on an event loop go through `asyncio.to_thread`)."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = Path(root)
+        self.files_dir = self.root / "files"
+        self.batches_dir = self.root / "batches"
+        self.files_dir.mkdir(parents=True, exist_ok=True)
+        self.batches_dir.mkdir(parents=True, exist_ok=True)
+        self._db = sqlite3.connect(self.root / "kvbatch.db", check_same_thread=False, isolation_level=None)
+        self._db.execute("PRAGMA journal_mode=WAL")
+        self._db.execute("PRAGMA synchronous=FULL")
+        self._db.executescript(_SCHEMA)
+        self._lock = threading.Lock()
+
+    def close(self) -> None:
+        with self._lock:
+            self._db.close()
+
+    def _next_seq(self, table: str) -> int:
+        row = self._db.execute(f"SELECT COALESCE(MAX(seq), 0) + 1 FROM {table}").fetchone()  # noqa: S608 (a name)
+        return int(row[0])
+
+    # files
+
+    def add_file(self, file_id: str, filename: str, purpose: str, size: int, path: Path) -> FileObject:
+        record = FileObject(id=file_id, bytes=size, created_at=int(time.time()), filename=filename, purpose=purpose)
+        with self._lock:
+            self._db.execute("INSERT INTO files VALUES (?, ?, ?, ?, ?, ?, ?)",
+                             (file_id, filename, purpose, size, record.created_at, str(path),
+                              self._next_seq("files")))  # fmt: skip
+        return record
+
+    def file(self, file_id: str) -> tuple[FileObject, Path] | None:
+        with self._lock:
+            row = self._db.execute("SELECT id, filename, purpose, bytes, created_at, path FROM files WHERE id = ?",
+                                   (file_id,)).fetchone()  # fmt: skip
+        if row is None:
+            return None
+        return FileObject(id=row[0], filename=row[1], purpose=row[2], bytes=row[3], created_at=row[4]), Path(row[5])
+
+    def files(self, purpose: str | None = None) -> list[FileObject]:
+        query = "SELECT id, filename, purpose, bytes, created_at FROM files"
+        args: tuple = ()
+        if purpose:
+            query, args = query + " WHERE purpose = ?", (purpose,)
+        with self._lock:
+            rows = self._db.execute(query + " ORDER BY seq DESC", args).fetchall()
+        return [FileObject(id=r[0], filename=r[1], purpose=r[2], bytes=r[3], created_at=r[4]) for r in rows]
+
+    def delete_file(self, file_id: str) -> bool:
+        with self._lock:
+            return self._db.execute("DELETE FROM files WHERE id = ?", (file_id,)).rowcount > 0
+
+    # batches
+
+    def add_batch(self, batch: BatchObject) -> None:
+        with self._lock:
+            self._db.execute("INSERT INTO batches VALUES (?, ?, ?)",
+                             (batch.id, self._next_seq("batches"), batch.model_dump_json()))  # fmt: skip
+
+    def save_batch(self, batch: BatchObject) -> None:
+        with self._lock:
+            self._db.execute("UPDATE batches SET body = ? WHERE id = ?", (batch.model_dump_json(), batch.id))
+
+    def batch(self, batch_id: str) -> BatchObject | None:
+        with self._lock:
+            row = self._db.execute("SELECT body FROM batches WHERE id = ?", (batch_id,)).fetchone()
+        return BatchObject.model_validate_json(row[0]) if row else None
+
+    def batches(self, *, limit: int = 20, after: str | None = None) -> tuple[list[BatchObject], bool]:
+        """Newest first; `after` is the id of the last batch of the previous page. Returns (page, has_more)."""
+        with self._lock:
+            if after:
+                row = self._db.execute("SELECT seq FROM batches WHERE id = ?", (after,)).fetchone()
+                start = row[0] if row else 0
+                rows = self._db.execute("SELECT body FROM batches WHERE seq < ? ORDER BY seq DESC LIMIT ?",
+                                        (start, limit + 1)).fetchall()  # fmt: skip
+            else:
+                rows = self._db.execute("SELECT body FROM batches ORDER BY seq DESC LIMIT ?", (limit + 1,)).fetchall()
+        page = [BatchObject.model_validate_json(r[0]) for r in rows]
+        return page[:limit], len(page) > limit
+
+    def next_to_run(self) -> BatchObject | None:
+        """The oldest batch not yet ended: one runs at a time, the others wait in order."""
+        with self._lock:
+            rows = self._db.execute("SELECT body FROM batches ORDER BY seq ASC").fetchall()
+        for (body,) in rows:
+            batch = BatchObject.model_validate_json(body)
+            if batch.status in LIVE_STATES:
+                return batch
+        return None
+
+    def batch_folder(self, batch_id: str) -> Path:
+        return self.batches_dir / batch_id
+
+
+class RunProgress:
+    """A batch's progress read from its run folder as the journal grows: only the bytes appended since the last
+    read (a 170,000-line results file is hundreds of MB; polling must not read it again every second)."""
+
+    def __init__(self, results: Path, errors: Path, metrics: Path) -> None:
+        self._offsets = {results: 0, errors: 0, metrics: 0}
+        self.results, self.errors, self.metrics = results, errors, metrics
+        self.completed = self.failed = 0
+        self.prompt_tokens = self.cached_tokens = 0
+
+    def _new_lines(self, path: Path) -> list[bytes]:
+        if not path.exists():
+            return []
+        with open(path, "rb") as handle:
+            handle.seek(self._offsets[path])
+            data = handle.read()
+        whole = data[: data.rfind(b"\n") + 1]  # a line still being written waits for the next read
+        self._offsets[path] += len(whole)
+        return whole.splitlines()
+
+    def read(self) -> None:
+        self.completed += len(self._new_lines(self.results))
+        self.failed += len(self._new_lines(self.errors))
+        for line in self._new_lines(self.metrics):
+            try:
+                record = json.loads(line)
+            except ValueError:
+                continue
+            self.prompt_tokens += record.get("prompt_tokens") or 0
+            self.cached_tokens += record.get("cached_tokens") or 0
+
+    def counts(self, total: int) -> RequestCounts:
+        return RequestCounts(total=total, completed=self.completed, failed=self.failed)
+
+    @property
+    def cache_share(self) -> float | None:
+        return self.cached_tokens / self.prompt_tokens if self.prompt_tokens else None
+
+
+def dumps(value: Any) -> str:
+    return json.dumps(value, ensure_ascii=False)

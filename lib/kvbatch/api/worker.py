@@ -1,0 +1,233 @@
+"""Runs the API's batches one at a time, in the order they were created, through the same runner, journal and
+report as `kvbatch run` (each batch's run folder is `--data`/batches/<id>): validation, the plan, the run,
+`request_counts` while it runs, the output files, cancellation, and on a restart the batch in progress goes on.
+
+A run that stops because its servers are gone (past `--max-wait`) is not a failed batch: nothing it did is lost and
+waiting would serve the rest, so the batch stays `in_progress` and is taken up again after a pause.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import time
+from dataclasses import replace
+from pathlib import Path
+
+from kvbatch import defaults
+from kvbatch.api.models import BatchErrorData, BatchErrors, BatchObject
+from kvbatch.api.store import RunProgress, Store, new_id
+from kvbatch.api.webhooks import Webhooks
+from kvbatch.batch.openai_batch import scan_openai_batch
+from kvbatch.batch.runfolder import RunFolder
+from kvbatch.batch.runner import field_rules, run_batch_async
+from kvbatch.batch.settings import BatchSettings
+from kvbatch.errors import KvbatchError
+
+log = logging.getLogger("kvbatch.api")
+
+
+class BatchWorker:
+    def __init__(self, store: Store, settings: BatchSettings, *, webhooks: Webhooks | None = None,
+                 report: bool = True, count_every_s: float = defaults.API_COUNT_EVERY_S) -> None:  # fmt: skip
+        self.store = store
+        self.settings = settings
+        self.webhooks = webhooks
+        self.report = report
+        self.count_every_s = count_every_s
+        self.wake = asyncio.Event()
+        self.running_id: str | None = None
+        self._cancelled: set[str] = set()
+        self._run_task: asyncio.Task | None = None
+
+    def run_folder(self, batch_id: str) -> RunFolder:
+        return RunFolder(self.store.batch_folder(batch_id))
+
+    def cancel(self, batch_id: str) -> None:
+        """Ask the running batch to stop (what it did is kept, as its output); a waiting one ends at once."""
+        self._cancelled.add(batch_id)
+        if self.running_id == batch_id and self._run_task is not None:
+            self._run_task.cancel()
+        self.wake.set()
+
+    async def _save(self, batch: BatchObject) -> None:
+        await asyncio.to_thread(self.store.save_batch, batch)
+
+    async def forever(self) -> None:
+        while True:
+            batch = await asyncio.to_thread(self.store.next_to_run)
+            if batch is None:
+                self.wake.clear()
+                with contextlib.suppress(asyncio.TimeoutError):
+                    await asyncio.wait_for(self.wake.wait(), 5.0)
+                continue
+            try:
+                await self.take(batch)
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:  # noqa: BLE001 (one batch's trouble must not end the service)
+                log.exception("batch %s: %s", batch.id, exc)
+                batch.x_kvbatch["last_stop"] = f"{type(exc).__name__}: {exc}"[:500]
+                await self._save(batch)
+                await asyncio.sleep(defaults.API_RETRY_PAUSE_S)
+
+    async def take(self, batch: BatchObject) -> None:
+        """Carry one batch from where its record says it is to an end (or to a stop that a later pass resumes)."""
+        if batch.status == "validating":
+            batch = await self._validate(batch)
+            if batch.status == "failed":
+                await self._ended(batch)
+                return
+        if batch.status == "cancelling" or batch.id in self._cancelled:
+            await self._finish(batch, cancelled=True)
+            return
+        if batch.status == "in_progress":
+            stopped = await self._run(batch)
+            if stopped is not None and batch.id not in self._cancelled:
+                batch.x_kvbatch["last_stop"] = stopped
+                await self._save(batch)
+                await asyncio.sleep(defaults.API_RETRY_PAUSE_S)
+                return
+        await self._finish(batch, cancelled=batch.id in self._cancelled)
+
+    async def _validate(self, batch: BatchObject) -> BatchObject:
+        found = await asyncio.to_thread(self.store.file, batch.input_file_id)
+        problems: list[BatchErrorData] = []
+        total = 0
+        if found is None:
+            problems.append(BatchErrorData(code="missing_file", message=f"input file {batch.input_file_id} is gone",
+                                           param="input_file_id"))  # fmt: skip
+        else:
+            report = await asyncio.to_thread(self._scan, found[1])
+            total = report.request_count
+            problems = [BatchErrorData(code="invalid_request", message=f"{p.field}: {p.reason}", param=p.field,
+                                       line=p.line_no) for p in report.problems]  # fmt: skip
+            if not problems and not total:
+                problems.append(BatchErrorData(code="empty_file", message="the input file holds no requests"))
+        now = int(time.time())
+        if problems:
+            batch.status, batch.failed_at = "failed", now
+            batch.errors = BatchErrors(data=problems)
+        else:
+            batch.status, batch.in_progress_at = "in_progress", now
+            batch.request_counts.total = total
+        await self._save(batch)
+        return batch
+
+    def _scan(self, path: Path):
+        rules = field_rules(self._specs())
+        return scan_openai_batch(path, refused=rules.refused, accepted=rules.accepted,
+                                 schema_keywords=rules.schema_keywords)  # fmt: skip
+
+    def _specs(self):
+        from kvbatch.batch.runner import _specs
+
+        return _specs(self.settings)
+
+    async def _run(self, batch: BatchObject) -> str | None:
+        """The run itself; returns why it stopped before every request had an outcome (None: it ended)."""
+        found = await asyncio.to_thread(self.store.file, batch.input_file_id)
+        assert found is not None
+        folder = self.run_folder(batch.id)
+        folder.path.parent.mkdir(parents=True, exist_ok=True)
+        settings = replace(self.settings, input_path=found[1], folder=folder, progress=False)
+        said: list[str] = []
+
+        def say(text: str) -> None:
+            said.append(text)
+            if text.startswith("plan "):
+                batch.x_kvbatch["plan"] = text
+
+        self.running_id = batch.id
+        self._run_task = asyncio.create_task(run_batch_async(settings, say=say))
+        progress = RunProgress(folder.results, folder.errors, folder.metrics)
+        await asyncio.to_thread(progress.read)
+        started, done_before = time.time(), progress.completed + progress.failed
+        try:
+            while not self._run_task.done():
+                await asyncio.wait({self._run_task}, timeout=self.count_every_s)
+                await asyncio.to_thread(progress.read)
+                batch.request_counts = progress.counts(batch.request_counts.total)
+                elapsed = time.time() - started
+                rate = (progress.completed + progress.failed - done_before) / elapsed if elapsed > 0 else 0.0
+                batch.x_kvbatch.update(run_folder=str(folder.path), requests_per_s=round(rate, 3),
+                                       cache_share=progress.cache_share, **await asyncio.to_thread(_memory, folder))
+                await self._save(batch)
+            outcome = self._run_task.result()
+        except asyncio.CancelledError:
+            if batch.id not in self._cancelled:
+                raise  # the service is stopping: the batch goes on at the next start
+            return None
+        except KvbatchError as exc:
+            return str(exc)
+        finally:
+            self.running_id, self._run_task = None, None
+        return str(outcome.stopped) if outcome.stopped is not None else None
+
+    async def _finish(self, batch: BatchObject, *, cancelled: bool) -> None:
+        folder = self.run_folder(batch.id)
+        now = int(time.time())
+        if cancelled:
+            batch.status, batch.cancelling_at = "cancelling", batch.cancelling_at or now
+        else:
+            batch.status, batch.finalizing_at = "finalizing", batch.finalizing_at or now
+        await self._save(batch)
+        progress = RunProgress(folder.results, folder.errors, folder.metrics)
+        await asyncio.to_thread(progress.read)
+        batch.request_counts = progress.counts(batch.request_counts.total)
+        batch.output_file_id = await self._output_file(batch, folder.results, "output")
+        batch.error_file_id = await self._output_file(batch, folder.errors, "errors")
+        if self.report and folder.is_run() and folder.summary.exists():
+            batch.x_kvbatch["report"] = await asyncio.to_thread(self._render, folder)
+        if cancelled:
+            batch.status, batch.cancelled_at = "cancelled", int(time.time())
+        else:
+            batch.status, batch.completed_at = "completed", int(time.time())
+        await self._ended(batch)
+
+    def _render(self, folder: RunFolder) -> str | None:
+        from kvbatch.report.render import render_run_report
+
+        try:
+            return render_run_report(folder.path).name
+        except KvbatchError as exc:
+            log.warning("report of %s: %s", folder.path, exc)
+            return None
+
+    async def _output_file(self, batch: BatchObject, path: Path, kind: str) -> str | None:
+        """A file record for the run's results.jsonl (or errors.jsonl): already in the OpenAI Batch output format."""
+        existing = batch.output_file_id if kind == "output" else batch.error_file_id
+        if existing or not path.exists() or path.stat().st_size == 0:
+            return existing
+        file_id = new_id("file")
+        await asyncio.to_thread(self.store.add_file, file_id, f"{batch.id}_{kind}.jsonl", "batch_output",
+                                path.stat().st_size, path)  # fmt: skip
+        return file_id
+
+    async def _ended(self, batch: BatchObject) -> None:
+        await self._save(batch)
+        self._cancelled.discard(batch.id)
+        if self.webhooks is not None:
+            self.webhooks.send(batch)
+
+
+def _memory(folder: RunFolder) -> dict:
+    """The plan's memory and budget (plan.json), and the server's latest sample (memory.csv's last line)."""
+    found: dict = {}
+    if folder.plan.exists():
+        try:
+            plan = json.loads(folder.plan.read_text("utf-8"))
+        except ValueError:
+            plan = {}
+        found["planned_bytes"] = (plan.get("memory") or {}).get("total_bytes")
+        found["budget_bytes"] = plan.get("budget_bytes")
+    if folder.memory.exists():
+        with open(folder.memory, "rb") as handle:
+            handle.seek(max(folder.memory.stat().st_size - 256, 0))
+            last = handle.read().splitlines()[-1:]
+        fields = last[0].decode(errors="replace").split(",") if last else []
+        if len(fields) > 1 and fields[1].isdigit():
+            found["memory_bytes"] = int(fields[1])
+    return found

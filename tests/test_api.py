@@ -1,0 +1,271 @@
+"""`kvbatch api` through the official `openai` SDK: submit, poll, download; `kill -9` mid-batch and a restart on the
+same store; two batches queued in order; cancel; a bad line; a wrong key; list pagination; the status page in
+headless Chromium; webhooks signed the Standard Webhooks way; one end-to-end case on the real embedded server."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import hashlib
+import hmac
+import json
+import os
+import re
+import shutil
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import openai
+import pytest
+from aiohttp import web
+from background import BackgroundApp
+from batch_helpers import WAIT_CEILING_S, small_batch, start_kvbatch, stop_started
+
+KEY = "sk-local-test"
+
+
+class QuickServer(BackgroundApp):
+    """An OpenAI-compatible server that answers every chat request after `delay_s` (the user message echoed), and
+    counts what it was asked; a webhook receiver on the same app keeps what it is sent."""
+
+    def __init__(self, delay_s: float = 0.0) -> None:
+        super().__init__()
+        self.delay_s = delay_s
+        self.asked = 0
+        self.hooks: list[tuple[dict, bytes]] = []
+
+    def make_app(self) -> web.Application:
+        app = web.Application()
+        app.router.add_post("/v1/chat/completions", self.chat)
+        app.router.add_get("/v1/models", self.models)
+        app.router.add_get("/health", self.health)
+        app.router.add_post("/hook", self.hook)
+        return app
+
+    async def models(self, _: web.Request) -> web.Response:
+        return web.json_response({"object": "list", "data": [{"id": "quick", "object": "model"}]})
+
+    async def health(self, _: web.Request) -> web.Response:
+        return web.json_response({"status": "ok"})
+
+    async def hook(self, request: web.Request) -> web.Response:
+        self.hooks.append((dict(request.headers), await request.read()))
+        return web.json_response({})
+
+    async def chat(self, request: web.Request) -> web.Response:
+        body = await request.json()
+        self.asked += 1
+        if self.delay_s:
+            await asyncio.sleep(self.delay_s)
+        text = f"echo: {body['messages'][-1]['content'][:40]}"
+        prompt = sum(len(m["content"]) for m in body["messages"]) // 3  # a count the truncation guard believes
+        return web.json_response({
+            "id": "chatcmpl-q", "object": "chat.completion", "created": int(time.time()), "model": "quick",
+            "choices": [{"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": "stop"}],
+            "usage": {"prompt_tokens": prompt, "completion_tokens": 4, "total_tokens": prompt + 4},
+        })  # fmt: skip
+
+
+def _api(tmp_path: Path, *extra: str, env: dict[str, str] | None = None):
+    process = start_kvbatch("api", "--port", "0", "--data", str(tmp_path / "api"), "--no-report", "--no-progress",
+                            *extra, cwd=tmp_path, env=env)  # fmt: skip
+    assert process.stdout is not None
+    deadline = time.monotonic() + WAIT_CEILING_S
+    lines = []
+    while time.monotonic() < deadline:
+        line = process.stdout.readline()
+        if not line:
+            raise AssertionError("kvbatch api ended before it listened:\n" + "".join(lines))
+        lines.append(line)
+        found = re.search(r"OpenAI Batch API at (http://\S+/v1)", line)
+        if found:
+            return process, found.group(1)
+    raise AssertionError("kvbatch api did not listen")
+
+
+def _client(url: str, key: str = KEY) -> openai.OpenAI:
+    return openai.OpenAI(base_url=url, api_key=key, max_retries=0)
+
+
+def _wait(client: openai.OpenAI, batch_id: str, until, ceiling_s: float = WAIT_CEILING_S):
+    deadline = time.monotonic() + ceiling_s
+    while time.monotonic() < deadline:
+        batch = client.batches.retrieve(batch_id)
+        if until(batch):
+            return batch
+        time.sleep(0.2)
+    raise AssertionError(f"batch {batch_id} never got there: {batch}")
+
+
+def _output_ids(client: openai.OpenAI, file_id: str) -> list[str]:
+    return [json.loads(line)["custom_id"] for line in client.files.content(file_id).text.splitlines() if line]
+
+
+@pytest.fixture(autouse=True)
+def _stop_apis():
+    yield
+    stop_started()
+
+
+def test_submit_poll_download_with_a_key_and_a_wrong_key_gets_401(tmp_path):
+    batch_file = small_batch(tmp_path / "in.jsonl", 30)
+    with QuickServer() as server:
+        _, url = _api(tmp_path, "--url", server.url, "--api-key-env", "KVBATCH_TEST_KEY",
+                      env={"KVBATCH_TEST_KEY": KEY})  # fmt: skip
+        with pytest.raises(openai.AuthenticationError) as refused:
+            _client(url, "sk-wrong").batches.list()
+        assert refused.value.status_code == 401 and refused.value.body["code"] == "invalid_api_key"
+        client = _client(url)
+        uploaded = client.files.create(file=batch_file.open("rb"), purpose="batch")
+        assert uploaded.bytes == batch_file.stat().st_size and uploaded.purpose == "batch"
+        created = client.batches.create(input_file_id=uploaded.id, endpoint="/v1/chat/completions",
+                                        completion_window="24h", metadata={"project": "screening"})  # fmt: skip
+        assert created.status == "validating" and created.metadata == {"project": "screening"}
+        done = _wait(client, created.id, lambda b: b.status == "completed")
+    assert done.request_counts.total == done.request_counts.completed == 30 and done.request_counts.failed == 0
+    assert done.in_progress_at and done.finalizing_at and done.completed_at and done.error_file_id is None
+    ids = _output_ids(client, done.output_file_id)
+    assert sorted(ids) == sorted(f"candidate-{i:06d}" for i in range(30))
+    line = json.loads(client.files.content(done.output_file_id).text.splitlines()[0])
+    assert line["response"]["status_code"] == 200 and line["response"]["body"]["object"] == "chat.completion"
+    assert [f.id for f in client.files.list()][:2] == [done.output_file_id, uploaded.id]
+    assert client.files.delete(uploaded.id).deleted and uploaded.id not in [f.id for f in client.files.list()]
+    with pytest.raises(openai.NotFoundError):
+        client.batches.retrieve("batch_nothere")
+
+
+def test_kill_9_mid_batch_and_a_restart_finish_it_with_each_custom_id_once(tmp_path):
+    batch_file = small_batch(tmp_path / "in.jsonl", 300)
+    with QuickServer(delay_s=0.02) as server:
+        process, url = _api(tmp_path, "--url", server.url, "--concurrency", "2")
+        client = _client(url)
+        uploaded = client.files.create(file=batch_file.open("rb"), purpose="batch")
+        batch = client.batches.create(input_file_id=uploaded.id, endpoint="/v1/chat/completions",
+                                      completion_window="24h")  # fmt: skip
+        _wait(client, batch.id, lambda b: b.request_counts.completed >= 40)
+        os.killpg(process.pid, signal.SIGKILL)
+        process.wait()
+        asked_before = server.asked
+        _, url = _api(tmp_path, "--url", server.url, "--concurrency", "2")
+        client = _client(url)
+        done = _wait(client, batch.id, lambda b: b.status == "completed")
+        asked = server.asked
+    ids = _output_ids(client, done.output_file_id)
+    assert len(ids) == len(set(ids)) == 300  # each once, whatever the kill cut
+    assert asked - asked_before <= 300 - 40 + 4  # the restart sent only what was not done (and what was in flight)
+
+
+def test_two_batches_run_in_order_and_a_cancelled_one_keeps_what_it_did(tmp_path):
+    first, second = small_batch(tmp_path / "a.jsonl", 400), small_batch(tmp_path / "b.jsonl", 5)
+    with QuickServer(delay_s=0.02) as server:
+        _, url = _api(tmp_path, "--url", server.url, "--concurrency", "1")
+        client = _client(url)
+        ids = [client.files.create(file=path.open("rb"), purpose="batch").id for path in (first, second)]
+        a, b = (client.batches.create(input_file_id=i, endpoint="/v1/chat/completions", completion_window="24h")
+                for i in ids)  # fmt: skip
+        running = _wait(client, a.id, lambda x: x.request_counts.completed >= 10)
+        assert running.status == "in_progress" and client.batches.retrieve(b.id).status == "validating"
+        cancelling = client.batches.cancel(a.id)
+        assert cancelling.status == "cancelling"
+        cancelled = _wait(client, a.id, lambda x: x.status == "cancelled")
+        done = _wait(client, b.id, lambda x: x.status == "completed")
+    assert 10 <= cancelled.request_counts.completed < 400 and cancelled.cancelled_at
+    assert len(_output_ids(client, cancelled.output_file_id)) == cancelled.request_counts.completed
+    assert done.in_progress_at >= cancelled.cancelling_at  # the second waited for the first
+    with pytest.raises(openai.ConflictError):
+        client.batches.cancel(done.id)
+
+
+def test_a_bad_line_fails_the_batch_with_every_bad_line_listed_and_pages_list_in_order(tmp_path):
+    good = small_batch(tmp_path / "good.jsonl", 2).read_text().splitlines()
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text("\n".join([good[0], "{not json", json.dumps({"custom_id": "x", "body": {"messages": []}})]) + "\n")
+    with QuickServer() as server:
+        _, url = _api(tmp_path, "--url", server.url)
+        client = _client(url)
+        file_id = client.files.create(file=bad.open("rb"), purpose="batch").id
+        failed = client.batches.create(input_file_id=file_id, endpoint="/v1/chat/completions", completion_window="24h")
+        failed = _wait(client, failed.id, lambda b: b.status == "failed")
+        assert [(e.line, e.code) for e in failed.errors.data] == [(2, "invalid_request"), (3, "invalid_request")]
+        assert "invalid JSON" in failed.errors.data[0].message and failed.failed_at
+        assert "body.messages" in failed.errors.data[1].message
+        made = [client.batches.create(input_file_id=file_id, endpoint="/v1/chat/completions",
+                                      completion_window="24h").id for _ in range(4)]  # fmt: skip
+        newest_first = [failed.id, *made][::-1]
+        first = client.batches.list(limit=2)
+        assert [b.id for b in first.data] == newest_first[:2] and first.has_more
+        seen = [b.id for b in client.batches.list(limit=2)]  # the SDK follows `after` page by page
+        assert seen == newest_first
+        with pytest.raises(openai.BadRequestError) as refused:
+            client.batches.create(input_file_id=file_id, endpoint="/v1/embeddings", completion_window="24h")
+        assert refused.value.body["param"] == "endpoint"
+
+
+def _chromium() -> str | None:
+    return shutil.which("chromium") or shutil.which("chromium-browser") or shutil.which("google-chrome")
+
+
+def test_the_status_page_shows_every_batch_in_chromium_and_webhooks_are_signed(tmp_path):
+    secret = "whsec_" + base64.b64encode(b"kvbatch-test-secret").decode()
+    batch_file = small_batch(tmp_path / "in.jsonl", 6)
+    with QuickServer() as server:
+        _, url = _api(tmp_path, "--url", server.url, "--webhook-url", f"{server.url}/hook",
+                      "--webhook-secret-env", "KVBATCH_HOOK_SECRET", env={"KVBATCH_HOOK_SECRET": secret})  # fmt: skip
+        client = _client(url)
+        file_id = client.files.create(file=batch_file.open("rb"), purpose="batch").id
+        done = client.batches.create(input_file_id=file_id, endpoint="/v1/chat/completions", completion_window="24h")
+        done = _wait(client, done.id, lambda b: b.status == "completed")
+        deadline = time.monotonic() + WAIT_CEILING_S
+        while not server.hooks and time.monotonic() < deadline:
+            time.sleep(0.1)
+        headers, body = server.hooks[0]
+        browser = _chromium()
+        assert browser, "make test installs Debian's chromium"
+        page = url.removesuffix("/v1") + "/"
+        shot = tmp_path / "status.png"
+        dom = subprocess.run([browser, "--headless", "--no-sandbox", "--disable-gpu", "--dump-dom", page],
+                             capture_output=True, text=True, timeout=120).stdout  # fmt: skip
+        subprocess.run([browser, "--headless", "--no-sandbox", "--disable-gpu", f"--screenshot={shot}",
+                        "--window-size=1400,600", page], capture_output=True, timeout=120)  # fmt: skip
+    event = json.loads(body)
+    assert event["type"] == "batch.completed" and event["data"]["id"] == done.id and event["object"] == "event"
+    signed = f"{headers['webhook-id']}.{headers['webhook-timestamp']}.".encode() + body
+    expected = base64.b64encode(hmac.new(b"kvbatch-test-secret", signed, hashlib.sha256).digest()).decode()
+    assert headers["webhook-signature"] == f"v1,{expected}"
+    assert f'data-batch="{done.id}"' in dom and "completed" in dom and "6 of 6 (100%)" in dom
+    assert f"/v1/files/{done.output_file_id}/content" in dom
+    assert shot.stat().st_size > 5000  # the screenshot is kept with the test's files
+    kept = Path(os.environ.get("KVBATCH_SCREENSHOTS", tmp_path))
+    kept.mkdir(parents=True, exist_ok=True)
+    shutil.copy(shot, kept / "api-status-page.png")
+
+
+def test_a_batch_on_the_real_embedded_server_with_its_plan_and_report(tmp_path):
+    batch_file = small_batch(tmp_path / "in.jsonl", 3)
+    process = start_kvbatch("api", "--port", "0", "--data", str(tmp_path / "api"), "--no-progress",
+                            "--concurrency", "1", cwd=tmp_path)  # fmt: skip
+    assert process.stdout is not None
+    url = None
+    while url is None:
+        line = process.stdout.readline()
+        assert line, "kvbatch api ended before it listened"
+        found = re.search(r"OpenAI Batch API at (http://\S+/v1)", line)
+        url = found.group(1) if found else None
+    client = _client(url, "unused-on-loopback")
+    file_id = client.files.create(file=batch_file.open("rb"), purpose="batch").id
+    batch = client.batches.create(input_file_id=file_id, endpoint="/v1/chat/completions", completion_window="24h")
+    done = _wait(client, batch.id, lambda b: b.status in ("completed", "failed"))
+    assert done.status == "completed" and done.request_counts.completed == 3, done
+    extra = done.model_extra["x_kvbatch"]
+    assert extra["plan"].startswith("plan (independent mode) for 3 requests") and "memory: base" in extra["plan"]
+    assert extra["report"].endswith(".html")
+    answers = [json.loads(line)["response"]["body"]["choices"][0]["message"]["content"]
+               for line in client.files.content(done.output_file_id).text.splitlines()]  # fmt: skip
+    assert len(answers) == 3 and all(answers)
+    page = url.removesuffix("/v1")
+    import urllib.request
+
+    with urllib.request.urlopen(f"{page}/reports/{extra['report']}") as reply:  # noqa: S310 (loopback)
+        assert b"kvbatch run report" in reply.read()

@@ -94,6 +94,8 @@ def test_measure_then_run_through_ollama_use_one_measurement_file(ollama, tmp_pa
     out = tmp_path / "data" / "measurements" / "ollama__gemma3-270m__f16-f16.json"
     assert f"results: data/measurements/{out.name}" in measured.stdout
     assert load_measurement(out).kv_bytes_per_token
+    report = (tmp_path / "reports" / "kv_growth-gemma3-270m.html").read_text()
+    assert "The verdict on the estimators" in report and "rule (KV)" in report and "/api/ps size" in report
     batch = small_batch(tmp_path / "in.jsonl", 4)
     result = kvbatch("run", str(batch), "--backend", "ollama", "--url", ollama.url, "--model", MODEL, "--no-report",
                      "--no-progress", "--memory-budget", "2GiB", cwd=tmp_path)  # fmt: skip

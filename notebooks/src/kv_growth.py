@@ -18,6 +18,7 @@ swa_full_variants = [False, True]  # the sliding-window cache as shipped, and wi
 fill_context = defaults.CONTEXT_TOKENS
 fill_fractions = [0.1, 0.25, 0.5, 0.75, 0.95]
 probe = "auto"
+estimator_slots = [1, 4, 16]  # the verdict on the estimators: each swept context at these slot counts (embedded)
 out_dir = str(defaults.MEASUREMENTS_DIR)
 
 # %%
@@ -88,6 +89,67 @@ for ax, (swa_full, run) in zip(axes[0], runs.items()):
                  "KV from server log KiB/token": f"{log_fit.slope_bytes_per_token / 1024:.3f}" if log_fit else "–"})
 fig.tight_layout()
 table(pd.DataFrame(rows))
+
+# %% [markdown]
+# ## The verdict on the estimators
+# What each tool would have predicted for this very model, beside what the server allocated (its own KV buffer
+# lines) and what it held after load: kvbatch's whole-cache model, the line measured above (at one slot),
+# `llama-fit-params` run on the same file (its `model + context + compute`), Ollama's rule written from its source
+# (`GraphSize`: its KV part, beside the server's base), and the naive rule the seed used (every layer x the context).
+
+# %%
+from kvbatch.measure import estimators as E
+
+sliding = next(iter(runs.values()))
+fit_line = (sliding["fit"].base_bytes, sliding["fit"].slope_bytes_per_token / max(parallel, 1))
+if backend == "embedded":
+    from kvbatch.serve.server import default_model_path
+
+    gguf_path = Path(model_path) if model_path else default_model_path()
+    verdict = steps.estimator_verdict(gguf_path, arch, KvCacheTypes(kv_type, kv_type), contexts, estimator_slots,
+                                      sliding["out"], backend=backend, model=identity, fit_line=fit_line)
+    frame = pd.DataFrame([r.as_dict() for r in verdict["rows"]])
+    seen = {(o.context, o.slots): o for o in verdict["observed"]}
+    shown = pd.DataFrame({
+        "context x slots": [f"{r.context:,} x {r.slots}" for r in verdict["rows"]],
+        "server KV (log)": [size(seen[(r.context, r.slots)].kv_log_bytes) for r in verdict["rows"]],
+        "server after load": [size(seen[(r.context, r.slots)].after_load_bytes) for r in verdict["rows"]],
+        "estimator": frame["estimator"],
+        "its KV": [size(v) if pd.notna(v) else "–" for v in frame["kv_bytes"]],
+        "KV error": [f"{v:+.1%}" if pd.notna(v) else "–" for v in frame["kv_error"]],
+        "its memory": [size(v) if pd.notna(v) else "–" for v in frame["total_bytes"]],
+        "memory error": [f"{v:+.1%}" if pd.notna(v) else "–" for v in frame["total_error"]],
+    })
+    slot_counts = sorted({o.slots for o in verdict["observed"]})
+    fig, axes = plt.subplots(1, len(slot_counts), figsize=(5.2 * len(slot_counts), 3.8), squeeze=False)
+    for ax, slots in zip(axes[0], slot_counts, strict=True):
+        mine = frame[frame.slots == slots]
+        for name in E.ESTIMATORS:
+            line = mine[mine.estimator == name].sort_values("context")
+            if not line.empty and line["total_bytes"].notna().any():
+                ax.plot(line["context"], line["total_bytes"] / 2**20, "-", label=name)
+        points = sorted((o.context, o.after_load_bytes) for o in verdict["observed"] if o.slots == slots)
+        ax.plot([c for c, _ in points], [m / 2**20 for _, m in points], "ko", label="server after load")
+        ax.set(title=f"{slots} slot(s)", xlabel="context (tokens, all slots)", ylabel="MiB")
+        ax.set_ylim(bottom=0)
+    axes[0][0].legend(fontsize=8)
+    fig.tight_layout()
+    plt.show()
+    display(table(shown))
+    display(Markdown("\n".join(f"- {sentence}" for sentence in verdict["sentences"].values())
+                     + ("" if verdict["fit_params"] else "\n- llama-fit-params: not found beside llama-server.")))
+else:  # Ollama: its own /api/ps size at each num_ctx, beside its rule's KV and kvbatch's model of the cache
+    points = sliding["points_allocated"].groupby("context_tokens")["used_bytes"].median()
+    types = KvCacheTypes(kv_type, kv_type)
+    base = sliding["fit"].base_bytes
+    display(table(pd.DataFrame({
+        "num_ctx": [f"{c:,}" for c in points.index],
+        "/api/ps size": [size(v) for v in points.values],
+        "Ollama's rule (KV)": [size(E.ollama_kv_bytes(arch, types, c, parallel)) for c in points.index],
+        "kvbatch (KV)": [size(E.kvbatch_kv_bytes(arch, types, c * parallel, parallel)) for c in points.index],
+        "naive (KV)": [size(E.naive_kv_bytes(arch, types, c * parallel, parallel)) for c in points.index],
+        "/api/ps growth above the line's base": [size(v - base) for v in points.values],
+    })))
 
 # %% [markdown]
 # ### What the fit flags

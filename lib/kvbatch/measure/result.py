@@ -18,7 +18,7 @@ from kvbatch import defaults
 from kvbatch.errors import UserInputError
 from kvbatch.measure.kvmodel import KvCacheTypes
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 
 
 class SearchStepRecord(BaseModel):
@@ -54,6 +54,20 @@ class Sustained(BaseModel):
     slot's context."""
     stopped_by: str | None = None
     ceiling_s: float | None = None
+
+
+class EstimatorRecord(BaseModel):
+    """One estimator at one layout (measure/estimators.py's VerdictRow), beside what the server showed."""
+
+    estimator: str
+    context: int
+    slots: int
+    kv_bytes: float | None = None
+    total_bytes: float | None = None
+    kv_error: float | None = None
+    total_error: float | None = None
+    server_kv_bytes: float | None = None
+    server_after_load_bytes: float | None = None
 
 
 class Measurement(BaseModel):
@@ -105,6 +119,10 @@ class Measurement(BaseModel):
     prompt_tokens_per_s: float | None = None
     answer_tokens_per_s: float | None = None
     sustained: Sustained | None = None
+    estimators: list[EstimatorRecord] = Field(default_factory=list)
+    """Each estimator's figure beside what the server allocated and held, per context and slot count (schema 3)."""
+    estimator_verdicts: dict[str, str] = Field(default_factory=dict)
+    """One sentence per estimator: how wrong it was on this model, and why."""
     measured_at: str = Field(default_factory=lambda: dt.datetime.now().isoformat(timespec="seconds"))
 
     @property
@@ -153,6 +171,8 @@ def _migrate(data: dict[str, Any], path: Path) -> dict[str, Any]:
     if "schema_version" in data:
         if data["schema_version"] > SCHEMA_VERSION:
             raise UserInputError(f"{path}: written by a newer kvbatch (schema {data['schema_version']}); upgrade it")
+        if data["schema_version"] == 2:  # schema 3 added the estimators' verdict: none measured yet
+            data = {**data, "schema_version": 3, "estimators": [], "estimator_verdicts": {}}
         return data
     fit = data.get("fit") or {}
     safe = data.get("safe_context") or {}

@@ -293,3 +293,24 @@ def save_sustained(out: Path, outcome, *, backend: str, model: str, types: KvCac
         ),
         **{key: value for key, value in speeds.items() if value},
     )
+
+
+def estimator_verdict(model_path: Path, arch: KvArchitecture, types: KvCacheTypes, contexts: list[int],
+                      slot_counts: list[int], out: Path, *, backend: str, model: str,
+                      fit_line: tuple[float, float] | None) -> dict[str, Any]:  # fmt: skip
+    """Start the embedded server at every context and slot count, put each estimator's figure beside what it
+    allocated and held (measure/estimators.py), and save the rows and the sentences into the measurement file."""
+    from kvbatch.measure import estimators as E
+    from kvbatch.measure.result import EstimatorRecord
+
+    observed = E.observe_embedded(model_path, types, contexts, slot_counts)
+    binary = E.fit_params_binary()
+    projected = (lambda c, s: E.run_fit_params(binary, model_path, c, s)) if binary else None
+    rows = E.verdict(arch, types, observed, fit_line=fit_line, fit_params=projected)
+    seen = {(o.context, o.slots): o for o in observed}
+    records = [EstimatorRecord(**row.as_dict(), server_kv_bytes=seen[(row.context, row.slots)].kv_log_bytes,
+                               server_after_load_bytes=seen[(row.context, row.slots)].after_load_bytes)
+               for row in rows]  # fmt: skip
+    said = E.sentences(rows, arch)
+    update_measurement(out, backend=backend, model=model, types=types, estimators=records, estimator_verdicts=said)
+    return {"rows": rows, "observed": observed, "sentences": said, "fit_params": binary is not None}

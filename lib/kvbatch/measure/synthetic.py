@@ -105,3 +105,72 @@ def write_gemma3_gguf(path: Path, shape: Gemma3Shape, *, seed: int = 0) -> Path:
     writer.write_tensors_to_file()
     writer.close()
     return Path(path)
+
+
+@dataclass(frozen=True)
+class LlamaShape:
+    """A plain grouped-query-attention model (llama): every layer keeps the whole context, no sliding window."""
+
+    block_count: int
+    embedding: int
+    heads: int
+    kv_heads: int
+    feed_forward: int
+    context_length: int = 131072
+
+    @property
+    def head_dim(self) -> int:
+        return self.embedding // self.heads
+
+    @property
+    def architecture(self) -> KvArchitecture:
+        return KvArchitecture("llama", self.block_count, self.kv_heads, self.head_dim, self.head_dim, None,
+                              tuple(range(self.block_count)), self.context_length)  # fmt: skip
+
+
+def write_llama_gguf(path: Path, shape: LlamaShape, *, seed: int = 0) -> Path:
+    """Write a llama-architecture GGUF of this shape with random F16 weights (the 270M's tokenizer); returns it."""
+    import gguf
+
+    rng = np.random.default_rng(seed)
+    writer = gguf.GGUFWriter(str(path), "llama")
+    writer.add_name(f"synthetic llama {shape.block_count}L {shape.embedding}d")
+    writer.add_context_length(shape.context_length)
+    writer.add_embedding_length(shape.embedding)
+    writer.add_block_count(shape.block_count)
+    writer.add_feed_forward_length(shape.feed_forward)
+    writer.add_head_count(shape.heads)
+    writer.add_head_count_kv(shape.kv_heads)
+    writer.add_rope_dimension_count(shape.head_dim)
+    writer.add_layer_norm_rms_eps(1e-5)
+    writer.add_rope_freq_base(500_000.0)
+    writer.add_file_type(gguf.LlamaFileType.MOSTLY_F16)
+    vocab = 0
+    for key, field in _tokenizer_fields():
+        value = field.contents()
+        if key == "tokenizer.ggml.tokens":
+            vocab = len(value)
+        sub_type = field.types[1] if len(field.types) > 1 else None
+        writer.add_key_value(key, value, field.types[0], sub_type=sub_type)
+
+    def weight(rows: int, cols: int) -> np.ndarray:
+        return (rng.standard_normal((rows, cols), dtype=np.float32) * 0.02).astype(np.float16)
+
+    emb, ffn, kv = shape.embedding, shape.feed_forward, shape.kv_heads * shape.head_dim
+    writer.add_tensor("token_embd.weight", weight(vocab, emb))
+    writer.add_tensor("output_norm.weight", np.ones(emb, dtype=np.float32))
+    for block in range(shape.block_count):
+        prefix = f"blk.{block}."
+        for name, tensor in (
+            ("attn_norm.weight", np.ones(emb, dtype=np.float32)), ("attn_q.weight", weight(emb, emb)),
+            ("attn_k.weight", weight(kv, emb)), ("attn_v.weight", weight(kv, emb)),
+            ("attn_output.weight", weight(emb, emb)), ("ffn_norm.weight", np.ones(emb, dtype=np.float32)),
+            ("ffn_gate.weight", weight(ffn, emb)), ("ffn_up.weight", weight(ffn, emb)),
+            ("ffn_down.weight", weight(emb, ffn)),
+        ):  # fmt: skip
+            writer.add_tensor(prefix + name, tensor)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return Path(path)

@@ -123,7 +123,8 @@ def build_parser() -> argparse.ArgumentParser:
     sample.add_argument("--out", default=str(defaults.SAMPLE_INPUT))
     sample.add_argument("--max-tokens", type=int, default=300)
     sample.add_argument("--seed", type=int, default=1)
-    sample.add_argument("--text", action="store_true", help="free-text answers (default: JSON with a schema)")
+    sample.add_argument("--json", action="store_true",
+                        help="each request asks for a JSON decision with a schema (response_format)")
     sample.set_defaults(handler=cmd_sample)
 
     measure = commands.add_parser("measure", help="run the measurement notebooks headless; reports in reports/")
@@ -371,7 +372,7 @@ def cmd_sample(args: argparse.Namespace) -> int:
     from kvbatch.batch.sample import write_sample
 
     path = write_sample(Path(args.out), args.n, seed=args.seed, max_tokens=args.max_tokens,
-                        json_answer=not args.text)  # fmt: skip
+                        json_answer=args.json)  # fmt: skip
     print(f"wrote {args.n} requests to {path}")
     return 0
 

@@ -57,6 +57,8 @@ class QuickServer(BackgroundApp):
     async def chat(self, request: web.Request) -> web.Response:
         body = await request.json()
         self.asked += 1
+        if "DENY" in body["messages"][-1]["content"]:  # a key this server refuses, for this request alone
+            return web.json_response({"error": {"message": "invalid api key", "type": "auth"}}, status=401)
         if self.delay_s:
             await asyncio.sleep(self.delay_s)
         text = f"echo: {body['messages'][-1]['content'][:40]}"
@@ -269,3 +271,22 @@ def test_a_batch_on_the_real_embedded_server_with_its_plan_and_report(tmp_path):
 
     with urllib.request.urlopen(f"{page}/reports/{extra['report']}") as reply:  # noqa: S310 (loopback)
         assert b"kvbatch run report" in reply.read()
+
+
+def test_a_batch_that_can_never_run_fails_and_the_queue_goes_on_and_its_input_cannot_be_deleted(tmp_path):
+    denied = tmp_path / "denied.jsonl"
+    lines = small_batch(tmp_path / "a.jsonl", 3).read_text().splitlines()
+    denied.write_text("\n".join(line.replace("Score this candidate.", "DENY") for line in lines) + "\n")
+    good = small_batch(tmp_path / "b.jsonl", 4)
+    with QuickServer() as server:
+        _, url = _api(tmp_path, "--url", server.url)
+        client = _client(url)
+        denied_id, good_id = (client.files.create(file=p.open("rb"), purpose="batch").id for p in (denied, good))
+        first = client.batches.create(input_file_id=denied_id, endpoint="/v1/chat/completions", completion_window="24h")
+        second = client.batches.create(input_file_id=good_id, endpoint="/v1/chat/completions", completion_window="24h")
+        with pytest.raises(openai.ConflictError):
+            client.files.delete(good_id)  # the input of a batch that has not ended
+        done = _wait(client, second.id, lambda b: b.status == "completed")
+        failed = client.batches.retrieve(first.id)
+    assert failed.status == "failed" and failed.errors.data[0].code == "AuthError", failed
+    assert done.request_counts.completed == 4

@@ -44,6 +44,8 @@ def test_llama_fit_params_breakdown_is_read_per_device_and_summed():
     projected = E.parse_fit_params(BREAKDOWN)
     assert projected == E.FitParams(234 * MIB, 84 * MIB, 522 * MIB) and projected.total_bytes == 840 * MIB
     assert E.parse_fit_params("no table here") is None
+    gpu = "|   - CUDA0 (NVIDIA H200)   | 143000 = 140000 + (  3000 =  2500 +   400 +    100) +   0 |"
+    assert E.parse_fit_params(gpu) == E.FitParams(2500 * MIB, 400 * MIB, 100 * MIB)  # a card's row: free + (self)
 
 
 def test_the_verdict_puts_each_figure_beside_the_servers_and_says_what_is_wrong():

@@ -54,8 +54,8 @@ def main() -> None:
         slope, intercept = np.polyfit([o.context for o in one_slot], [o.after_load_bytes for o in one_slot], 1)
         fit = (float(intercept), float(slope))
     binary = fit_params_binary()
-    rows = verdict(arch, types, observed, fit_line=fit,
-                   fit_params=(lambda c, s: run_fit_params(binary, model, c, s)) if binary else None)  # fmt: skip
+    projected = (lambda c, s: run_fit_params(binary, model, c, s, types=types)) if binary else None
+    rows = verdict(arch, types, observed, fit_line=fit, fit_params=projected)
     print(f"{model.name}: {arch.block_count} layers ({len(arch.global_layers)} global), {arch.head_count_kv} KV "
           f"heads x {arch.key_length}, window {arch.sliding_window}; KV cache {types.label}\n")  # fmt: skip
     print("| context x slots | server KV (log) | server after load | estimator | its KV | KV error | its memory "

@@ -206,6 +206,8 @@ API_COUNT_EVERY_S = 1.0
 """How often a running batch's request_counts are read from its journal and saved."""
 API_RETRY_PAUSE_S = 30.0
 """After a batch's run stopped (its servers gone past --max-wait), the pause before it is taken up again."""
+API_MAX_TROUBLES = 3
+"""Unexpected failures of one batch's run (not its servers being gone) before it is failed, so the queue goes on."""
 API_PAGE_REFRESH_S = 2
 """The status page reloads itself this often (seconds)."""
 WEBHOOK_ATTEMPTS = 6

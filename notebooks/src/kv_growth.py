@@ -101,7 +101,7 @@ table(pd.DataFrame(rows))
 from kvbatch.measure import estimators as E
 
 sliding = next(iter(runs.values()))
-fit_line = (sliding["fit"].base_bytes, sliding["fit"].slope_bytes_per_token / max(parallel, 1))
+fit_line = (sliding["fit"].base_bytes, sliding["fit"].slope_bytes_per_token)  # the embedded sweep runs one slot
 if backend == "embedded":
     from kvbatch.serve.server import default_model_path
 
@@ -141,14 +141,16 @@ if backend == "embedded":
 else:  # Ollama: its own /api/ps size at each num_ctx, beside its rule's KV and kvbatch's model of the cache
     points = sliding["points_allocated"].groupby("context_tokens")["used_bytes"].median()
     types = KvCacheTypes(kv_type, kv_type)
-    base = sliding["fit"].base_bytes
     display(table(pd.DataFrame({
         "num_ctx": [f"{c:,}" for c in points.index],
         "/api/ps size": [size(v) for v in points.values],
         "Ollama's rule (KV)": [size(E.ollama_kv_bytes(arch, types, c, parallel)) for c in points.index],
         "kvbatch (KV)": [size(E.kvbatch_kv_bytes(arch, types, c * parallel, parallel)) for c in points.index],
         "naive (KV)": [size(E.naive_kv_bytes(arch, types, c * parallel, parallel)) for c in points.index],
-        "/api/ps growth above the line's base": [size(v - base) for v in points.values],
+        "/api/ps growth from the first num_ctx": [size(v - points.values[0]) for v in points.values],
+        "Ollama's rule, growth": [size(E.ollama_kv_bytes(arch, types, c, parallel)
+                                       - E.ollama_kv_bytes(arch, types, points.index[0], parallel))
+                                  for c in points.index],
     })))
 
 # %% [markdown]

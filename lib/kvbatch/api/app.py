@@ -133,6 +133,10 @@ async def file_content(request: web.Request) -> web.StreamResponse:
 async def delete_file(request: web.Request) -> web.Response:
     record, path = await _file_or_404(request)
     store = _store(request)
+    user = await asyncio.to_thread(store.live_batch_using, record.id)
+    if user is not None:
+        raise ApiError(409, f"File {record.id} is the input of batch {user}, which has not ended; cancel it first.",
+                       code="file_in_use")  # fmt: skip
     await asyncio.to_thread(store.delete_file, record.id)
     if path.parent == store.files_dir:  # an output file is the batch's journal: it stays with its run folder
         with contextlib.suppress(OSError):
@@ -190,12 +194,18 @@ async def get_batch(request: web.Request) -> web.Response:
 
 async def cancel_batch(request: web.Request) -> web.Response:
     batch = await _batch_or_404(request)
-    if batch.status in ENDED_STATES:
+    worker = request.app[_WORKER]
+    if batch.status in (*ENDED_STATES, "finalizing"):
         raise ApiError(409, f"Cannot cancel a batch with status '{batch.status}'.", code="batch_not_cancellable")
-    if batch.status != "cancelling":
-        batch.status, batch.cancelling_at = "cancelling", int(time.time())
-        await asyncio.to_thread(_store(request).save_batch, batch)
-    request.app[_WORKER].cancel(batch.id)
+    now = int(time.time())
+    if batch.status == "validating" and worker.running_id != batch.id and not batch.request_counts.total:
+        batch.status, batch.cancelling_at, batch.cancelled_at = "cancelled", now, now  # waiting: it ends at once
+    elif batch.status != "cancelling":
+        batch.status, batch.cancelling_at = "cancelling", now
+    await asyncio.to_thread(_store(request).save_batch, batch)
+    worker.cancel(batch.id)
+    if batch.status == "cancelled" and worker.webhooks is not None:
+        worker.webhooks.send(batch)
     return web.json_response(batch.model_dump())
 
 

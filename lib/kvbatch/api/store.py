@@ -7,6 +7,7 @@ the change; a batch found `validating`, `in_progress` or `finalizing` at start g
 
 from __future__ import annotations
 
+import fcntl
 import json
 import secrets
 import sqlite3
@@ -16,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from kvbatch.api.models import BatchObject, FileObject, RequestCounts
+from kvbatch.errors import UserInputError
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS files (
@@ -49,10 +51,18 @@ class Store:
         self._db.execute("PRAGMA synchronous=FULL")
         self._db.executescript(_SCHEMA)
         self._lock = threading.Lock()
+        self._owner = open(self.root / "kvbatch.lock", "a")  # noqa: SIM115 (held while the store is open)
+        try:
+            fcntl.flock(self._owner, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError as exc:
+            self._owner.close()
+            self._db.close()
+            raise UserInputError(f"{self.root} is in use by another `kvbatch api`; give it its own --data") from exc
 
     def close(self) -> None:
         with self._lock:
             self._db.close()
+        self._owner.close()
 
     def _next_seq(self, table: str) -> int:
         row = self._db.execute(f"SELECT COALESCE(MAX(seq), 0) + 1 FROM {table}").fetchone()  # noqa: S608 (a name)
@@ -96,8 +106,16 @@ class Store:
             self._db.execute("INSERT INTO batches VALUES (?, ?, ?)",
                              (batch.id, self._next_seq("batches"), batch.model_dump_json()))  # fmt: skip
 
-    def save_batch(self, batch: BatchObject) -> None:
+    def save_batch(self, batch: BatchObject, *, keep_cancel: bool = False) -> None:
+        """Write the record; with `keep_cancel`, a `cancelling` already stored (the API's, written meanwhile) is
+        kept over a live state in `batch`, in the same transaction."""
         with self._lock:
+            if keep_cancel and batch.status in ("validating", "in_progress"):
+                row = self._db.execute("SELECT body FROM batches WHERE id = ?", (batch.id,)).fetchone()
+                stored = BatchObject.model_validate_json(row[0]) if row else None
+                if stored is not None and stored.status in ("cancelling", "cancelled"):
+                    batch.status, batch.cancelling_at = stored.status, stored.cancelling_at
+                    batch.cancelled_at = stored.cancelled_at
             self._db.execute("UPDATE batches SET body = ? WHERE id = ?", (batch.model_dump_json(), batch.id))
 
     def batch(self, batch_id: str) -> BatchObject | None:
@@ -117,6 +135,16 @@ class Store:
                 rows = self._db.execute("SELECT body FROM batches ORDER BY seq DESC LIMIT ?", (limit + 1,)).fetchall()
         page = [BatchObject.model_validate_json(r[0]) for r in rows]
         return page[:limit], len(page) > limit
+
+    def live_batch_using(self, file_id: str) -> str | None:
+        """A batch not yet ended whose input is `file_id` (its file must stay)."""
+        with self._lock:
+            rows = self._db.execute("SELECT body FROM batches").fetchall()
+        for (body,) in rows:
+            batch = BatchObject.model_validate_json(body)
+            if batch.input_file_id == file_id and batch.status in LIVE_STATES:
+                return batch.id
+        return None
 
     def next_to_run(self) -> BatchObject | None:
         """The oldest batch not yet ended: one runs at a time, the others wait in order."""
@@ -142,19 +170,23 @@ class RunProgress:
         self.completed = self.failed = 0
         self.prompt_tokens = self.cached_tokens = 0
 
-    def _new_lines(self, path: Path) -> list[bytes]:
+    def _new_lines(self, path: Path):
+        """The whole lines appended since the last read, a MiB at a time (a line still being written waits)."""
         if not path.exists():
-            return []
+            return
         with open(path, "rb") as handle:
             handle.seek(self._offsets[path])
-            data = handle.read()
-        whole = data[: data.rfind(b"\n") + 1]  # a line still being written waits for the next read
-        self._offsets[path] += len(whole)
-        return whole.splitlines()
+            rest = b""
+            for block in iter(lambda: handle.read(1 << 20), b""):
+                data = rest + block
+                cut = data.rfind(b"\n") + 1
+                whole, rest = data[:cut], data[cut:]
+                self._offsets[path] += len(whole)
+                yield from whole.splitlines()
 
     def read(self) -> None:
-        self.completed += len(self._new_lines(self.results))
-        self.failed += len(self._new_lines(self.errors))
+        self.completed += sum(1 for _ in self._new_lines(self.results))
+        self.failed += sum(1 for _ in self._new_lines(self.errors))
         for line in self._new_lines(self.metrics):
             try:
                 record = json.loads(line)

@@ -3,7 +3,9 @@ report as `kvbatch run` (each batch's run folder is `--data`/batches/<id>): vali
 `request_counts` while it runs, the output files, cancellation, and on a restart the batch in progress goes on.
 
 A run that stops because its servers are gone (past `--max-wait`) is not a failed batch: nothing it did is lost and
-waiting would serve the rest, so the batch stays `in_progress` and is taken up again after a pause.
+waiting would serve the rest, so the batch stays `in_progress` and is taken up again after a pause. A batch that can
+never run (its plan does not fit, its model is missing, its key is refused) fails with the reason, so the batches
+behind it go on.
 """
 
 from __future__ import annotations
@@ -24,7 +26,7 @@ from kvbatch.batch.openai_batch import scan_openai_batch
 from kvbatch.batch.runfolder import RunFolder
 from kvbatch.batch.runner import field_rules, run_batch_async
 from kvbatch.batch.settings import BatchSettings
-from kvbatch.errors import KvbatchError
+from kvbatch.errors import KvbatchError, TransientError
 
 log = logging.getLogger("kvbatch.api")
 
@@ -53,7 +55,8 @@ class BatchWorker:
         self.wake.set()
 
     async def _save(self, batch: BatchObject) -> None:
-        await asyncio.to_thread(self.store.save_batch, batch)
+        """Save, keeping a cancel that arrived meanwhile (the API writes `cancelling` on its own record)."""
+        await asyncio.to_thread(self.store.save_batch, batch, keep_cancel=True)
 
     async def forever(self) -> None:
         while True:
@@ -69,9 +72,13 @@ class BatchWorker:
                 raise
             except Exception as exc:  # noqa: BLE001 (one batch's trouble must not end the service)
                 log.exception("batch %s: %s", batch.id, exc)
-                batch.x_kvbatch["last_stop"] = f"{type(exc).__name__}: {exc}"[:500]
-                await self._save(batch)
-                await asyncio.sleep(defaults.API_RETRY_PAUSE_S)
+                troubles = int(batch.x_kvbatch.get("troubles", 0)) + 1
+                batch.x_kvbatch.update(last_stop=f"{type(exc).__name__}: {exc}"[:500], troubles=troubles)
+                if troubles >= defaults.API_MAX_TROUBLES:
+                    await self._fail(batch, "internal_error", f"{type(exc).__name__}: {exc}"[:500])
+                else:
+                    await self._save(batch)
+                    await asyncio.sleep(defaults.API_RETRY_PAUSE_S)
 
     async def take(self, batch: BatchObject) -> None:
         """Carry one batch from where its record says it is to an end (or to a stop that a later pass resumes)."""
@@ -86,11 +93,25 @@ class BatchWorker:
         if batch.status == "in_progress":
             stopped = await self._run(batch)
             if stopped is not None and batch.id not in self._cancelled:
-                batch.x_kvbatch["last_stop"] = stopped
+                if not isinstance(stopped, TransientError):  # it can never run as it is: the queue goes on
+                    await self._fail(batch, type(stopped).__name__, str(stopped)[:1000])
+                    return
+                batch.x_kvbatch["last_stop"] = str(stopped)[:500]
                 await self._save(batch)
                 await asyncio.sleep(defaults.API_RETRY_PAUSE_S)
                 return
         await self._finish(batch, cancelled=batch.id in self._cancelled)
+
+    async def _fail(self, batch: BatchObject, code: str, message: str) -> None:
+        folder = self.run_folder(batch.id)
+        batch.status, batch.failed_at = "failed", int(time.time())
+        batch.errors = BatchErrors(data=[BatchErrorData(code=code, message=message)])
+        progress = RunProgress(folder.results, folder.errors, folder.metrics)
+        await asyncio.to_thread(progress.read)
+        batch.request_counts = progress.counts(batch.request_counts.total)
+        batch.output_file_id = await self._output_file(batch, folder.results, "output")
+        batch.error_file_id = await self._output_file(batch, folder.errors, "errors")
+        await self._ended(batch)
 
     async def _validate(self, batch: BatchObject) -> BatchObject:
         found = await asyncio.to_thread(self.store.file, batch.input_file_id)
@@ -126,10 +147,11 @@ class BatchWorker:
 
         return _specs(self.settings)
 
-    async def _run(self, batch: BatchObject) -> str | None:
+    async def _run(self, batch: BatchObject) -> KvbatchError | None:
         """The run itself; returns why it stopped before every request had an outcome (None: it ended)."""
         found = await asyncio.to_thread(self.store.file, batch.input_file_id)
-        assert found is not None
+        if found is None:
+            return KvbatchError(f"the input file {batch.input_file_id} was deleted")
         folder = self.run_folder(batch.id)
         folder.path.parent.mkdir(parents=True, exist_ok=True)
         settings = replace(self.settings, input_path=found[1], folder=folder, progress=False)
@@ -157,17 +179,22 @@ class BatchWorker:
                 await self._save(batch)
             outcome = self._run_task.result()
         except asyncio.CancelledError:
-            if batch.id not in self._cancelled:
-                raise  # the service is stopping: the batch goes on at the next start
+            if batch.id not in self._cancelled:  # the service is stopping: the batch goes on at the next start
+                self._run_task.cancel()
+                await asyncio.gather(self._run_task, return_exceptions=True)  # its journal closed, its servers down
+                raise
             return None
         except KvbatchError as exc:
-            return str(exc)
+            return exc
         finally:
             self.running_id, self._run_task = None, None
-        return str(outcome.stopped) if outcome.stopped is not None else None
+        return outcome.stopped
 
     async def _finish(self, batch: BatchObject, *, cancelled: bool) -> None:
         folder = self.run_folder(batch.id)
+        if cancelled and folder.summary.exists():  # a cancel that came after the last request: it completed
+            summary = json.loads(folder.summary.read_text("utf-8"))
+            cancelled = summary.get("completed_total", 0) + summary.get("failed_total", 0) < batch.request_counts.total
         now = int(time.time())
         if cancelled:
             batch.status, batch.cancelling_at = "cancelling", batch.cancelling_at or now

@@ -53,7 +53,7 @@ def ollama_kv_bytes(arch: KvArchitecture, types: KvCacheTypes, num_ctx: int, par
     cells instead (gemma2 and every other sliding-window model: the whole context on every layer)."""
     context = num_ctx * parallel
     batch = min(num_ctx, OLLAMA_BATCH)
-    per_cell = arch.head_count_kv * (arch.key_length + arch.value_length) * OLLAMA_BYTES_PER_ELEMENT[types.k]
+    per_cell = arch.head_count_kv * (arch.key_length + arch.value_length) * OLLAMA_BYTES_PER_ELEMENT.get(types.k, 2.0)
     total = 0.0
     for layer in range(arch.block_count):
         sliding = arch.architecture == "gemma3" and arch.sliding_window and (layer + 1) % 6 != 0
@@ -75,7 +75,7 @@ class FitParams:
         return self.model_bytes + self.context_bytes + self.compute_bytes
 
 
-_BREAKDOWN_ROW = re.compile(r"\|\s+-\s+(?P<device>[^|]+?)\s*\|[^|=]*?(?P<self>\d+)\s*=\s*(?P<model>\d+)\s*\+\s*"
+_BREAKDOWN_ROW = re.compile(r"\|\s+-\s+(?P<device>[^|]+?)\s*\|[^|]*?(?P<self>\d+)\s*=\s*(?P<model>\d+)\s*\+\s*"
                             r"(?P<context>\d+)\s*\+\s*(?P<compute>\d+)")  # fmt: skip
 
 
@@ -89,12 +89,17 @@ def parse_fit_params(text: str) -> FitParams | None:
     return FitParams(*total)
 
 
-def run_fit_params(binary: Path, model_path: Path, context: int, slots: int, *,
+F16 = KvCacheTypes()
+
+
+def run_fit_params(binary: Path, model_path: Path, context: int, slots: int, *, types: KvCacheTypes = F16,
                    timeout_s: float = 300) -> FitParams | None:  # fmt: skip
-    """Run `llama-fit-params` on the model at `context` total and `slots` slots (-lv 4 prints its breakdown)."""
+    """Run `llama-fit-params` on the model at `context` total and `slots` slots, with the server's cache types
+    (-lv 4 prints its breakdown)."""
+    command = [str(binary), "-m", str(model_path), "-c", str(context), "-np", str(slots), "-lv", "4",
+               "-ctk", types.k, "-ctv", types.v, *(["--swa-full"] if types.swa_full else [])]  # fmt: skip
     try:
-        done = subprocess.run([str(binary), "-m", str(model_path), "-c", str(context), "-np", str(slots), "-lv", "4"],
-                              capture_output=True, text=True, timeout=timeout_s)  # fmt: skip
+        done = subprocess.run(command, capture_output=True, text=True, timeout=timeout_s)
     except (OSError, subprocess.TimeoutExpired):
         return None
     return parse_fit_params(done.stdout + done.stderr)
@@ -135,8 +140,9 @@ def verdict(arch: KvArchitecture, types: KvCacheTypes, observed: list[Observed],
             fit_line: tuple[float, float] | None = None,
             fit_params: Callable[[int, int], FitParams | None] | None = None) -> list[VerdictRow]:  # fmt: skip
     """One row per estimator and observed layout. `fit_line`: (base, slope per token of total context) from the
-    measurement. The server's base (its memory after load less its KV lines, at the first layout) completes the
-    figures of the rules that give only a KV cache."""
+    measurement. The server's base at one slot (its memory after load less its KV lines, at the smallest layout)
+    completes the figures of the rules that give only a KV cache: at more slots their memory error also holds what
+    each slot adds beside the cache, which none of them claims."""
     if not observed:
         return []
     first = min(observed, key=lambda o: (o.slots, o.context))
@@ -173,9 +179,10 @@ def _why(name: str, arch: KvArchitecture) -> str:
                         if sliding else "a line fitted at one slot count",
         "llama-fit-params": "its context figure is the cache, but its compute figure is the worst-case graph it "
                             "reserves, far above what a CPU server touches after load",
-        "Ollama's rule": ("it adds one batch to parallel x window where llama.cpp gives every slot its own window + "
-                          "micro-batch stream padded to 256 cells, and counts q8_0 as 1 byte an element (ggml "
-                          "stores 1.0625)") if gemma3 else
+        "Ollama's rule": ("its sliding layers hold parallel x window + one batch, where llama.cpp gives every slot "
+                          "its own window + micro-batch, padded to 256 cells and never more than the slot's context "
+                          "(under with many long slots, over when a slot's context is below the window); it counts "
+                          "q8_0 as 1 byte an element (ggml stores 1.0625)") if gemma3 else
                          ("it keeps every layer, sliding ones included, at num_ctx x parallel" if sliding else
                           "it counts q8_0 as 1 byte an element (ggml stores 1.0625)"),
         "naive (all layers x context)": "it keeps every layer at the whole context, as if there were no sliding "
@@ -218,7 +225,9 @@ def observe_embedded(model_path: Path, types: KvCacheTypes, contexts: list[int],
                                   cache_type_k=types.k, cache_type_v=types.v, swa_full=types.swa_full)  # fmt: skip
             with EmbeddedServer(config) as server:
                 used = probe_for_server(server.pid, server.log_text).read()
-                observed.append(Observed(context, slots, float(server.log().kv_total_bytes), float(used)))
+                logged = server.log().kv_total_bytes
+                if logged:  # a server whose log gave no KV lines has nothing to compare with
+                    observed.append(Observed(context, slots, float(logged), float(used)))
     return observed
 
 

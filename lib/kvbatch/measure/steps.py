@@ -305,7 +305,7 @@ def estimator_verdict(model_path: Path, arch: KvArchitecture, types: KvCacheType
 
     observed = E.observe_embedded(model_path, types, contexts, slot_counts)
     binary = E.fit_params_binary()
-    projected = (lambda c, s: E.run_fit_params(binary, model_path, c, s)) if binary else None
+    projected = (lambda c, s: E.run_fit_params(binary, model_path, c, s, types=types)) if binary else None
     rows = E.verdict(arch, types, observed, fit_line=fit_line, fit_params=projected)
     seen = {(o.context, o.slots): o for o in observed}
     records = [EstimatorRecord(**row.as_dict(), server_kv_bytes=seen[(row.context, row.slots)].kv_log_bytes,

@@ -32,14 +32,7 @@ from kvbatch.batch.sample import write_sample
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "bench"))
-from bench_executor import start_instant_server  # noqa: E402
-
-rows: list[tuple[str, str, str, str]] = []
-
-
-def row(what: str, measured: str, baseline: str, ratio: str) -> None:
-    rows.append((what, measured, baseline, ratio))
-    print(f"  {what}: {measured} | {baseline} | {ratio}", flush=True)
+from bench_executor import row, rows, start_instant_server  # noqa: E402
 
 
 def start_api(work: Path, server_url: str, *extra: str) -> tuple[subprocess.Popen, str]:

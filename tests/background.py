@@ -31,3 +31,25 @@ class BackgroundApp:
         assert self._runner is not None
         self._loop.call(self._runner.cleanup(), 60)
         self._loop.close()
+
+
+class OpenAIDouble(BackgroundApp):
+    """The routes every OpenAI-compatible test server shares (`/v1/models`, `/health`); `chat` is the subclass's."""
+
+    model = "double"
+
+    def make_app(self) -> web.Application:
+        app = web.Application()
+        app.router.add_post("/v1/chat/completions", self.chat)
+        app.router.add_get("/v1/models", self.models)
+        app.router.add_get("/health", self.health)
+        return app
+
+    async def chat(self, request: web.Request) -> web.Response:
+        raise NotImplementedError
+
+    async def models(self, _: web.Request) -> web.Response:
+        return web.json_response({"object": "list", "data": [{"id": self.model, "object": "model"}]})
+
+    async def health(self, _: web.Request) -> web.Response:
+        return web.json_response({"status": "ok"})

@@ -10,7 +10,7 @@ import time
 import pandas as pd
 import pytest
 from aiohttp import web
-from background import BackgroundApp
+from background import OpenAIDouble
 from batch_helpers import kvbatch
 from kvbatch.batch.answers import AnswerProblem, ask_again, load_schema_file, refused_keywords
 from kvbatch.batch.openai_batch import scan_openai_batch
@@ -31,27 +31,16 @@ SCHEMA = {
 VALID = {"decision": "hold", "score": 3, "remote": True}
 
 
-class SloppyServer(BackgroundApp):
+class SloppyServer(OpenAIDouble):
     """An OpenAI-compatible server that keeps to the schema only sometimes, as llama.cpp and Ollama have: by the
     word in the user message, the first answer is prose, JSON with a field missing, or JSON cut off at a small
     max_tokens (`finish_reason: length`); a request asked again (with a seed) is answered right, except `never`."""
 
+    model = "sloppy"
+
     def __init__(self) -> None:
         super().__init__()
         self.bodies: list[dict] = []
-
-    def make_app(self) -> web.Application:
-        app = web.Application()
-        app.router.add_post("/v1/chat/completions", self.chat)
-        app.router.add_get("/v1/models", self.models)
-        app.router.add_get("/health", self.health)
-        return app
-
-    async def models(self, _: web.Request) -> web.Response:
-        return web.json_response({"object": "list", "data": [{"id": "sloppy", "object": "model"}]})
-
-    async def health(self, _: web.Request) -> web.Response:
-        return web.json_response({"status": "ok"})
 
     def answer(self, body: dict) -> tuple[str, str]:
         kind = body["messages"][-1]["content"].split()[0]

@@ -20,13 +20,13 @@ from pathlib import Path
 import openai
 import pytest
 from aiohttp import web
-from background import BackgroundApp
+from background import OpenAIDouble
 from batch_helpers import WAIT_CEILING_S, small_batch, start_kvbatch, stop_started
 
 KEY = "sk-local-test"
 
 
-class QuickServer(BackgroundApp):
+class QuickServer(OpenAIDouble):
     """An OpenAI-compatible server that answers every chat request after `delay_s` (the user message echoed), and
     counts what it was asked; a webhook receiver on the same app keeps what it is sent."""
 
@@ -36,19 +36,12 @@ class QuickServer(BackgroundApp):
         self.asked = 0
         self.hooks: list[tuple[dict, bytes]] = []
 
+    model = "quick"
+
     def make_app(self) -> web.Application:
-        app = web.Application()
-        app.router.add_post("/v1/chat/completions", self.chat)
-        app.router.add_get("/v1/models", self.models)
-        app.router.add_get("/health", self.health)
+        app = super().make_app()
         app.router.add_post("/hook", self.hook)
         return app
-
-    async def models(self, _: web.Request) -> web.Response:
-        return web.json_response({"object": "list", "data": [{"id": "quick", "object": "model"}]})
-
-    async def health(self, _: web.Request) -> web.Response:
-        return web.json_response({"status": "ok"})
 
     async def hook(self, request: web.Request) -> web.Response:
         self.hooks.append((dict(request.headers), await request.read()))

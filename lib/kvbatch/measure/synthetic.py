@@ -53,6 +53,26 @@ def _tokenizer_fields():
             yield key, field
 
 
+def _add_tokenizer(writer) -> int:
+    """Copy the shipped 270M's tokenizer into `writer`; returns the vocabulary's size."""
+    vocab = 0
+    for key, field in _tokenizer_fields():
+        value = field.contents()
+        if key == "tokenizer.ggml.tokens":
+            vocab = len(value)
+        sub_type = field.types[1] if len(field.types) > 1 else None
+        writer.add_key_value(key, value, field.types[0], sub_type=sub_type)
+    return vocab
+
+
+def _write(writer, path: Path) -> Path:
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return Path(path)
+
+
 def write_gemma3_gguf(path: Path, shape: Gemma3Shape, *, seed: int = 0) -> Path:
     """Write a GGUF of this shape with random F16 weights (norms at 1); returns its path."""
     import gguf
@@ -72,13 +92,7 @@ def write_gemma3_gguf(path: Path, shape: Gemma3Shape, *, seed: int = 0) -> Path:
     writer.add_rope_freq_base(1_000_000.0)
     writer.add_sliding_window(shape.window)
     writer.add_file_type(gguf.LlamaFileType.MOSTLY_F16)
-    vocab = 0
-    for key, field in _tokenizer_fields():
-        value = field.contents()
-        if key == "tokenizer.ggml.tokens":
-            vocab = len(value)
-        sub_type = field.types[1] if len(field.types) > 1 else None
-        writer.add_key_value(key, value, field.types[0], sub_type=sub_type)
+    vocab = _add_tokenizer(writer)
 
     def weight(rows: int, cols: int) -> np.ndarray:
         return (rng.standard_normal((rows, cols), dtype=np.float32) * 0.02).astype(np.float16)
@@ -100,11 +114,7 @@ def write_gemma3_gguf(path: Path, shape: Gemma3Shape, *, seed: int = 0) -> Path:
             ("ffn_down.weight", weight(emb, ffn)), ("post_ffw_norm.weight", norm(emb)),
         ):  # fmt: skip
             writer.add_tensor(prefix + name, tensor)
-    writer.write_header_to_file()
-    writer.write_kv_data_to_file()
-    writer.write_tensors_to_file()
-    writer.close()
-    return Path(path)
+    return _write(writer, path)
 
 
 @dataclass(frozen=True)
@@ -145,13 +155,7 @@ def write_llama_gguf(path: Path, shape: LlamaShape, *, seed: int = 0) -> Path:
     writer.add_layer_norm_rms_eps(1e-5)
     writer.add_rope_freq_base(500_000.0)
     writer.add_file_type(gguf.LlamaFileType.MOSTLY_F16)
-    vocab = 0
-    for key, field in _tokenizer_fields():
-        value = field.contents()
-        if key == "tokenizer.ggml.tokens":
-            vocab = len(value)
-        sub_type = field.types[1] if len(field.types) > 1 else None
-        writer.add_key_value(key, value, field.types[0], sub_type=sub_type)
+    vocab = _add_tokenizer(writer)
 
     def weight(rows: int, cols: int) -> np.ndarray:
         return (rng.standard_normal((rows, cols), dtype=np.float32) * 0.02).astype(np.float16)
@@ -169,8 +173,4 @@ def write_llama_gguf(path: Path, shape: LlamaShape, *, seed: int = 0) -> Path:
             ("ffn_down.weight", weight(emb, ffn)),
         ):  # fmt: skip
             writer.add_tensor(prefix + name, tensor)
-    writer.write_header_to_file()
-    writer.write_kv_data_to_file()
-    writer.write_tensors_to_file()
-    writer.close()
-    return Path(path)
+    return _write(writer, path)

@@ -210,7 +210,7 @@ def test_a_measurement_file_from_before_schema_2_is_migrated_and_used(tmp_path):
     to today's name, and planned from; a newer schema is refused with what to do."""
     from batch_helpers import small_batch
     from kvbatch.errors import UserInputError
-    from kvbatch.measure.result import find_measurement, load_measurement
+    from kvbatch.measure.result import SCHEMA_VERSION, find_measurement, load_measurement
 
     folder = tmp_path / "data" / "measurements"
     folder.mkdir(parents=True)
@@ -228,7 +228,8 @@ def test_a_measurement_file_from_before_schema_2_is_migrated_and_used(tmp_path):
     assert plan["measurement_file"] == "data/measurements/embedded__gemma-3-270m-q4_k_m.gguf__f16-f16.json"
     assert not legacy.exists() and moved.exists()
     migrated = load_measurement(moved)
-    assert migrated.schema_version == 2 and migrated.kv_bytes_per_token == 3110.0 and migrated.budget_is_demo
+    assert migrated.schema_version == SCHEMA_VERSION and migrated.kv_bytes_per_token == 3110.0
+    assert migrated.budget_is_demo
     assert find_measurement("embedded", "gemma-3-270m-q4_k_m.gguf", KvCacheTypes(), folder) == moved
     moved.write_text(json.dumps({**json.loads(moved.read_text()), "schema_version": 9}))
     with pytest.raises(UserInputError, match="written by a newer kvbatch"):

@@ -12,14 +12,7 @@ import argparse
 from pathlib import Path
 
 import numpy as np
-from kvbatch.measure.estimators import (
-    ESTIMATORS,
-    fit_params_binary,
-    observe_embedded,
-    run_fit_params,
-    sentences,
-    verdict,
-)
+from kvbatch.measure.estimators import ESTIMATORS, judge, observe_embedded, sentences
 from kvbatch.measure.kvmodel import KvCacheTypes, architecture_from_gguf
 
 
@@ -48,14 +41,12 @@ def main() -> None:
     arch = architecture_from_gguf(model)
     contexts = [int(c) for c in args.contexts.split(",")]
     observed = observe_embedded(model, types, contexts, [int(s) for s in args.slots.split(",")])
-    one_slot = [o for o in observed if o.slots == 1]
+    one_slot = [o for o in observed if o.slots == 1]  # the line a one-slot measurement fits
     fit = None
     if len(one_slot) >= 2:
         slope, intercept = np.polyfit([o.context for o in one_slot], [o.after_load_bytes for o in one_slot], 1)
         fit = (float(intercept), float(slope))
-    binary = fit_params_binary()
-    projected = (lambda c, s: run_fit_params(binary, model, c, s, types=types)) if binary else None
-    rows = verdict(arch, types, observed, fit_line=fit, fit_params=projected)
+    rows = judge(model, arch, types, observed, fit_line=fit)
     print(f"{model.name}: {arch.block_count} layers ({len(arch.global_layers)} global), {arch.head_count_kv} KV "
           f"heads x {arch.key_length}, window {arch.sliding_window}; KV cache {types.label}\n")  # fmt: skip
     print("| context x slots | server KV (log) | server after load | estimator | its KV | KV error | its memory "

@@ -14,7 +14,6 @@ import sqlite3
 import threading
 import time
 from pathlib import Path
-from typing import Any
 
 from kvbatch.api.models import BatchObject, FileObject, RequestCounts
 from kvbatch.errors import UserInputError
@@ -202,6 +201,3 @@ class RunProgress:
     def cache_share(self) -> float | None:
         return self.cached_tokens / self.prompt_tokens if self.prompt_tokens else None
 
-
-def dumps(value: Any) -> str:
-    return json.dumps(value, ensure_ascii=False)

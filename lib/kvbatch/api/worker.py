@@ -22,9 +22,9 @@ from kvbatch import defaults
 from kvbatch.api.models import BatchErrorData, BatchErrors, BatchObject
 from kvbatch.api.store import RunProgress, Store, new_id
 from kvbatch.api.webhooks import Webhooks
-from kvbatch.batch.openai_batch import scan_openai_batch
+from kvbatch.batch.openai_batch import save_index
 from kvbatch.batch.runfolder import RunFolder
-from kvbatch.batch.runner import field_rules, run_batch_async
+from kvbatch.batch.runner import field_rules, load_input, run_batch_async, run_specs
 from kvbatch.batch.settings import BatchSettings
 from kvbatch.errors import KvbatchError, TransientError
 
@@ -103,15 +103,22 @@ class BatchWorker:
         await self._finish(batch, cancelled=batch.id in self._cancelled)
 
     async def _fail(self, batch: BatchObject, code: str, message: str) -> None:
-        folder = self.run_folder(batch.id)
         batch.status, batch.failed_at = "failed", int(time.time())
         batch.errors = BatchErrors(data=[BatchErrorData(code=code, message=message)])
+        await self._collect(batch)
+        await self._ended(batch)
+
+    async def _collect(self, batch: BatchObject) -> None:
+        """The final request_counts, and file records for what the run wrote."""
+        folder = self.run_folder(batch.id)
         progress = RunProgress(folder.results, folder.errors, folder.metrics)
         await asyncio.to_thread(progress.read)
         batch.request_counts = progress.counts(batch.request_counts.total)
         batch.output_file_id = await self._output_file(batch, folder.results, "output")
         batch.error_file_id = await self._output_file(batch, folder.errors, "errors")
-        await self._ended(batch)
+
+    def _settings(self, batch: BatchObject, input_path: Path) -> BatchSettings:
+        return replace(self.settings, input_path=input_path, folder=self.run_folder(batch.id), progress=False)
 
     async def _validate(self, batch: BatchObject) -> BatchObject:
         found = await asyncio.to_thread(self.store.file, batch.input_file_id)
@@ -121,7 +128,7 @@ class BatchWorker:
             problems.append(BatchErrorData(code="missing_file", message=f"input file {batch.input_file_id} is gone",
                                            param="input_file_id"))  # fmt: skip
         else:
-            report = await asyncio.to_thread(self._scan, found[1])
+            report = await asyncio.to_thread(self._scan, self._settings(batch, found[1]))
             total = report.request_count
             problems = [BatchErrorData(code="invalid_request", message=f"{p.field}: {p.reason}", param=p.field,
                                        line=p.line_no) for p in report.problems]  # fmt: skip
@@ -137,24 +144,24 @@ class BatchWorker:
         await self._save(batch)
         return batch
 
-    def _scan(self, path: Path):
-        rules = field_rules(self._specs())
-        return scan_openai_batch(path, refused=rules.refused, accepted=rules.accepted,
-                                 schema_keywords=rules.schema_keywords)  # fmt: skip
-
-    def _specs(self):
-        from kvbatch.batch.runner import _specs
-
-        return _specs(self.settings)
+    @staticmethod
+    def _scan(settings: BatchSettings):
+        """Validate the input as `kvbatch run` does, and keep its index in the run folder: the run reads it back
+        instead of scanning a 2 GiB file again."""
+        report, _ = load_input(settings, field_rules(run_specs(settings)))
+        if not report.problems:
+            settings.folder.path.mkdir(parents=True, exist_ok=True)
+            save_index(report, settings.folder.index)
+        return report
 
     async def _run(self, batch: BatchObject) -> KvbatchError | None:
         """The run itself; returns why it stopped before every request had an outcome (None: it ended)."""
         found = await asyncio.to_thread(self.store.file, batch.input_file_id)
         if found is None:
             return KvbatchError(f"the input file {batch.input_file_id} was deleted")
-        folder = self.run_folder(batch.id)
+        settings = self._settings(batch, found[1])
+        folder = settings.folder
         folder.path.parent.mkdir(parents=True, exist_ok=True)
-        settings = replace(self.settings, input_path=found[1], folder=folder, progress=False)
         said: list[str] = []
 
         def say(text: str) -> None:
@@ -175,7 +182,8 @@ class BatchWorker:
                 elapsed = time.time() - started
                 rate = (progress.completed + progress.failed - done_before) / elapsed if elapsed > 0 else 0.0
                 batch.x_kvbatch.update(run_folder=str(folder.path), requests_per_s=round(rate, 3),
-                                       cache_share=progress.cache_share, **await asyncio.to_thread(_memory, folder))
+                                       cache_share=progress.cache_share,
+                                       **await asyncio.to_thread(_memory, folder, batch.x_kvbatch))
                 await self._save(batch)
             outcome = self._run_task.result()
         except asyncio.CancelledError:
@@ -201,11 +209,7 @@ class BatchWorker:
         else:
             batch.status, batch.finalizing_at = "finalizing", batch.finalizing_at or now
         await self._save(batch)
-        progress = RunProgress(folder.results, folder.errors, folder.metrics)
-        await asyncio.to_thread(progress.read)
-        batch.request_counts = progress.counts(batch.request_counts.total)
-        batch.output_file_id = await self._output_file(batch, folder.results, "output")
-        batch.error_file_id = await self._output_file(batch, folder.errors, "errors")
+        await self._collect(batch)
         if self.report and folder.is_run() and folder.summary.exists():
             batch.x_kvbatch["report"] = await asyncio.to_thread(self._render, folder)
         if cancelled:
@@ -240,10 +244,11 @@ class BatchWorker:
             self.webhooks.send(batch)
 
 
-def _memory(folder: RunFolder) -> dict:
-    """The plan's memory and budget (plan.json), and the server's latest sample (memory.csv's last line)."""
+def _memory(folder: RunFolder, known: dict) -> dict:
+    """The plan's memory and budget (plan.json, read once it is there), and the server's latest sample (memory.csv's
+    last line)."""
     found: dict = {}
-    if folder.plan.exists():
+    if "planned_bytes" not in known and folder.plan.exists():
         try:
             plan = json.loads(folder.plan.read_text("utf-8"))
         except ValueError:

@@ -117,7 +117,8 @@ def load_valid_input(settings: BatchSettings, say, rules: FieldRules | None = No
     return report, requests_fn
 
 
-def _specs(settings: BatchSettings) -> list[EndpointSpec]:
+def run_specs(settings: BatchSettings) -> list[EndpointSpec]:
+    """The servers `settings` names (the embedded default, --url, --endpoints, --servers, --ray)."""
     return endpoint_specs(urls=settings.urls, endpoints_file=settings.endpoints_file, backend=settings.backend,
                           model=settings.model, servers=settings.servers, ray=settings.ray)  # fmt: skip
 
@@ -135,7 +136,7 @@ def _describe(prepared: Prepared) -> str:
 
 
 async def plan_only_async(settings: BatchSettings, *, say=print) -> Prepared:
-    specs = _specs(settings)
+    specs = run_specs(settings)
     report, requests_fn = load_valid_input(settings, say, field_rules(specs))
     if report.request_count == 0:
         raise UserInputError(f"nothing to plan: {settings.input_path} holds no requests")
@@ -209,7 +210,7 @@ def _remaining(settings: BatchSettings, report: InputReport, fingerprint: Finger
 async def run_batch_async(settings: BatchSettings, *, say=print) -> RunOutcome:
     """The whole run. What reads files before the first request (the input's validation, the journal, the model's
     checksum) runs on a thread: nothing holds the event loop (asyncio's debug mode finds no callback over 100 ms)."""
-    specs = _specs(settings)
+    specs = run_specs(settings)
     report, requests_fn = await asyncio.to_thread(load_valid_input, settings, say, field_rules(specs))
     folder = settings.folder
     if report.request_count == 0:

@@ -17,8 +17,7 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from kvbatch.measure.kvmodel import KvArchitecture, KvCacheTypes, kv_cache
-from kvbatch.serve.config import KV_CACHE_TYPES
+from kvbatch.measure.kvmodel import KvArchitecture, KvCacheTypes, bytes_per_cell, kv_cache
 from kvbatch.serve.layout import SlotLayout
 
 MIB = 2**20
@@ -28,17 +27,13 @@ OLLAMA_BYTES_PER_ELEMENT = {"f16": 2.0, "q8_0": 1.0, "q4_0": 0.5}
 """Ollama's `kvCacheBytesPerElement`: q8_0 as 1 byte and q4_0 as half, where ggml's blocks take 34/32 and 18/32."""
 
 
-def _per_cell(arch: KvArchitecture, types: KvCacheTypes, table: dict[str, float] = KV_CACHE_TYPES) -> float:
-    return arch.head_count_kv * (arch.key_length * table[types.k] + arch.value_length * table[types.v])
-
-
 def kvbatch_kv_bytes(arch: KvArchitecture, types: KvCacheTypes, context: int, slots: int) -> float:
     return kv_cache(arch, SlotLayout(slots, context // slots), types).cache_bytes
 
 
 def naive_kv_bytes(arch: KvArchitecture, types: KvCacheTypes, context: int, slots: int) -> float:
     """Every layer x the context x its bytes per cell: no window, no slots (the seed's 0.5 MB per token for 12B)."""
-    return arch.block_count * _per_cell(arch, types) * context
+    return arch.block_count * bytes_per_cell(arch, types) * context
 
 
 OLLAMA_BATCH = 512
@@ -229,6 +224,14 @@ def observe_embedded(model_path: Path, types: KvCacheTypes, contexts: list[int],
                 if logged:  # a server whose log gave no KV lines has nothing to compare with
                     observed.append(Observed(context, slots, float(logged), float(used)))
     return observed
+
+
+def judge(model_path: Path, arch: KvArchitecture, types: KvCacheTypes, observed: list[Observed], *,
+          fit_line: tuple[float, float] | None) -> list[VerdictRow]:  # fmt: skip
+    """`verdict` with llama-fit-params run on the same file where it is built."""
+    binary = fit_params_binary()
+    projected = (lambda c, s: run_fit_params(binary, model_path, c, s, types=types)) if binary else None
+    return verdict(arch, types, observed, fit_line=fit_line, fit_params=projected)
 
 
 def fit_params_binary() -> Path | None:

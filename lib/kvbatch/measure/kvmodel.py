@@ -70,7 +70,8 @@ class KvCacheTypes:
         return f"{self.k}-{self.v}{'-swafull' if self.swa_full else ''}"
 
 
-def _per_layer_bytes_per_cell(arch: KvArchitecture, types: KvCacheTypes) -> float:
+def bytes_per_cell(arch: KvArchitecture, types: KvCacheTypes) -> float:
+    """One cell of one layer: K and V for every KV head, at the cache types' bytes per element."""
     key, value = KV_CACHE_TYPES[types.k], KV_CACHE_TYPES[types.v]
     return arch.head_count_kv * (arch.key_length * key + arch.value_length * value)
 
@@ -78,7 +79,7 @@ def _per_layer_bytes_per_cell(arch: KvArchitecture, types: KvCacheTypes) -> floa
 def kv_bytes_per_token(arch: KvArchitecture, types: KvCacheTypes = KvCacheTypes()) -> float:
     """The slope: bytes added per token of allocated context (summed over slots, since slots split the context)."""
     layers = arch.block_count if (types.swa_full or not arch.sliding_window) else len(arch.global_layers)
-    return layers * _per_layer_bytes_per_cell(arch, types)
+    return layers * bytes_per_cell(arch, types)
 
 
 @dataclass(frozen=True)
@@ -120,7 +121,7 @@ def kv_cache(
     per_stream = context if unified else _pad(context // slots)
     streams = 1 if unified else slots
     global_cells = per_stream * streams
-    per_cell = _per_layer_bytes_per_cell(arch, types)
+    per_cell = bytes_per_cell(arch, types)
     if not arch.sliding_window or types.swa_full:
         layers = arch.block_count if (types.swa_full or not arch.sliding_window) else len(arch.global_layers)
         return KvCacheBreakdown(layers * per_cell * global_cells, 0.0, 0.0, global_cells, 0, slots)

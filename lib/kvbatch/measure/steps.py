@@ -304,13 +304,11 @@ def estimator_verdict(model_path: Path, arch: KvArchitecture, types: KvCacheType
     from kvbatch.measure.result import EstimatorRecord
 
     observed = E.observe_embedded(model_path, types, contexts, slot_counts)
-    binary = E.fit_params_binary()
-    projected = (lambda c, s: E.run_fit_params(binary, model_path, c, s, types=types)) if binary else None
-    rows = E.verdict(arch, types, observed, fit_line=fit_line, fit_params=projected)
+    rows = E.judge(model_path, arch, types, observed, fit_line=fit_line)
     seen = {(o.context, o.slots): o for o in observed}
     records = [EstimatorRecord(**row.as_dict(), server_kv_bytes=seen[(row.context, row.slots)].kv_log_bytes,
                                server_after_load_bytes=seen[(row.context, row.slots)].after_load_bytes)
                for row in rows]  # fmt: skip
     said = E.sentences(rows, arch)
     update_measurement(out, backend=backend, model=model, types=types, estimators=records, estimator_verdicts=said)
-    return {"rows": rows, "observed": observed, "sentences": said, "fit_params": binary is not None}
+    return {"rows": rows, "observed": observed, "sentences": said, "fit_params": E.fit_params_binary() is not None}

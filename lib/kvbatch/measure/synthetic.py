@@ -73,29 +73,42 @@ def _write(writer, path: Path) -> Path:
     return Path(path)
 
 
-def write_gemma3_gguf(path: Path, shape: Gemma3Shape, *, seed: int = 0) -> Path:
-    """Write a GGUF of this shape with random F16 weights (norms at 1); returns its path."""
+def _start(path: Path, arch: str, shape, *, rms_eps: float, rope_base: float):
+    """A writer with the keys every shape shares (sizes, heads, norms, rope, F16)."""
     import gguf
 
-    rng = np.random.default_rng(seed)
-    writer = gguf.GGUFWriter(str(path), "gemma3")
-    writer.add_name(f"synthetic gemma3 {shape.block_count}L {shape.embedding}d")
+    writer = gguf.GGUFWriter(str(path), arch)
+    writer.add_name(f"synthetic {arch} {shape.block_count}L {shape.embedding}d")
     writer.add_context_length(shape.context_length)
     writer.add_embedding_length(shape.embedding)
     writer.add_block_count(shape.block_count)
     writer.add_feed_forward_length(shape.feed_forward)
     writer.add_head_count(shape.heads)
     writer.add_head_count_kv(shape.kv_heads)
-    writer.add_key_length(shape.head_dim)
-    writer.add_value_length(shape.head_dim)
-    writer.add_layer_norm_rms_eps(1e-6)
-    writer.add_rope_freq_base(1_000_000.0)
-    writer.add_sliding_window(shape.window)
+    writer.add_layer_norm_rms_eps(rms_eps)
+    writer.add_rope_freq_base(rope_base)
     writer.add_file_type(gguf.LlamaFileType.MOSTLY_F16)
-    vocab = _add_tokenizer(writer)
+    return writer
+
+
+def _random_weights(seed: int):
+    """Random F16 matrices at the scale of a trained model's, so the server computes (nonsense) at real speed."""
+    rng = np.random.default_rng(seed)
 
     def weight(rows: int, cols: int) -> np.ndarray:
         return (rng.standard_normal((rows, cols), dtype=np.float32) * 0.02).astype(np.float16)
+
+    return weight
+
+
+def write_gemma3_gguf(path: Path, shape: Gemma3Shape, *, seed: int = 0) -> Path:
+    """Write a GGUF of this shape with random F16 weights (norms at 1); returns its path."""
+    writer = _start(path, "gemma3", shape, rms_eps=1e-6, rope_base=1_000_000.0)
+    writer.add_key_length(shape.head_dim)
+    writer.add_value_length(shape.head_dim)
+    writer.add_sliding_window(shape.window)
+    vocab = _add_tokenizer(writer)
+    weight = _random_weights(seed)
 
     def norm(size: int) -> np.ndarray:
         return np.ones(size, dtype=np.float32)
@@ -140,25 +153,10 @@ class LlamaShape:
 
 def write_llama_gguf(path: Path, shape: LlamaShape, *, seed: int = 0) -> Path:
     """Write a llama-architecture GGUF of this shape with random F16 weights (the 270M's tokenizer); returns it."""
-    import gguf
-
-    rng = np.random.default_rng(seed)
-    writer = gguf.GGUFWriter(str(path), "llama")
-    writer.add_name(f"synthetic llama {shape.block_count}L {shape.embedding}d")
-    writer.add_context_length(shape.context_length)
-    writer.add_embedding_length(shape.embedding)
-    writer.add_block_count(shape.block_count)
-    writer.add_feed_forward_length(shape.feed_forward)
-    writer.add_head_count(shape.heads)
-    writer.add_head_count_kv(shape.kv_heads)
+    writer = _start(path, "llama", shape, rms_eps=1e-5, rope_base=500_000.0)
     writer.add_rope_dimension_count(shape.head_dim)
-    writer.add_layer_norm_rms_eps(1e-5)
-    writer.add_rope_freq_base(500_000.0)
-    writer.add_file_type(gguf.LlamaFileType.MOSTLY_F16)
     vocab = _add_tokenizer(writer)
-
-    def weight(rows: int, cols: int) -> np.ndarray:
-        return (rng.standard_normal((rows, cols), dtype=np.float32) * 0.02).astype(np.float16)
+    weight = _random_weights(seed)
 
     emb, ffn, kv = shape.embedding, shape.feed_forward, shape.kv_heads * shape.head_dim
     writer.add_tensor("token_embd.weight", weight(vocab, emb))

@@ -87,6 +87,11 @@ class Recorder:
         request is asked again or fails)."""
         stats = self.stats
         stats.invalid_answers[problem.kind] = stats.invalid_answers.get(problem.kind, 0) + 1
+        self._count_served(result, endpoint)
+
+    def _count_served(self, result: ChatResult, endpoint: str) -> None:
+        """What every answer the server gave costs, kept or asked again: tokens, time, a cut at max_tokens."""
+        stats = self.stats
         stats.truncated_answers += result.finish_reason == "length"
         stats.prompt_tokens += result.prompt_tokens or 0
         stats.completion_tokens += result.completion_tokens or 0
@@ -108,21 +113,16 @@ class Recorder:
         stats = self.stats
         stats.completed += 1
         self._answers(answer_attempts, valid=True)
+        self._count_served(result, endpoint)
         prompt = result.prompt_tokens or 0
         cached = result.cached_prompt_tokens
-        stats.prompt_tokens += prompt
-        stats.completion_tokens += result.completion_tokens or 0
-        stats.truncated_answers += result.finish_reason == "length"
         stats.waited_s += waited_s
         if cached is not None:
             stats.cached_tokens += cached
             stats.cached_tokens_known += 1
         per_endpoint = stats.endpoint(endpoint)
         per_endpoint.completed += 1
-        per_endpoint.prompt_tokens += prompt
         per_endpoint.cached_tokens += cached or 0
-        per_endpoint.completion_tokens += result.completion_tokens or 0
-        per_endpoint.busy_s += result.latency_s
         prefix = stats.per_prefix.get(request.prefix_key) or stats.per_prefix.setdefault(request.prefix_key,
                                                                                           PrefixStats())  # fmt: skip
         prefix.requests += 1

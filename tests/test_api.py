@@ -221,9 +221,9 @@ def test_the_status_page_shows_every_batch_in_chromium_and_webhooks_are_signed(t
         page = url.removesuffix("/v1") + "/"
         shot = tmp_path / "status.png"
         dom = subprocess.run([browser, "--headless", "--no-sandbox", "--disable-gpu", "--dump-dom", page],
-                             capture_output=True, text=True, timeout=120).stdout  # fmt: skip
+                             capture_output=True, text=True, timeout=WAIT_CEILING_S).stdout  # fmt: skip
         subprocess.run([browser, "--headless", "--no-sandbox", "--disable-gpu", f"--screenshot={shot}",
-                        "--window-size=1400,600", page], capture_output=True, timeout=120)  # fmt: skip
+                        "--window-size=1400,600", page], capture_output=True, timeout=WAIT_CEILING_S)  # fmt: skip
     event = json.loads(body)
     assert event["type"] == "batch.completed" and event["data"]["id"] == done.id and event["object"] == "event"
     signed = f"{headers['webhook-id']}.{headers['webhook-timestamp']}.".encode() + body

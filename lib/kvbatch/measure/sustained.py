@@ -189,6 +189,11 @@ async def sustained_load(
     for task in tasks:  # requests still in flight at the end are not waited for: the verdict is known
         task.cancel()
     await asyncio.gather(*tasks, return_exceptions=True)
+    if probe is not None and not over_budget:  # what the last requests left, whenever the sampler last looked
+        moment, used = load.elapsed(), await probe.aread()
+        series.append((moment, used))
+        if budget_bytes and used > budget_bytes:
+            over_budget.append((moment, used))
     elapsed = load.elapsed()
     outcome = _verdict(load, elapsed, finished, errors, speeds, series, over_budget, budget_bytes, slots, interval_s)
     return judge_against_plan(outcome, planned_bytes) if planned_bytes else outcome

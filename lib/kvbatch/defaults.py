@@ -27,9 +27,10 @@ CONTEXT_ALIGN_TOKENS = 256
 """Planned contexts are multiples of this: llama.cpp pads its caches to 256 cells, so other sizes buy nothing."""
 UBATCH_TOKENS = 512
 """llama.cpp's default micro-batch; the sliding-window cache holds window + this many cells per slot."""
-SERVING_ALLOWANCE_PER_SLOT_BYTES = 1 * 2**20
+SERVING_ALLOWANCE_PER_SLOT_BYTES = 2 * 2**20
 """What a serving llama-server holds per slot beyond what `ServingMemory` prices (the HTTP threads' allocator
-arenas, per-slot state): measured at 0.6-0.9 MiB per slot on the 270M at 1, 4 and 8 slots."""
+arenas, per-slot state): measured at 0.6-1.6 MiB per slot on the 270M at 1, 4 and 8 slots (tools/plan_bound.py; one
+run at 4 slots peaked 2.4 MiB above a 1 MiB allowance)."""
 CTX_CHECKPOINTS = 3
 """Context checkpoints per slot (llama-server's default is 32). On a sliding-window model each is a copy of the
 slot's window cache, made at the start of the user message (the one a shared prefix is restored from) and twice

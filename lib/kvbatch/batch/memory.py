@@ -55,7 +55,7 @@ class ServingMemory:
     - the logits buffer: vocabulary x 4 bytes per slot, cleared at load (the probe's base holds one slot's);
     - each slot's sampler: a candidate array of vocabulary x 12 bytes (`llama_token_data`), filled per token;
     - `SERVING_ALLOWANCE_PER_SLOT_BYTES` (defaults) for what is left: the allocator's arenas of the HTTP threads
-      and per-slot state, measured at under 1 MiB per slot.
+      and per-slot state, measured at 0.6-1.6 MiB per slot.
 
     Not priced yet: answers constrained by a JSON schema (the server's grammar sampler). The same sample asking for
     a schema peaked at 713 MiB against 546 planned, and kept growing through the run.

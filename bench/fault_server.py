@@ -34,6 +34,9 @@ class Faults:
     p_crash: float = 0.0
     slow_s: float = 1.0
     down_s: float = 0.5
+    down_resets: bool = False
+    """While down, keep the port open and reset every connection at once (/health too), as a crashed server behind a
+    proxy or a port still held by a dying process does; else nothing listens (connection refused)."""
     service_s: float = 0.0
     """Fixed time per request (each slot serves one request at a time)."""
     slots: int = 8
@@ -69,7 +72,7 @@ class FaultServer:
         self._down = False
 
     def app(self) -> web.Application:
-        app = web.Application(client_max_size=64 * 2**20)
+        app = web.Application(client_max_size=64 * 2**20, middlewares=[self._refuse_while_down])
         app.router.add_post("/v1/chat/completions", self.chat)
         app.router.add_get("/health", self.health)
         app.router.add_get("/props", self.props)
@@ -98,7 +101,8 @@ class FaultServer:
         """Every connection dropped and nothing listening, until `come_back` (a test that needs an outage to last
         until something has happened, however slow the machine, holds it this way)."""
         self._down = True
-        await self._site.stop()
+        if not self.faults.down_resets:
+            await self._site.stop()
         for transport in list(self._transports):
             transport.abort()
         # a crashed process closes every socket, idle keep-alive ones too (else /health would still answer on one)
@@ -106,8 +110,19 @@ class FaultServer:
             handler.force_close()
 
     async def come_back(self) -> None:
-        await self._listen()
+        if not self.faults.down_resets:
+            await self._listen()
         self._down = False
+
+    @web.middleware
+    async def _refuse_while_down(self, request: web.Request, handler):
+        """While down with `down_resets`, every connection is reset before a reply (the health check's too)."""
+        if self._down:
+            self.counts["reset while down"] += 1
+            if request.transport is not None:  # None: the client is gone already
+                request.transport.abort()
+            return web.Response(status=500)  # never reaches the client
+        return await handler(request)
 
     async def health(self, request: web.Request) -> web.Response:
         return web.json_response({"status": "ok"})

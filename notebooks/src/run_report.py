@@ -151,6 +151,15 @@ else:
     display(table(shown[["time", "event", "details"]]))
 
 # %% [markdown]
+# ## Requests sent alone
+# A request in flight during two crashes is sent alone (nothing else in flight) until it is served or has taken the
+# server down alone `--max-attempts` times: only then is it failed for good. Each solo attempt and what it showed.
+
+# %%
+solo = R.solo_turns(events, errors)
+table(solo) if not solo.empty else Markdown("No request was sent alone.")
+
+# %% [markdown]
 # ## Requests that failed for good
 
 # %%

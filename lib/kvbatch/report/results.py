@@ -187,6 +187,36 @@ def load_events(run_dir: Path | str) -> pd.DataFrame:
     return pd.DataFrame(_jsonl_records(RunFolder(Path(run_dir)).events))
 
 
+SOLO_COLUMNS = ["custom_id", "sent alone because", "crashes in flight", "solo attempts", "what each showed", "verdict"]
+
+
+def solo_turns(events: pd.DataFrame, errors: pd.DataFrame) -> pd.DataFrame:
+    """Each request the failure policy sent alone: why (the decision that made it a suspect), what each solo
+    attempt showed, and how it ended (failed for good as the request that takes the server down, or cleared)."""
+    if events.empty or "custom_id" not in events:
+        return pd.DataFrame(columns=SOLO_COLUMNS)
+    failures = events[(events["event"] == "failure") & (events.get("action") == "retry alone")]
+    solos = events[events["event"] == "solo_attempt"]
+    failed = set(errors["custom_id"]) if not errors.empty else set()
+    rows = []
+    for custom_id in dict.fromkeys([*failures["custom_id"], *solos["custom_id"]]):
+        made = failures[failures["custom_id"] == custom_id]
+        first = made.iloc[0] if not made.empty else None
+        turns = solos[solos["custom_id"] == custom_id]
+        shown = [t["reason"] if isinstance(t.get("reason"), str) else t["outcome"] for t in turns.to_dict("records")]
+        crashes = made["crashes_in_flight"].max() if "crashes_in_flight" in made and not made.empty else None
+        rows.append({
+            "custom_id": custom_id,
+            "sent alone because": first["reason"] if first is not None else "",
+            "crashes in flight": int(crashes) if crashes is not None and pd.notna(crashes) else None,
+            "solo attempts": len(turns),
+            "what each showed": "; ".join(f"{i}. {text}" for i, text in enumerate(shown, 1)),
+            "verdict": "failed for good" if custom_id in failed else "cleared: served alone" if "served" in set(
+                turns["outcome"]) else "not finished",
+        })  # fmt: skip
+    return pd.DataFrame(rows, columns=SOLO_COLUMNS)
+
+
 def _json(path: Path) -> dict[str, Any]:
     return json.loads(path.read_text("utf-8")) if path.exists() else {}
 

@@ -153,13 +153,24 @@ class Endpoint:
         await self.gate.set_limit(limit, self.slots)
         return limit
 
+    def hold(self, generation_seen: int) -> None:
+        """An attempt of this generation met a server that may be down: send nothing more until its recovery has
+        looked (`recover` opens it again). Called before the failed attempt leaves the gate, so the next request
+        (a suspect's solo turn above all) is not sent into the same outage and blamed for it."""
+        if self.generation == generation_seen and not self.out:
+            self.ready.clear()
+
+    def accepts(self, generation_seen: int) -> bool:
+        """Whether an attempt that waited for the gate may go: same server generation, not held, not out."""
+        return self.generation == generation_seen and self.ready.is_set() and not self.out
+
     async def recover(self, cause: KvbatchError, generation_seen: int) -> Recovery | None:
         """Bring the server back after `cause` (once per failure, whichever worker saw it first); return what that
         recovery found, for every worker that saw the same failure (None: the endpoint was taken out)."""
         async with self._lock:
             if self.generation != generation_seen or self.out:
                 return self._recoveries.get(generation_seen)
-            self.ready.clear()
+            self.ready.clear()  # held already when the failure was a lost connection (`hold`)
             last_sampled = self.monitor.last_bytes if self.monitor is not None else None  # before the restart's
             try:
                 recovery = await self._recover_once(cause)
@@ -191,9 +202,11 @@ class Endpoint:
             raise ServerGoneError(f"{self.label} was not back within {defaults.POOL_GRACE_S:.0f} s") from exc
 
     async def probe_chat(self) -> bool:
-        """One tiny chat request of our own: does the server serve others? (Whose fault a failure was.)"""
+        """One tiny chat request of our own: does the server serve others? (Whose fault a failure was.) It takes a
+        place at the gate like any request, so it never runs beside a suspect's solo turn."""
         try:
-            await self.backend.chat(dict(defaults.PROBE_BODY))
+            async with self.gate.slot() as leased:
+                await self.backend.chat(dict(defaults.PROBE_BODY), slot=leased)
         except KvbatchError as exc:
             self.last_probe_error = exc
             return False

@@ -16,8 +16,11 @@
      request still fails alone: it fails while others succeed.
    - Otherwise it is retried after others, uncharged: the breaker will tell.
 6. The server went down (found down by its recovery, or out of memory): blame only what was in flight. A request
-   in flight during two crashes is sent alone from then on; one that takes the server down alone is charged, and
-   fails for good after `--max-attempts` such crashes.
+   in flight during two crashes is sent alone from then on (suspects take their solo turns one at a time, and
+   nothing else is in flight meanwhile); one that takes the server down alone is charged, and fails for good after
+   `--max-attempts` such crashes. A crash convicts at most one request: the one alone in flight when it happened.
+   Nothing is sent while a lost connection's recovery has not looked (`Endpoint.hold`), so no request is sent
+   into an outage and blamed for it.
 
 Every decision is written to events.jsonl with the evidence it used (`Decision.event`).
 """
@@ -153,6 +156,9 @@ class FailurePolicy:
         self.breaker_requests = breaker_requests
         self.breakers: dict[str, Breaker] = {}
         self.requests: dict[str, RequestFaults] = {}
+        self.convicting: dict[tuple[str, int], str] = {}
+        """Each crash's one solo runner: a crash is evidence against at most one request, the one alone in flight
+        when the server went down; a request that met the same outage after it is not."""
 
     def breaker(self, endpoint: str) -> Breaker:
         breaker = self.breakers.get(endpoint)
@@ -180,6 +186,11 @@ class FailurePolicy:
         """A server taken out answered its probe and is re-admitted: its failures are counted afresh. Not a success:
         a server that answers a one-token probe may still fail every real request."""
         self.breaker(endpoint).new_streak()
+
+    @staticmethod
+    def may_be_down(error: KvbatchError) -> bool:
+        """A lost connection or nothing listening: the server may be down, and its recovery decides (rules 4, 6)."""
+        return isinstance(error, ServerGoneError)
 
     def is_suspect(self, custom_id: str) -> bool:
         """In flight during two crashes: from now on it runs alone."""
@@ -243,6 +254,10 @@ class FailurePolicy:
         if not found_down:  # it stayed up: a dropped connection (or an allocation that failed) is not a crash
             return self.server_fault(endpoint, custom_id, error, sent_mark=sent_mark)
         faults = self._faults(custom_id)
+        if alone and self.convicting.setdefault(crash, custom_id) != custom_id:
+            return Decision(Action.ALONE, "it met the server still down after another request's solo crash: not "
+                            "evidence against it", evidence={"found_down": found_down, "recovered": True,
+                                                            "solo_crash_of": self.convicting[crash]})  # fmt: skip
         faults.crashes.add(crash)
         evidence = {"crashes_in_flight": len(faults.crashes), "found_down": found_down, "recovered": True}
         if not alone:

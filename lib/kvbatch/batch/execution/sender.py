@@ -81,6 +81,12 @@ class Sender:
     def _note(self, endpoint: Endpoint, request: BatchRequest, error: KvbatchError, decision: Decision) -> None:
         self.recorder.event("failure", **decision.event(endpoint.label, request.custom_id, error))
 
+    def _solo(self, endpoint: Endpoint, request: BatchRequest, generation: int, outcome: str, **details) -> None:
+        """What one solo turn showed (the run report lists them: why a request was convicted, or cleared)."""
+        self.recorder.event("solo_attempt", endpoint=endpoint.label, custom_id=request.custom_id,
+                            server_generation=generation, outcome=outcome,
+                            **{k: v for k, v in details.items() if v is not None})  # fmt: skip
+
     async def send(self, endpoint: Endpoint, request: BatchRequest, body: dict[str, Any], slot: int | None) -> Outcome:
         """Send until there is an outcome. Raises EndpointOut or RetryLater (hand the request back), or RunStopped.
         An answer that breaks the request's response_format is asked again (its own budget, nothing charged)."""
@@ -104,13 +110,15 @@ class Sender:
             result: ChatResult | None = None
             error: KvbatchError | None = None
             async with endpoint.gate.exclusive(slot) if alone else endpoint.gate.slot(slot) as leased:
-                if endpoint.generation != generation or endpoint.out:
-                    continue  # the server was recovered (or taken out) while this request waited for the gate
+                if not endpoint.accepts(generation):
+                    continue  # the server is held, recovered or taken out since this request waited for the gate
                 sent_mark = policy.success_mark(endpoint.label)
                 try:
                     result = await endpoint.backend.chat(body, slot=leased)  # the backend holds --request-timeout
                 except KvbatchError as exc:
                     error = exc
+                    if policy.may_be_down(exc):
+                        endpoint.hold(generation)  # before the gate lets the next one in: not into the same outage
             if result is not None:
                 total = policy.failed_attempts(request.custom_id) + 1  # earlier sends of it included
                 truncated = self.guard.check(request, result) if self.guard else None
@@ -119,6 +127,8 @@ class Sender:
                     policy.breaker(endpoint.label).success()
                 else:
                     policy.succeeded(endpoint.label, request.custom_id)
+                if alone:
+                    self._solo(endpoint, request, generation, "served")
                 if truncated is not None:
                     return self._outcome(request, None, truncated, total, waited, leased, answers)
                 answers += contract is not None
@@ -153,6 +163,9 @@ class Sender:
                                                  crash=(endpoint.label, generation), alone=alone,
                                                  sent_mark=sent_mark)  # fmt: skip
             self._note(endpoint, request, error, decision)
+            if alone:
+                self._solo(endpoint, request, generation, decision.action.value, reason=decision.reason,
+                           error=type(error).__name__, solo_crashes=decision.evidence.get("solo_crashes"))  # fmt: skip
             if decision.action is Action.STOP:
                 raise self.stop(error)
             if decision.action is Action.FAIL:

@@ -59,9 +59,14 @@ class OllamaEmulator:
     before ollama#16428), which counted only the tokens evaluated anew: a prefix-cache hit looked like a cut."""
     reports_cached_count: bool = True
     """Whether replies carry `prompt_eval_cached_count` (newer servers)."""
-    words_per_token: float = 1.0
-    """Below 1 plays a tokenizer that counts a text as more tokens than words (each word of a raw `/api/generate`
-    prompt is served 1/words_per_token times over, so the server's own count is what it evaluates)."""
+    tokens_per_word: float = 1.0
+    """Above 1 plays a tokenizer that counts a text as more tokens than words: a raw `/api/generate` prompt's words
+    are served so that n words become round(n x tokens_per_word) (1.5: every other word twice), so the server's own
+    count is what it evaluates."""
+    refusal: str = "ollama"
+    """How a prompt over num_ctx (with `truncate: false`) is refused, HTTP 400 each: "ollama", Ollama's own runner
+    (v0.12.6-v0.24, runner.go `errorInputTooLong`): "the input length exceeds the context length", no counts, which
+    is what users report; "llama-server", v0.30.0-v0.30.8 passing on llama-server's own message, which names them."""
     received: list[dict[str, Any]] = field(default_factory=list)
     """Every request body, in order, for tests to check what kvbatch sent."""
     loads: list[int] = field(default_factory=list)
@@ -258,6 +263,19 @@ class OllamaEmulator:
             return reply.stream_of(body)
         return reply.response
 
+    def _as_tokenized(self, words: list[str]) -> list[str]:
+        """Each word repeated so that the first n words count round(n x tokens_per_word) tokens."""
+        out: list[str] = []
+        for i, word in enumerate(words):
+            out.extend([word] * (round((i + 1) * self.tokens_per_word) - round(i * self.tokens_per_word)))
+        return out
+
+    def _too_long(self, count: int) -> Reply:
+        if self.refusal == "llama-server":
+            return Reply.error(400, f"request ({count} tokens) exceeds the available context size ({self._num_ctx} "
+                                    "tokens), try increasing it")  # fmt: skip
+        return Reply.error(400, "the input length exceeds the context length")
+
     async def _count(self, messages: list[dict[str, Any]]) -> int:
         prompt = (await self._runner_call("/apply-template", {"messages": messages}))["prompt"]
         return len((await self._runner_call("/tokenize", {"content": prompt, "add_special": True}))["tokens"])
@@ -272,8 +290,7 @@ class OllamaEmulator:
             count = await self._count(messages)
             if count > self._num_ctx:
                 if body.get("truncate") is False and self.honour_truncate:
-                    return Reply.error(400, f"the input length ({count} tokens) exceeds the context length "
-                                            f"({self._num_ctx} tokens)")  # fmt: skip
+                    return self._too_long(count)
                 keep = max(self._num_ctx // 2, 16) / count
                 last = messages[-1]["content"]
                 messages[-1] = {**messages[-1], "content": last[: int(len(last) * keep)]}
@@ -301,14 +318,12 @@ class OllamaEmulator:
 
         async def run(options: dict[str, Any]) -> Reply:
             prompt = body.get("prompt", "")
-            if self.words_per_token != 1.0 and body.get("raw"):
-                repeat = round(1 / self.words_per_token)
-                prompt = " ".join(" ".join([word] * repeat) for word in prompt.split(" ") if word)
+            if self.tokens_per_word != 1.0 and body.get("raw"):
+                prompt = " ".join(self._as_tokenized(prompt.split()))
             if prompt:
                 count = len((await self._runner_call("/tokenize", {"content": prompt, "add_special": True}))["tokens"])
                 if count > self._num_ctx and body.get("truncate") is False and self.honour_truncate:
-                    return Reply.error(400, f"the input length ({count} tokens) exceeds the context length "
-                                            f"({self._num_ctx} tokens)")  # fmt: skip
+                    return self._too_long(count)
             started = time.perf_counter_ns()
             answer = await self._runner_call(
                 "/completion",
@@ -405,18 +420,28 @@ class RunningEmulator(BackgroundApp):
 
 
 def main() -> None:
-    """Run the emulator alone, to try kvbatch's Ollama path on a machine without Ollama:
-    `.venv/bin/python tests/ollama_emulator.py 11434` (127.0.0.1 only; Ctrl-C stops it)."""
-    import sys
+    """Run the emulator alone, to try kvbatch's Ollama path on a machine without Ollama (127.0.0.1 only; Ctrl-C
+    stops it): `.venv/bin/python tests/ollama_emulator.py 11434 [--parallel 4] [--card-mib 700] [--tokens-per-word
+    1.5] [--refusal ollama|llama-server]`."""
+    import argparse
 
-    port = int(sys.argv[1]) if len(sys.argv) > 1 else 11434
+    parser = argparse.ArgumentParser(description=main.__doc__.splitlines()[0])
+    parser.add_argument("port", type=int, nargs="?", default=11434)
+    parser.add_argument("--parallel", type=int, default=1, help="OLLAMA_NUM_PARALLEL")
+    parser.add_argument("--kv-cache-type", default="f16", help="OLLAMA_KV_CACHE_TYPE")
+    parser.add_argument("--card-mib", type=float, default=None, help="a GPU of this size (default: a CPU machine)")
+    parser.add_argument("--tokens-per-word", type=float, default=1.0, help="the tokenizer's count of ' hello'")
+    parser.add_argument("--refusal", default="ollama", choices=("ollama", "llama-server"))
+    args = parser.parse_args()
+    emulator = OllamaEmulator(parallel=args.parallel, kv_cache_type=args.kv_cache_type,
+                              card_bytes=int(args.card_mib * 2**20) if args.card_mib else None,
+                              tokens_per_word=args.tokens_per_word, refusal=args.refusal)  # fmt: skip
 
     async def serve() -> None:
-        emulator = OllamaEmulator()
         runner = web.AppRunner(emulator.app())
         await runner.setup()
-        await web.TCPSite(runner, "127.0.0.1", port).start()
-        print(f"Ollama emulator on http://127.0.0.1:{port} (models: {', '.join(emulator.models)})", flush=True)
+        await web.TCPSite(runner, "127.0.0.1", args.port).start()
+        print(f"Ollama emulator on http://127.0.0.1:{args.port} (models: {', '.join(emulator.models)})", flush=True)
         await asyncio.Event().wait()
 
     asyncio.run(serve())

@@ -265,3 +265,22 @@ def test_the_plans_memory_bounds_the_peak_of_a_sustained_load_at_the_plan(tmp_pa
     assert held.memory_peak_bytes > unpriced  # what serving adds is real: the old plan was no bound
     judged = judge_against_plan(held, unpriced)
     assert not judged.passed and "above the plan's" in judged.reasons[-1]
+
+
+def test_on_the_embedded_server_a_fill_at_a_context_not_yet_filled_is_exact_and_one_too_big_is_a_result():
+    """The real llama-server counts a fill as asked at a context it has not filled before (its tokenizer, not a
+    guess); a context above an address-space cap is a point that does not fit, and the sweep goes on."""
+    loader = EmbeddedLoader(ServerConfig())
+    try:
+        with loader.load(1536) as loaded:
+            assert loaded.fill(1520, max_tokens=1) == 1520
+        points = sweep_allocated(loader, [1024, 2048], repeats=1, settle_s=0)
+        capped = EmbeddedLoader(ServerConfig(memory_cap_bytes=int(points[0].virtual_bytes * 1.02)))
+        try:
+            with_cap = sweep_allocated(capped, [1024, 131072, 262144], repeats=1, settle_s=0)
+        finally:
+            capped.close()
+    finally:
+        loader.close()
+    assert [(p.context_tokens, p.fits) for p in with_cap] == [(1024, True), (131072, False)], with_cap
+    assert with_cap[1].reason and with_cap[1].used_bytes == 0

@@ -254,7 +254,7 @@ def test_measuring_through_ollama_sizes_each_fill_by_the_servers_own_count(tmp_p
     """A server whose tokenizer counts the fill's text as twice as many tokens as words (it died with HTTP 400
     "the input length exceeds the context length" when fills were one token a word): every fill is sized from the
     server's own count, and the measurement file records the count it used."""
-    with RunningEmulator(OllamaEmulator(words_per_token=0.5)) as running:
+    with RunningEmulator(OllamaEmulator(tokens_per_word=2.0)) as running:
         measured = kvbatch("measure", "--backend", "ollama", "--url", running.url, "--model", MODEL, "--only",
                            "kv_growth", "--contexts", "2048,8192", "--repeats", "1", "--fill-context", "1024",
                            cwd=tmp_path)  # fmt: skip

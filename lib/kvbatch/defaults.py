@@ -181,9 +181,10 @@ GENEROUS_CHARS_PER_TOKEN = 6.0
 allows was cut (the guard must not fire on estimation error)."""
 CALIBRATION_REPLIES = 8
 """Replies whose prompt counts calibrate the truncation guard (their median: one cut reply cannot move it)."""
-FILL_ATTEMPTS = 4
+FILL_ATTEMPTS = 6
 """Sends of one measurement fill on a server counted by words (Ollama): the first sizes it by what is known, the next
-by the server's own count of the one before."""
+by the server's own count of the one before; a refusal that names no count halves the words, so a tokenizer at up
+to 3 tokens a word unknown beforehand is filled in 4, with 2 to spare."""
 FILL_MIN_WORDS = 16
 """Fills shorter than this teach nothing of a server's tokens per word (the BOS token and template dominate)."""
 OLLAMA_INFER_CONTEXT = 2048

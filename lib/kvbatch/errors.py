@@ -44,6 +44,11 @@ class TruncatedPromptError(BadRequestError):
     silently unless `truncate: false`, and older servers ignore that). The answer is not kept as a success."""
 
 
+class FillError(KvbatchError):
+    """A measurement fill the server would not take at any size tried (each refused as too long, or cut): that
+    step is recorded as "could not fill" with this reason; the measurement goes on."""
+
+
 class NotFoundError(KvbatchError):
     """The model or endpoint does not exist on that server (HTTP 404). Stops the run: no request can succeed."""
 

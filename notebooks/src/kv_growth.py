@@ -47,8 +47,9 @@ for swa_full in (swa_full_variants if backend == "embedded" else [False]):
     types = KvCacheTypes(kv_type, kv_type, swa_full=swa_full)
     config = ServerConfig(model_path=Path(model_path) if model_path else None, cache_type_k=kv_type,
                           cache_type_v=kv_type, swa_full=swa_full)
-    loader = steps.make_loader(backend, url=url, model=model, config=config, probe=probe, parallel=parallel)
     out = steps.result_file(backend, model, model_path, types, out_dir)
+    loader = steps.make_loader(backend, url=url, model=model, config=config, probe=probe, parallel=parallel,
+                               measurement=out)
     try:
         runs[swa_full] = steps.kv_growth(loader, arch, types, contexts, repeats, fill_context, fill_fractions, out,
                                          backend=backend, model=identity, parallel=parallel)
@@ -69,8 +70,12 @@ fig, axes = plt.subplots(1, len(runs), figsize=(6.5 * len(runs), 4.2), squeeze=F
 rows = []
 for ax, (swa_full, run) in zip(axes[0], runs.items()):
     points, fit = run["points_allocated"], run["fit"]
+    missing = sorted(set(points.loc[~points["fits"], "context_tokens"]))
+    points = points[points["fits"]]
     x = np.linspace(0, max(contexts) * 1.05, 50)
     ax.plot(points["context_tokens"], points["used_bytes"] / 2**20, "o", label=f"measured ({points['probe'].iloc[0]})")
+    for i, context in enumerate(missing):
+        ax.axvline(context, color="tab:red", ls=":", label="does not fit" if i == 0 else None)
     ax.plot(x, fit.predict(x) / 2**20, "-", label=f"fit: {fit.slope_bytes_per_token / 1024:.2f} KiB/token")
     ax.plot(x, (fit.base_bytes + run["predicted_slope"] * x) / 2**20, "--",
             label=f"architecture: {run['predicted_slope'] / 1024:.2f} KiB/token")
@@ -88,7 +93,14 @@ for ax, (swa_full, run) in zip(axes[0], runs.items()):
                  "repeats agree within": f"{run['spread']:.2%}",
                  "KV from server log KiB/token": f"{log_fit.slope_bytes_per_token / 1024:.3f}" if log_fit else "–"})
 fig.tight_layout()
-table(pd.DataFrame(rows))
+display(table(pd.DataFrame(rows)))
+unmeasured = [(swa_full, n) for swa_full, run in runs.items() for n in run["result"].not_measured]
+if unmeasured:
+    display(Markdown("**Not measured** (a result: the fit uses the points that fit):"))
+    display(table(pd.DataFrame([{
+        "configuration": "--swa-full" if swa_full else "sliding window", "context": f"{n.context_tokens:,}",
+        "fill": f"{n.tokens:,} tokens" if n.tokens else "–", "result": n.what, "reason": n.reason,
+    } for swa_full, n in unmeasured])))
 
 # %% [markdown]
 # ## The verdict on the estimators
@@ -139,7 +151,8 @@ if backend == "embedded":
     display(Markdown("\n".join(f"- {sentence}" for sentence in verdict["sentences"].values())
                      + ("" if verdict["fit_params"] else "\n- llama-fit-params: not found beside llama-server.")))
 else:  # Ollama: its own /api/ps size at each num_ctx, beside its rule's KV and kvbatch's model of the cache
-    points = sliding["points_allocated"].groupby("context_tokens")["used_bytes"].median()
+    fitted = sliding["points_allocated"]
+    points = fitted[fitted["fits"]].groupby("context_tokens")["used_bytes"].median()
     types = KvCacheTypes(kv_type, kv_type)
     display(table(pd.DataFrame({
         "num_ctx": [f"{c:,}" for c in points.index],
@@ -168,7 +181,8 @@ display(Markdown("\n".join(flags) if flags else "Nothing: repeats agree within 2
 # %%
 fig, ax = plt.subplots(figsize=(7, 3.8))
 for swa_full, run in runs.items():
-    points = run["points_in_use"].sort_values("tokens_in_use")
+    points = run["points_in_use"]
+    points = points[points["fits"]].sort_values("tokens_in_use")
     ax.plot(points["tokens_in_use"], points["used_bytes"] / 2**20, "o-",
             label="--swa-full" if swa_full else "sliding window")
 ax.set(title=f"Memory while filling a {fill_context}-token context", xlabel="tokens in use", ylabel="MiB")
@@ -176,6 +190,11 @@ ax.set_ylim(bottom=0)
 ax.legend()
 for swa_full, run in runs.items():
     points = run["points_in_use"]
+    points = points[points["fits"]]
+    if len(points) < 2:
+        display(Markdown(f"**{'--swa-full' if swa_full else 'sliding window'}:** {fill_context} tokens could not be "
+                         "filled step by step: see *Not measured* above."))
+        continue
     growth = float(points["used_bytes"].iloc[-1] - points["used_bytes"].iloc[0])
     display(Markdown(
         f"**{'--swa-full' if swa_full else 'sliding window'}:** filling {int(points['tokens_in_use'].max())} of "

@@ -44,7 +44,7 @@ types = KvCacheTypes(kv_type, kv_type, swa_full=swa_full)
 config = ServerConfig(model_path=Path(model_path) if model_path else None, cache_type_k=kv_type, cache_type_v=kv_type,
                       swa_full=swa_full)
 out = steps.result_file(backend, model, model_path, types, out_dir)
-loader = steps.make_loader(backend, url=url, model=model, config=config, parallel=parallel)
+loader = steps.make_loader(backend, url=url, model=model, config=config, parallel=parallel, measurement=out)
 try:
     search = steps.safe_context(loader, arch, budget, margin=safety_margin, floor_tokens=floor_tokens,
                                 step_tokens=step_tokens, fill_fraction=fill_fraction, out=out, backend=backend,
@@ -71,9 +71,11 @@ ax.scatter(range(1, len(steps) + 1), steps["context_tokens"], c=colors, s=60)
 if result.max_context_tokens:
     ax.axhline(result.max_context_tokens, color="tab:green", ls="--", label="largest that fits")
     ax.axhline(result.safe_context_tokens, color="tab:blue", ls=":", label="safe (with margin)")
-ax.set(title="Loads in order (green: loaded and served, red: too big)", xlabel="load #", ylabel="context tokens")
+ax.set(title="Loads in order (green: loaded and served, red: does not fit or could not fill)", xlabel="load #", ylabel="context tokens")
 integer_axis(ax.xaxis)
 ax.legend()
-shown = steps.assign(load=range(1, len(steps) + 1), result=steps["fits"].map({True: "fits", False: "too big"}))
+shown = steps.assign(load=range(1, len(steps) + 1),
+                     result=[("fits" if fits else "could not fill" if str(reason).startswith("could not fill")
+                              else "does not fit") for fits, reason in zip(steps["fits"], steps["reason"])])
 table(shown[["load", "context_tokens", "result", "reason", "seconds"]], duration_columns=["seconds"],
       rename={"context_tokens": "context (tokens)", "seconds": "time"})

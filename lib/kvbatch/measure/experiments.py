@@ -15,7 +15,7 @@ import numpy as np
 from scipy import stats
 
 from kvbatch import defaults
-from kvbatch.errors import KvbatchError, OutOfMemoryError, ServerStartError
+from kvbatch.errors import FillError, KvbatchError, OutOfMemoryError, ServerStartError
 from kvbatch.measure.loaders import Loader, LoadPoint
 
 REPEAT_SPREAD_FLAG = 0.02
@@ -98,6 +98,32 @@ def findings(fit: LinearFit, predicted_slope: float | None, spread: float, point
     return notes
 
 
+def does_not_fit(exc: KvbatchError) -> str | None:
+    """Why a load did not fit, when `exc` says so (a failed allocation, an out-of-memory reply or crash, a split
+    between GPU and CPU); None when it says nothing about memory (a timeout, a missing model), which stops the
+    measurement."""
+    if isinstance(exc, ServerStartError):
+        return (exc.failure_line or str(exc))[:300] if exc.out_of_memory or exc.exit_signal else None
+    if isinstance(exc, OutOfMemoryError):
+        return str(exc)[:300]
+    return None
+
+
+def not_measured_reason(exc: KvbatchError, context: int) -> str:
+    """What a point that could not be measured records: it did not fit, or its fill could not be made. Any other
+    failure says nothing about memory and stops the measurement (MeasurementError, its reason in one sentence)."""
+    if isinstance(exc, FillError):
+        return f"could not fill: {exc}"[:300]
+    reason = does_not_fit(exc)
+    if reason is None:
+        raise MeasurementError(f"the load at {context} tokens failed, not for memory: {exc}") from exc
+    return reason
+
+
+def _not_fitting(context: int, repeat: int, reason: str) -> LoadPoint:
+    return LoadPoint(context, repeat, 0, "", fits=False, reason=reason)
+
+
 def sweep_allocated(
     loader: Loader,
     contexts: list[int],
@@ -106,13 +132,22 @@ def sweep_allocated(
     settle_s: float = 0.3,
     on_point: Callable[[LoadPoint], None] | None = None,
 ) -> list[LoadPoint]:
-    """Sweep A: load at each context (`repeats` times, interleaved) and read memory right after load."""
+    """Sweep A: load at each context (`repeats` times, interleaved) and read memory right after load. A context
+    that does not fit is a point of its own (`fits` False, with its reason), and no larger one is loaded again."""
     points: list[LoadPoint] = []
+    too_big: int | None = None
     for repeat in range(repeats):
         for context in contexts:
-            with loader.load(context) as loaded:
-                time.sleep(settle_s)
-                point = replace(loaded.memory(), repeat=repeat)
+            if too_big is not None and context >= too_big:
+                continue
+            try:
+                with loader.load(context) as loaded:
+                    time.sleep(settle_s)
+                    point = replace(loaded.memory(), repeat=repeat)
+            except KvbatchError as exc:
+                point = _not_fitting(context, repeat, not_measured_reason(exc, context))
+                if not isinstance(exc, FillError):  # a larger context would not fit either
+                    too_big = context
             points.append(point)
             if on_point:
                 on_point(point)
@@ -122,21 +157,29 @@ def sweep_allocated(
 def sweep_in_use(
     loader: Loader, context_tokens: int, fractions: list[float], *, on_point: Callable[[LoadPoint], None] | None = None
 ) -> list[LoadPoint]:
-    """Sweep B: one load; serve requests that fill more and more of the context, reading memory after each."""
+    """Sweep B: one load; serve requests that fill more and more of the context, reading memory after each. An
+    allocation that does not fit is one point saying so; a fill that could not be made is a point saying so, and
+    the sweep goes on with the next."""
     points: list[LoadPoint] = []
-    with loader.load(context_tokens) as loaded:
-        # The first request of at least one micro-batch (512) touches the compute buffers once (about 25 MiB
-        # here); that is a one-time cost, not a per-token one, so the baseline is read after it.
-        warm_tokens = min(600, context_tokens // 2)
-        loaded.fill(warm_tokens, max_tokens=1)
-        points.append(replace(loaded.memory(), tokens_in_use=warm_tokens))
-        for fraction in fractions:
-            wanted = max(int(context_tokens * fraction) - 16, 1)
-            used = loaded.fill(wanted, max_tokens=4)
-            point = replace(loaded.memory(), tokens_in_use=used or wanted)
-            points.append(point)
-            if on_point:
-                on_point(point)
+    try:
+        with loader.load(context_tokens) as loaded:
+            # The first request of at least one micro-batch (512) touches the compute buffers once (about 25 MiB
+            # here); that is a one-time cost, not a per-token one, so the baseline is read after it.
+            warm_tokens = min(600, context_tokens // 2)
+            for fraction in [None, *fractions]:
+                wanted = warm_tokens if fraction is None else max(int(context_tokens * fraction) - 16, 1)
+                try:
+                    used = loaded.fill(wanted, max_tokens=1 if fraction is None else 4)
+                except FillError as exc:
+                    point = replace(_not_fitting(context_tokens, 0, f"could not fill: {exc}"[:300]),
+                                    tokens_in_use=wanted)  # fmt: skip
+                else:
+                    point = replace(loaded.memory(), tokens_in_use=warm_tokens if fraction is None else used or wanted)
+                points.append(point)
+                if on_point and fraction is not None:
+                    on_point(point)
+    except KvbatchError as exc:
+        points.append(_not_fitting(context_tokens, 0, not_measured_reason(exc, context_tokens)))
     return points
 
 
@@ -189,14 +232,10 @@ def try_context(
             if not enforce_budget and used > budget_bytes:
                 reason = f"held {used / 2**20:.0f} MiB > budget {budget_bytes / 2**20:.0f} MiB"
                 return SearchStep(context_tokens, False, reason, time.perf_counter() - started)
-    except ServerStartError as exc:
-        if not (exc.out_of_memory or exc.exit_signal):
-            raise MeasurementError(f"the server did not start at {context_tokens} tokens: {exc}") from exc
-        return SearchStep(context_tokens, False, exc.failure_line or str(exc), time.perf_counter() - started)
-    except OutOfMemoryError as exc:
-        return SearchStep(context_tokens, False, str(exc)[:300], time.perf_counter() - started)
-    except KvbatchError as exc:
-        raise MeasurementError(f"the load at {context_tokens} tokens failed, not for memory: {exc}") from exc
+    except KvbatchError as exc:  # a fill that could not be made is no answer on memory: taken as too big, so the
+        reason = not_measured_reason(exc, context_tokens)  # safe context stays below it
+        return SearchStep(context_tokens, False, reason, time.perf_counter() - started,
+                          error=isinstance(exc, FillError))  # fmt: skip
     return SearchStep(context_tokens, True, "loaded and served", time.perf_counter() - started)
 
 

@@ -18,7 +18,7 @@ import psutil
 
 from kvbatch import defaults
 from kvbatch.aio import LoopThread
-from kvbatch.errors import KvbatchError, OutOfMemoryError
+from kvbatch.errors import FillError, KvbatchError, OutOfMemoryError
 from kvbatch.serve.backends import get_backend
 from kvbatch.serve.config import ServerConfig
 from kvbatch.serve.probes import MemoryProbe, OllamaPsProbe, probe_for_server
@@ -44,6 +44,10 @@ class LoadPoint:
     tokens_in_use: int = 0
     offloaded_share: float | None = None
     """Ollama: the share of the model on the GPU (size_vram / size); below 1 means layers went to the CPU."""
+    fits: bool = True
+    """False: the load did not fit (out of memory, refused, spilled to the CPU) or its fill could not be made;
+    `reason` says which, and the point holds no memory figure (the fit leaves it out)."""
+    reason: str = ""
 
     @property
     def capped_bytes(self) -> int:
@@ -85,7 +89,7 @@ class Loader(abc.ABC):
 
 def _check_fill(asked: int, reported: int, where: str) -> int:
     if reported and reported < asked * (1 - defaults.TRUNCATION_TOLERANCE):
-        raise KvbatchError(f"{where} counted {reported} prompt tokens of {asked} sent: the prompt was cut")
+        raise FillError(f"{where} counted {reported} prompt tokens of {asked} asked for: the fill fell short")
     return reported
 
 
@@ -205,9 +209,12 @@ class OllamaLoader(Loader):
 
     name = "ollama"
 
-    def __init__(self, url: str, model: str, *, parallel: int = 1, on_gpu: bool = False) -> None:
+    def __init__(self, url: str, model: str, *, parallel: int = 1, on_gpu: bool = False,
+                 fill_tokens_per_word: float | None = None) -> None:  # fmt: skip
         self.loop = LoopThread()
         self.backend = get_backend("ollama", url, model=model)
+        if fill_tokens_per_word:  # learned by an earlier notebook of the same measurement: its first fill fits
+            self.backend.fill_tokens_per_word = fill_tokens_per_word
         self.parallel = parallel
         self.on_gpu = on_gpu
 

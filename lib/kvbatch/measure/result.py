@@ -32,6 +32,18 @@ class SearchStepRecord(BaseModel):
     """True when the load failed for a reason other than memory (a timeout, a 404): not counted as too big."""
 
 
+class NotMeasured(BaseModel):
+    """A point a sweep could not measure: its allocation did not fit (out of memory, refused, spilled to the CPU),
+    or its fill could not be made. A result: the fit leaves it out, the report marks it."""
+
+    context_tokens: int
+    tokens: int | None = None
+    """The fill asked for (sweep B), when the allocation fitted but the fill could not be made."""
+    what: str
+    """"does not fit" or "could not fill"."""
+    reason: str
+
+
 class Sustained(BaseModel):
     passed: bool
     reasons: list[str] = Field(default_factory=list)
@@ -103,6 +115,8 @@ class Measurement(BaseModel):
     """Slope of the server's address space (what an RLIMIT_AS cap limits on a CPU)."""
     in_use_growth_bytes: float | None = None
     in_use_context_tokens: int | None = None
+    not_measured: list[NotMeasured] = Field(default_factory=list)
+    """Points of the sweeps that did not fit or could not be filled, with their reasons."""
     budget_bytes: int | None = None
     budget: str | None = None
     """The budget in words, with where it came from (a GPU's memory, a cap, the demo headroom)."""

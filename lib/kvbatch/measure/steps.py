@@ -13,9 +13,11 @@ import pandas as pd
 
 from kvbatch import defaults
 from kvbatch.aio import run_sync
+from kvbatch.errors import FillError
 from kvbatch.measure.budget import Budget, resolve_budget
 from kvbatch.measure.experiments import (
     LinearFit,
+    MeasurementError,
     SearchStep,
     findings,
     fit_line,
@@ -35,6 +37,7 @@ from kvbatch.measure.loaders import EmbeddedLoader, Loader, OllamaLoader
 from kvbatch.measure.ollama_settings import OllamaSettings, ollama_settings
 from kvbatch.measure.result import (
     Measurement,
+    NotMeasured,
     SearchStepRecord,
     Sustained,
     load_measurement,
@@ -90,7 +93,10 @@ def make_loader(
     parallel: int = 1,
     on_gpu: bool | None = None,
     log_dir: Path | None = None,
+    measurement: Path | None = None,
 ) -> Loader:
+    """The loader for a backend; `measurement`: the file this measurement writes, whose recorded tokens per word
+    (Ollama) the fills start from, so the first fill at a context not yet filled is sized right."""
     if backend == "embedded":
         return EmbeddedLoader(config or ServerConfig(), probe=None if probe in (None, "auto") else probe,
                               log_dir=log_dir)  # fmt: skip
@@ -98,7 +104,10 @@ def make_loader(
         if not url or not model:
             raise ValueError("the ollama backend needs url and model")
         gpu = on_gpu if on_gpu is not None else (is_local(url) and nvml_available())
-        return OllamaLoader(url, model, parallel=parallel, on_gpu=gpu)
+        saved = load_measurement(measurement) if measurement is not None and measurement.exists() else None
+        learned = (saved.server_flags or {}).get("fill_tokens_per_word") if saved is not None else None
+        return OllamaLoader(url, model, parallel=parallel, on_gpu=gpu,
+                            fill_tokens_per_word=float(learned) if isinstance(learned, (int, float)) else None)
     raise ValueError(f"unknown backend {backend!r}; use embedded or ollama")
 
 
@@ -131,17 +140,30 @@ def kv_growth(
     """Sweep A (memory vs allocated context) with its fit, the prediction and what the fit flags; sweep B (memory
     vs tokens in use at one allocation). Saves the fit into the measurement file."""
     raw = sweep_allocated(loader, contexts, repeats)
+    fitting = [p for p in raw if p.fits]
+    not_fitting = [NotMeasured(context_tokens=p.context_tokens, what=_what(p.reason), reason=p.reason)
+                   for p in raw if not p.fits]  # fmt: skip
+    if len({p.context_tokens for p in fitting}) < 2:
+        raise MeasurementError(
+            f"a slope needs two contexts that fit; only {sorted({p.context_tokens for p in fitting}) or 'none'} did "
+            f"({'; '.join(f'{n.context_tokens}: {n.reason}' for n in not_fitting)}): give smaller --contexts"
+        )
     points_a = pd.DataFrame([asdict(p) for p in raw])
-    fit = fit_line(points_a["context_tokens"], points_a["used_bytes"])
+    fitted = points_a[points_a["fits"]]
+    fit = fit_line(fitted["context_tokens"], fitted["used_bytes"])
     fits = {"used": fit}
     for column in ("virtual_bytes", "kv_log_bytes"):
-        if column in points_a and points_a[column].notna().all():
-            fits[column] = fit_line(points_a["context_tokens"], points_a[column])
+        if column in fitted and fitted[column].notna().all():
+            fits[column] = fit_line(fitted["context_tokens"], fitted[column])
     predicted = predicted_slope(arch, types, parallel)
-    spread = repeat_spread(raw)
-    notes = findings(fit, predicted, spread, raw)
+    spread = repeat_spread(fitting)
+    notes = findings(fit, predicted, spread, fitting)
     points_b = pd.DataFrame([asdict(p) for p in sweep_in_use(loader, fill_context, fill_fractions)])
-    growth_b = float(points_b["used_bytes"].iloc[-1] - points_b["used_bytes"].iloc[0])
+    filled = points_b[points_b["fits"]]
+    not_fitting += [NotMeasured(context_tokens=fill_context, tokens=int(p.tokens_in_use) or None,
+                                what=_what(p.reason), reason=p.reason)
+                    for p in points_b.itertuples() if not p.fits]  # fmt: skip
+    growth_b = float(filled["used_bytes"].iloc[-1] - filled["used_bytes"].iloc[0]) if len(filled) >= 2 else None
     result = update_measurement(
         out,
         backend=backend,
@@ -161,6 +183,7 @@ def kv_growth(
         address_space_bytes_per_token=fits["virtual_bytes"].slope_bytes_per_token if "virtual_bytes" in fits else None,
         in_use_growth_bytes=growth_b,
         in_use_context_tokens=fill_context,
+        not_measured=not_fitting,
         server_flags=loader.flags(),
         build=_build(loader),
         architecture=arch.as_dict(),
@@ -178,6 +201,10 @@ def kv_growth(
     }
 
 
+def _what(reason: str) -> str:
+    return "could not fill" if reason.startswith("could not fill") else "does not fit"
+
+
 def _build(loader: Loader) -> dict[str, Any]:
     if loader.name != "embedded":
         return {}
@@ -193,12 +220,16 @@ def serving_anchor(loader: Loader, floor_tokens: int, fill_fraction: float) -> t
     import time
 
     started = time.perf_counter()
+    served = "loaded and served"
     with loader.load(floor_tokens) as loaded:
         if fill_fraction > 0:
-            loaded.fill(max(int(floor_tokens * fill_fraction) - 16, 1), max_tokens=4)
+            try:
+                loaded.fill(max(int(floor_tokens * fill_fraction) - 16, 1), max_tokens=4)
+            except FillError as exc:  # the line then goes through what the load alone held
+                served = f"loaded; could not fill: {exc}"[:300]
         point = loaded.memory()
     used = point.used_bytes if loader.on_gpu else point.capped_bytes
-    return SearchStep(floor_tokens, True, "loaded and served", time.perf_counter() - started), used
+    return SearchStep(floor_tokens, True, served, time.perf_counter() - started), used
 
 
 def safe_context(

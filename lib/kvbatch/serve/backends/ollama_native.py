@@ -19,7 +19,7 @@ import ollama
 from pydantic import ConfigDict, ValidationError
 
 from kvbatch import defaults
-from kvbatch.errors import ContextOverflowError, KvbatchError, MalformedReplyError, classify_http_error
+from kvbatch.errors import ContextOverflowError, FillError, KvbatchError, MalformedReplyError, classify_http_error
 from kvbatch.messages import message_text
 from kvbatch.serve.backends import register_backend
 from kvbatch.serve.backends.base import ChatResult, ServerLimits, ServerMemory
@@ -54,9 +54,10 @@ class _GenerateReply(ollama.GenerateResponse):
 
 
 FILL_WORD = " hello"
-_INPUT_LENGTH = re.compile(r"input length \((\d+) tokens\)")
-"""Ollama's refusal of a prompt over num_ctx names its count: "the input length (N tokens) exceeds the context
-length (M tokens)"."""
+_NAMED_COUNT = re.compile(r"\((\d+) tokens\) exceeds")
+"""The prompt's count, where a refusal names it: v0.30-v0.30.8 pass on llama-server's "request (N tokens) exceeds
+the available context size (M tokens)". Ollama's own runner (v0.12.6-v0.24) names none: "the input length exceeds
+the context length"."""
 PARTIAL_PROMPT_COUNTS = ((0, 30), (0, 33))
 """Ollama versions [from, to) whose `prompt_eval_count` counted only the prompt tokens evaluated anew: v0.30 ran
 llama-server underneath and passed on its `prompt_n`; v0.33 (ollama#16428) added the cached `cache_n` back."""
@@ -258,27 +259,45 @@ class OllamaBackend(HttpBackend):
 
     async def fill(self, tokens: int, *, context_tokens: int, max_tokens: int = 4) -> int:
         """A raw prompt of `tokens` tokens as the server counts them: a word repeated, as many times as the server's
-        own count says (its tokens per word, learned from its replies and checked on each: a tokenizer may count a
-        word as two). One the server refuses as too long is resized from the count its error names, and sent again;
-        a reply more than half the guard's tolerance off is resized and sent again too."""
+        own count says (its tokens per word, learned from its replies and carried from context to context: a
+        tokenizer may count a word as two). A refusal as too long that names the count resizes from it; one that
+        names none (Ollama's own runner) halves the words between the most served and the fewest refused at this
+        context, whose reply then teaches the ratio. A reply more than half the guard's tolerance off is resized
+        and sent again. Raises FillError when no size tried was taken (the step is then "could not fill")."""
         counted = 0
+        served_words, refused_words = 0, None
+        refusal: ContextOverflowError | None = None
+        last_refused: ContextOverflowError | None = None
         for _ in range(defaults.FILL_ATTEMPTS):
             words = max(1, round((tokens - 1) / self.fill_tokens_per_word))  # 1: the BOS token
+            if refused_words is not None and (refusal is not None or words >= refused_words):
+                words = min(words, max((served_words + refused_words) // 2, 1))  # below the refusal, by halves
             try:
                 reply = await self.generate(FILL_WORD * words, num_ctx=context_tokens, max_tokens=max_tokens)
             except ContextOverflowError as exc:
-                named = _INPUT_LENGTH.search(str(exc))
-                if named is None or words < 2:
-                    raise
-                self._learn_fill(int(named.group(1)), words)
+                if words < 2:
+                    raise FillError(f"Ollama refused even a one-word fill at num_ctx {context_tokens}: {exc}") from exc
+                refused_words = min(refused_words or words, words)
+                named = _NAMED_COUNT.search(str(exc))
+                refusal = None if named else exc
+                if named:
+                    self._learn_fill(int(named.group(1)), words)
+                else:  # at least this many tokens per word: the words did not fit the context
+                    self.fill_tokens_per_word = max(self.fill_tokens_per_word, (context_tokens - 1) / words)
+                last_refused = exc
                 continue
+            refusal = None
             counted = int(reply.get("prompt_eval_count") or 0)
             if not counted:
                 return 0  # the server does not count: nothing to size by
             self._learn_fill(counted, words)
+            served_words = max(served_words, words)
             if abs(counted - tokens) <= tokens * defaults.TRUNCATION_TOLERANCE / 2 or tokens < defaults.FILL_MIN_WORDS:
                 return counted
-        return counted
+        if counted:
+            return counted  # served, if not at the size asked: the caller's check says whether it filled enough
+        raise FillError(f"could not fill {tokens} tokens at num_ctx {context_tokens}: each of {defaults.FILL_ATTEMPTS} "
+                        f"sizes tried was refused; last: {last_refused}")  # fmt: skip
 
     def _learn_fill(self, counted: int, words: int) -> None:
         if words >= defaults.FILL_MIN_WORDS:  # a tiny fill is mostly BOS and template: it would say nothing

@@ -449,6 +449,21 @@ def test_on_a_known_layout_the_plans_own_slot_count_is_tried(tmp_path):
     assert 7 in tried and chosen == 7, (tried, chosen)
 
 
+def test_when_the_batch_ends_during_a_trial_the_faster_count_measured_is_kept(tmp_path):
+    """18 requests on 4 slots that each serve one request in 0.5 s: the trial at 1 finishes, the batch ends during
+    the trial at 4 (its quota is 8 once every slot is warm); 4 in flight served about four times as fast, and is
+    the count the run reports (it once reported 1)."""
+    batch = small_batch(tmp_path / "in.jsonl", 18)
+    with RunningFaultServer(free_port(), Faults(slots=4, service_s=0.5)) as server:
+        result = kvbatch("run", str(batch), "--url", server.url, *QUIET, cwd=tmp_path)
+    assert result.returncode == 0, result.stdout + result.stderr
+    events = result_lines(tmp_path / "data" / "runs" / "in", "events.jsonl")
+    rates = {e["in_flight"]: e["requests_per_s"] for e in events if e["event"] == "concurrency_trial"}
+    chosen = [e for e in events if e["event"] == "concurrency_chosen"]
+    assert list(rates) == [1, 4] and rates[4] > rates[1], rates
+    assert [e["in_flight"] for e in chosen] == [4] and "ended during the trial at 4" in chosen[0]["why"], chosen
+
+
 def test_a_real_kernel_oom_kill_in_the_servers_own_cgroup_is_named_and_the_server_comes_back_smaller(tmp_path):
     """Where the machine lets kvbatch give the server a memory cgroup of its own (cgroup v1 as root, as here and in
     CI), a limit on that group lets the kernel's OOM killer end the server for real in the middle of a request: the

@@ -33,7 +33,8 @@ class ConcurrencyTrials:
             return ladder[0]
         rates: dict[int, float] = {}
 
-        async def trial(count: int) -> float | None:
+        async def trial(count: int) -> tuple[float, bool]:
+            """The rate once every slot was warm, and whether the batch ended before the trial's quota."""
             limit = count * self.requests_per_slot  # once every slot is warm
             done, seconds = await phase(count, limit)
             rate = done / seconds if seconds else 0.0
@@ -41,26 +42,34 @@ class ConcurrencyTrials:
             recorder.stats.trials.append({"in_flight": count, "requests": done, "seconds": round(seconds, 3),
                                           "requests_per_s": round(rate, 4)})  # fmt: skip
             recorder.event("concurrency_trial", in_flight=count, requests=done, requests_per_s=round(rate, 4))
-            return None if feed.drained and done < limit else rate
+            return rate, feed.drained and done < limit
 
         best, index = ladder[0], 0
-        if await trial(best) is None:
-            return self._chosen(best, recorder)
+        rate, ended = await trial(best)
+        if ended:
+            return self._chosen(best, recorder, ended_during=best)
         while index < len(ladder) - 1:
             step = min(index + 2, len(ladder) - 1)  # two rungs of the doubling ladder: four times as many
-            rate = await trial(ladder[step])
-            if rate is None:
-                break
+            rate, ended = await trial(ladder[step])
+            if ended:  # what it measured still counts: the faster of the two is the one reported
+                faster = ladder[step] if rate > rates[best] else best
+                return self._chosen(faster, recorder, ended_during=ladder[step])
             if rate <= rates[best] * self.improvement:
                 between = ladder[index + 1] if step == index + 2 else None
                 if between is not None and between not in rates:
-                    middle = await trial(between)
-                    if middle is not None and middle > rates[best] * self.improvement:
+                    middle, ended = await trial(between)
+                    if middle > rates[best] * self.improvement or (ended and middle > rates[best]):
                         best = between
+                    if ended:
+                        return self._chosen(best, recorder, ended_during=between)
                 break
             best, index = ladder[step], step
         return self._chosen(best, recorder)
 
-    def _chosen(self, best: int, recorder: Recorder) -> int:
-        recorder.event("concurrency_chosen", in_flight=best)
+    def _chosen(self, best: int, recorder: Recorder, *, ended_during: int | None = None) -> int:
+        """The count kept, and why: the trials' own verdict, or the batch ending during a trial (then the faster
+        count measured is kept, so the line never names a slower one)."""
+        why = (f"the batch ended during the trial at {ended_during} in flight: the faster count measured is kept"
+               if ended_during is not None else "the fastest count tried (a count must beat the best by 5 %)")
+        recorder.event("concurrency_chosen", in_flight=best, why=why)
         return best

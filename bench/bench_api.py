@@ -28,7 +28,7 @@ import urllib.request
 from pathlib import Path
 
 import openai
-from kvbatch.batch.sample import write_sample
+from kvbatch.batch.inputs.sample import write_sample
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "bench"))

@@ -25,12 +25,12 @@ import time
 from pathlib import Path
 
 import aiohttp
-from kvbatch.batch.execution.executor import Executor, RunOptions
-from kvbatch.batch.journal import Fingerprint, Journal
-from kvbatch.batch.openai_batch import iter_openai_batch, scan_openai_batch
+from kvbatch.batch.inputs.openai_batch import iter_openai_batch, scan_openai_batch
+from kvbatch.batch.inputs.sample import write_sample
+from kvbatch.batch.run.execution.executor import Executor, RunOptions
+from kvbatch.batch.run.journal import Fingerprint, Journal
 from kvbatch.batch.runfolder import RunFolder
-from kvbatch.batch.sample import write_sample
-from kvbatch.serve.backends import get_backend
+from kvbatch.serve.backends import BackendOptions, get_backend
 from kvbatch.serve.config import ServerConfig
 from kvbatch.serve.layout import SlotLayout
 from kvbatch.serve.server import EmbeddedServer, free_port
@@ -83,7 +83,7 @@ async def kvbatch_run(
     fingerprint = Fingerprint(input_hash=report.input_hash, model="bench", system_prompt_hash="", generation={},
                               mode=mode)  # fmt: skip
     journal = Journal.open(folder, fingerprint)
-    backend = get_backend("openai", url, api_key=key, slot_pinning=pinning)
+    backend = get_backend("openai", url, slot_pinning=pinning, options=BackendOptions(api_key=key))
     supervisor = ExternalSupervisor(backend, SlotLayout(in_flight, slot_context))
     tokens = await backend.tokenize(next(iter(report.prefix_texts.values())))
     prefix_tokens = {k: len(tokens) if tokens else 0 for k in report.prefix_texts}

@@ -23,7 +23,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from fault_server import Faults, RunningFaultServer  # noqa: E402
-from kvbatch.batch.sample import write_sample  # noqa: E402
+from kvbatch.batch.inputs.sample import write_sample  # noqa: E402
 from kvbatch.serve.server import free_port  # noqa: E402
 
 
@@ -112,13 +112,13 @@ def _ray_case(batch: Path, root: Path, urls: list[str], faults: Faults) -> list[
     """Four actors, each serving through one of the servers, against one actor: the driver's pool over Ray."""
     import asyncio
 
-    from kvbatch.batch.execution.executor import Executor, RunOptions
-    from kvbatch.batch.journal import Fingerprint, Journal
-    from kvbatch.batch.openai_batch import iter_openai_batch, scan_openai_batch
-    from kvbatch.batch.ray_pool import ActorSpec, connect, start_actors
+    from kvbatch.batch.inputs.openai_batch import iter_openai_batch, scan_openai_batch
+    from kvbatch.batch.inputs.sizes import size_profile
+    from kvbatch.batch.run.execution.executor import Executor, RunOptions
+    from kvbatch.batch.run.journal import Fingerprint, Journal
+    from kvbatch.batch.run.ray_pool import ActorSpec, connect, start_actors
     from kvbatch.batch.runfolder import RunFolder
     from kvbatch.batch.settings import BatchSettings
-    from kvbatch.batch.sizes import size_profile
 
     connect("local")
     report = scan_openai_batch(batch)

@@ -112,7 +112,7 @@ def main() -> int:
     finally:
         loader.close()
 
-    from kvbatch.batch.sample import write_sample
+    from kvbatch.batch.inputs.sample import write_sample
 
     work = Path(tempfile.mkdtemp(prefix="kvbatch-gpu-"))
     batch = write_sample(work / "batch.jsonl", args.requests, max_tokens=16)
@@ -153,7 +153,7 @@ def main() -> int:
 
 def _sustain(model: Path, planned: dict, batch: Path, duration_s: float) -> str:
     from kvbatch.measure.sustained import sustained_load
-    from kvbatch.serve.backends import get_backend
+    from kvbatch.serve.backends import BackendOptions, get_backend
     from kvbatch.serve.config import ServerConfig
     from kvbatch.serve.probes import probe_for_server
     from kvbatch.serve.server import EmbeddedServer
@@ -164,7 +164,8 @@ def _sustain(model: Path, planned: dict, batch: Path, duration_s: float) -> str:
     with EmbeddedServer(config) as server:
 
         async def go():
-            async with get_backend("openai", server.url, api_key=server.api_key, slot_pinning=True) as backend:
+            async with get_backend("openai", server.url, slot_pinning=True,
+                                   options=BackendOptions(api_key=server.api_key)) as backend:
                 return await sustained_load(backend, probe_for_server(server.pid, server.log_text), bodies,
                                             slots=planned["parallel_slots"], duration_s=duration_s,
                                             slot_context_tokens=planned["total_context_tokens"]

@@ -20,7 +20,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from fault_server import POISON, Faults, RunningFaultServer  # noqa: E402
-from kvbatch.batch.sample import write_sample  # noqa: E402
+from kvbatch.batch.inputs.sample import write_sample  # noqa: E402
 from kvbatch.report.results import load_errors, load_events, solo_turns  # noqa: E402
 from kvbatch.serve.server import free_port  # noqa: E402
 

@@ -24,7 +24,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from fault_server import POISON, Faults, RunningFaultServer  # noqa: E402
-from kvbatch.batch.sample import write_sample  # noqa: E402
+from kvbatch.batch.inputs.sample import write_sample  # noqa: E402
 from kvbatch.serve.server import free_port  # noqa: E402
 
 STRESS_FAULTS = Faults(p503=0.03, p_drop=0.01, p_not_json=0.01, p_slow=0.002, p_crash=0.0005, slow_s=0.5,

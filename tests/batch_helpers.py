@@ -12,8 +12,8 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from kvbatch.batch.journal import completed_ids
-from kvbatch.batch.sample import write_sample
+from kvbatch.batch.inputs.sample import write_sample
+from kvbatch.batch.run.journal import completed_ids
 
 
 def small_batch(path: Path, n: int, *, max_tokens: int = 6) -> Path:

@@ -12,8 +12,8 @@ import pytest
 from aiohttp import web
 from background import OpenAIDouble
 from batch_helpers import kvbatch
-from kvbatch.batch.answers import AnswerProblem, ask_again, load_schema_file, refused_keywords
-from kvbatch.batch.openai_batch import scan_openai_batch
+from kvbatch.batch.inputs.answers import AnswerProblem, ask_again, load_schema_file, refused_keywords
+from kvbatch.batch.inputs.openai_batch import scan_openai_batch
 from kvbatch.errors import UserInputError
 from kvbatch.results import load_results
 from kvbatch.serve.backends.ollama_native import OllamaBackend

@@ -6,8 +6,8 @@ import json
 
 import pytest
 from batch_helpers import kvbatch, replace_user_message, small_batch
-from kvbatch.batch.openai_batch import iter_openai_batch, scan_openai_batch
-from kvbatch.batch.table import TableInput
+from kvbatch.batch.inputs.openai_batch import iter_openai_batch, scan_openai_batch
+from kvbatch.batch.inputs.table import TableInput
 
 GOOD = {
     "custom_id": "a",

@@ -191,9 +191,9 @@ def test_after_an_out_of_memory_back_off_only_the_remaining_slot_ids_are_leased(
     serve (each worker leases a free id for every attempt, instead of keeping its own)."""
     import asyncio
 
-    from kvbatch.batch.execution.executor import Executor, RunOptions
-    from kvbatch.batch.journal import Fingerprint, Journal
-    from kvbatch.batch.openai_batch import iter_openai_batch, scan_openai_batch
+    from kvbatch.batch.inputs.openai_batch import iter_openai_batch, scan_openai_batch
+    from kvbatch.batch.run.execution.executor import Executor, RunOptions
+    from kvbatch.batch.run.journal import Fingerprint, Journal
     from kvbatch.batch.runfolder import RunFolder
     from kvbatch.serve.config import ServerConfig
     from kvbatch.serve.layout import SlotLayout

@@ -246,11 +246,11 @@ def test_a_kernel_oom_kill_restarts_the_server_smaller(tmp_path):
 def test_an_out_of_memory_halving_is_not_undone_by_a_later_phase(tmp_path):
     import asyncio
 
-    from kvbatch.batch.execution.endpoint import Endpoint
-    from kvbatch.batch.execution.recorder import Recorder
-    from kvbatch.batch.execution.stats import RunStats
-    from kvbatch.batch.journal import Fingerprint, Journal
-    from kvbatch.batch.progress import Progress
+    from kvbatch.batch.run.execution.endpoint import Endpoint
+    from kvbatch.batch.run.execution.recorder import Recorder
+    from kvbatch.batch.run.execution.stats import RunStats
+    from kvbatch.batch.run.journal import Fingerprint, Journal
+    from kvbatch.batch.run.progress import Progress
     from kvbatch.batch.runfolder import RunFolder
     from kvbatch.errors import OutOfMemoryError
     from kvbatch.serve.backends import get_backend
@@ -397,7 +397,7 @@ def test_the_kernel_logs_own_line_names_the_kill_and_an_older_one_does_not(tmp_p
 def test_a_server_that_answers_probes_but_no_real_request_charges_nothing():
     """A wedged server may answer the one-token probe and fail every real request: re-admitting it after a probe
     must not make the requests that failed before look like their own fault."""
-    from kvbatch.batch.execution.policy import Action, FailurePolicy
+    from kvbatch.batch.run.execution.policy import Action, FailurePolicy
     from kvbatch.errors import ServerFaultError
 
     policy = FailurePolicy()
@@ -470,7 +470,7 @@ def test_a_real_kernel_oom_kill_in_the_servers_own_cgroup_is_named_and_the_serve
     recovery names the group's kill count, how the server ended and its peak memory, and halves the slots."""
     import asyncio
 
-    from kvbatch.batch.sample import system_prompt
+    from kvbatch.batch.inputs.sample import system_prompt
     from kvbatch.errors import KvbatchError
     from kvbatch.serve.layout import SlotLayout
     from kvbatch.serve.oomkill import _own_memory_cgroups
@@ -519,11 +519,11 @@ def test_a_wedged_embedded_server_is_restarted_when_its_breaker_trips(tmp_path):
     it is restarted (a new process), then probed with a real chat request and re-admitted."""
     import asyncio
 
-    from kvbatch.batch.execution.endpoint import Endpoint
-    from kvbatch.batch.execution.recorder import Recorder
-    from kvbatch.batch.execution.stats import RunStats
-    from kvbatch.batch.journal import Fingerprint, Journal
-    from kvbatch.batch.progress import Progress
+    from kvbatch.batch.run.execution.endpoint import Endpoint
+    from kvbatch.batch.run.execution.recorder import Recorder
+    from kvbatch.batch.run.execution.stats import RunStats
+    from kvbatch.batch.run.journal import Fingerprint, Journal
+    from kvbatch.batch.run.progress import Progress
     from kvbatch.batch.runfolder import RunFolder
     from kvbatch.errors import ServerFaultError
     from kvbatch.serve.layout import SlotLayout

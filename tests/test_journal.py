@@ -7,7 +7,7 @@ import subprocess
 import sys
 
 import pytest
-from kvbatch.batch.journal import Fingerprint, Journal, completed_ids
+from kvbatch.batch.run.journal import Fingerprint, Journal, completed_ids
 from kvbatch.batch.runfolder import RunFolder, RunFolderBusyError, RunLock
 from kvbatch.errors import UserInputError
 

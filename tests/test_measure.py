@@ -9,7 +9,7 @@ import contextlib
 import itertools
 
 import pytest
-from kvbatch.batch.sample import candidate_message, system_prompt
+from kvbatch.batch.inputs.sample import candidate_message, system_prompt
 from kvbatch.errors import NotFoundError
 from kvbatch.measure.experiments import (
     LinearFit,
@@ -27,7 +27,7 @@ from kvbatch.measure.experiments import (
 from kvbatch.measure.kvmodel import GEMMA3_270M, KvCacheTypes, kv_bytes_per_token
 from kvbatch.measure.loaders import EmbeddedLoader, LoadedModel, Loader, LoadPoint, TooBigError
 from kvbatch.measure.sustained import sustained_load
-from kvbatch.serve.backends import get_backend
+from kvbatch.serve.backends import BackendOptions, get_backend
 from kvbatch.serve.config import ServerConfig
 from kvbatch.serve.probes import ProcessRssProbe
 from kvbatch.serve.server import EmbeddedServer
@@ -190,7 +190,8 @@ def _sustain(
     never on a clock a slower machine would miss (the ceiling is far beyond what any test needs)."""
 
     async def go():
-        async with get_backend("openai", server.url, api_key=server.api_key, slot_pinning=True) as backend:
+        async with get_backend("openai", server.url, slot_pinning=True,
+                               options=BackendOptions(api_key=server.api_key)) as backend:
             return await sustained_load(backend, ProcessRssProbe(server.pid), bodies, slots=2,
                                         slot_context_tokens=slot_context_tokens or server.config.slot_context_tokens,
                                         duration_s=duration_s, ceiling_s=ceiling_s, interval_s=2.0,
@@ -234,8 +235,8 @@ def test_the_plans_memory_bounds_the_peak_of_a_sustained_load_at_the_plan(tmp_pa
     from dataclasses import replace
 
     from kvbatch import defaults
+    from kvbatch.batch.run.runner import load_input, plan_only
     from kvbatch.batch.runfolder import RunFolder
-    from kvbatch.batch.runner import load_input, plan_only
     from kvbatch.batch.settings import BatchSettings
     from kvbatch.measure.sustained import judge_against_plan
 
@@ -251,7 +252,8 @@ def test_the_plans_memory_bounds_the_peak_of_a_sustained_load_at_the_plan(tmp_pa
     with EmbeddedServer(config) as server:
 
         async def go():
-            async with get_backend("openai", server.url, api_key=server.api_key, slot_pinning=True) as backend:
+            async with get_backend("openai", server.url, slot_pinning=True,
+                                   options=BackendOptions(api_key=server.api_key)) as backend:
                 return await sustained_load(backend, ProcessRssProbe(server.pid), bodies, slots=2,
                                             slot_context_tokens=3584, duration_s=0.0, ceiling_s=1800.0,
                                             planned_bytes=memory.counted_bytes)  # fmt: skip

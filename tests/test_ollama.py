@@ -20,14 +20,14 @@ from batch_helpers import (
     wait_for_results,
 )
 from conftest import REPO
-from kvbatch.batch.execution.guard import TruncationGuard
-from kvbatch.batch.openai_batch import iter_openai_batch, scan_openai_batch
-from kvbatch.batch.sample import write_sample
+from kvbatch.batch.inputs.openai_batch import iter_openai_batch, scan_openai_batch
+from kvbatch.batch.inputs.sample import write_sample
+from kvbatch.batch.run.execution.guard import TruncationGuard
 from kvbatch.measure.experiments import fit_line, search_safe_context, sweep_allocated
 from kvbatch.measure.kvmodel import GEMMA3_270M, kv_bytes_per_token
 from kvbatch.measure.loaders import OllamaLoader
 from kvbatch.measure.result import load_measurement
-from kvbatch.serve.backends import ChatResult, get_backend
+from kvbatch.serve.backends import BackendOptions, ChatResult, get_backend
 from ollama_emulator import OllamaEmulator, RunningEmulator
 
 MODEL = "gemma3:270m"
@@ -208,7 +208,7 @@ def test_the_truncation_guard_raises_no_false_alarm(ollama, tmp_path, tokenizer)
 
 
 async def _counts(runner, report, requests):
-    async with get_backend("openai", runner.url, api_key=runner.api_key) as llama:
+    async with get_backend("openai", runner.url, options=BackendOptions(api_key=runner.api_key)) as llama:
         counts = []
         for request in requests:
             prompt = await llama.http.request("POST", "/apply-template", {"messages": request.body["messages"]})

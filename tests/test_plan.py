@@ -7,9 +7,9 @@ import json
 
 import pytest
 from batch_helpers import kvbatch
-from kvbatch.batch.memory import MemoryModel
-from kvbatch.batch.plan import PlanError, PlanInputs, make_plan
-from kvbatch.batch.sizes import SizeProfile
+from kvbatch.batch.inputs.sizes import SizeProfile
+from kvbatch.batch.plan.memory import MemoryModel
+from kvbatch.batch.plan.plan import PlanError, PlanInputs, make_plan
 from kvbatch.measure.budget import Budget
 from kvbatch.measure.kvmodel import GEMMA3_270M, KvCacheTypes, architecture_from_metadata
 from kvbatch.measure.loaders import EmbeddedLoader
@@ -106,7 +106,7 @@ def test_what_serving_adds_is_priced_from_the_probes_log_by_hand():
     server logs 22.78 there); logits for 3 more slots 3 x 262,144 x 4 B = 3 MiB; samplers 4 x 262,144 x 12 B = 12 MiB;
     the allowance 4 x 2 MiB: 45.78 MiB in all. On a GPU the probe's device buffer is in its base: only the mask
     grows."""
-    from kvbatch.batch.memory import ServingMemory
+    from kvbatch.batch.plan.memory import ServingMemory
     from kvbatch.serve.log import parse_server_log
 
     log = parse_server_log(PROBE_LOG)

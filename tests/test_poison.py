@@ -66,8 +66,8 @@ def test_on_the_embedded_server_only_the_request_that_makes_it_exit_fails(tmp_pa
     from urllib.parse import urlparse
 
     import psutil
+    from kvbatch.batch.run.runner import run_batch
     from kvbatch.batch.runfolder import RunFolder
-    from kvbatch.batch.runner import run_batch
     from kvbatch.batch.settings import BatchSettings
     from kvbatch.serve.backends.openai_compat import OpenAICompatBackend
 

@@ -88,7 +88,7 @@ def test_one_embedded_server_per_gpu_is_planned_for_its_own_card(monkeypatch, tm
     batch = small_batch(tmp_path / "in.jsonl", 2)
     result = kvbatch("plan", str(batch), "--servers", "per-gpu", cwd=tmp_path)
     assert result.returncode == 2 and "--servers per-gpu: no NVIDIA GPU answers here" in result.stderr
-    from kvbatch.batch import endpoints
+    from kvbatch.batch.inputs import endpoints
     from kvbatch.measure import budget
     from kvbatch.serve import probes
 

@@ -6,7 +6,7 @@ import json
 import re
 
 from batch_helpers import kvbatch
-from kvbatch.batch.journal import Fingerprint, Journal
+from kvbatch.batch.run.journal import Fingerprint, Journal
 from kvbatch.results import load_results
 
 EVIL = "<script>alert('x')</script>"

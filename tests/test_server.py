@@ -19,9 +19,9 @@ import psutil
 import pytest
 from batch_helpers import WAIT_CEILING_S
 from kvbatch import defaults
-from kvbatch.batch.sample import system_prompt
+from kvbatch.batch.inputs.sample import system_prompt
 from kvbatch.errors import AuthError, ContextOverflowError, ServerGoneError, ServerStartError
-from kvbatch.serve.backends import get_backend
+from kvbatch.serve.backends import BackendOptions, get_backend
 from kvbatch.serve.config import ServerConfig
 from kvbatch.serve.log import parse_server_log
 from kvbatch.serve.server import EmbeddedServer
@@ -31,7 +31,8 @@ SYSTEM = system_prompt(400)
 
 def _chat(server, user: str, *, slot: int | None = None, api_key: str | None = None):
     async def go():
-        backend = get_backend("openai", server.url, api_key=api_key or server.api_key, slot_pinning=True)
+        backend = get_backend("openai", server.url, slot_pinning=True,
+                              options=BackendOptions(api_key=api_key or server.api_key))
         try:
             return await backend.chat(
                 {

@@ -15,11 +15,11 @@ from pathlib import Path
 
 from kvbatch import defaults
 from kvbatch.aio import run_sync
+from kvbatch.batch.run.runner import load_input, plan_only
 from kvbatch.batch.runfolder import RunFolder
-from kvbatch.batch.runner import load_input, plan_only
 from kvbatch.batch.settings import BatchSettings
 from kvbatch.measure.sustained import sustained_load
-from kvbatch.serve.backends import get_backend
+from kvbatch.serve.backends import BackendOptions, get_backend
 from kvbatch.serve.probes import probe_for_server
 from kvbatch.serve.server import EmbeddedServer
 
@@ -41,7 +41,8 @@ def bound_at(input_path: Path, slots: int, slot_context: int, scratch: Path) -> 
         after_load = probe.read()
 
         async def go():
-            async with get_backend("openai", server.url, api_key=server.api_key, slot_pinning=True) as backend:
+            async with get_backend("openai", server.url, slot_pinning=True,
+                                   options=BackendOptions(api_key=server.api_key)) as backend:
                 return await sustained_load(backend, probe, bodies, slots=plan.layout.slots,
                                             slot_context_tokens=plan.layout.slot_context_tokens, duration_s=0.0,
                                             planned_bytes=memory.counted_bytes)  # fmt: skip

@@ -22,8 +22,8 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from kvbatch import defaults
-from kvbatch.batch.sample import system_prompt
-from kvbatch.serve.backends import get_backend
+from kvbatch.batch.inputs.sample import system_prompt
+from kvbatch.serve.backends import BackendOptions, get_backend
 from kvbatch.serve.config import ServerConfig
 from kvbatch.serve.server import EmbeddedServer
 
@@ -51,7 +51,7 @@ def prompt_speed(threads: int | None, repeats: int = 3) -> float:
         async def ask(seed: int) -> float:
             body = {"messages": [{"role": "user", "content": f"{seed} " + system_prompt(1000)}], "max_tokens": 1,
                     "cache_prompt": False}  # fmt: skip
-            async with get_backend("openai", server.url, api_key=server.api_key) as backend:
+            async with get_backend("openai", server.url, options=BackendOptions(api_key=server.api_key)) as backend:
                 reply = await backend.chat(body)
             return float(reply.timings.get("prompt_per_second") or 0.0)
 

@@ -138,6 +138,21 @@ TRIAL_REQUESTS_PER_SLOT = 2
 FSYNC_EVERY_RESULTS = 32
 """Result lines between fsyncs (and at least once per conversation chunk): a kill loses no whole line, a power
 cut at most this many."""
+FEED_LOOKAHEAD = 64
+"""Requests the feed reads ahead, so a worker can prefer the prefix its slot already holds when several are in play."""
+CHUNK_CONTEXT_SHARE = 0.95
+"""Conversation mode: a chunk ends before a turn would take it past this share of the slot's context."""
+TURN_CHARS_PER_TOKEN = 3
+"""Conversation mode's estimate of a turn's tokens before the server counts it: a generous 3 characters a token (a
+turn estimated short would overflow the slot; one estimated long only ends the chunk a turn early)."""
+TURN_OVERHEAD_TOKENS = 16
+"""The chat template's tokens around one turn (role markers, separators), added to each turn's estimate."""
+PREFIX_HIT_SHARE = 0.9
+"""A request whose cached tokens cover less than this share of its system prompt counts as a prefix-cache miss."""
+CONCURRENCY_IMPROVEMENT = 1.05
+"""A concurrency trial's count must beat the best so far by 5 % to be kept: on 2 CPU cores the trials stop after 2."""
+MEMORY_THRESHOLD_OF_BUDGET = 0.95
+"""With --memory-budget and no --memory-threshold, the run reacts when the server passes this share of the budget."""
 MEMORY_SAMPLE_S = 1.0
 PROGRESS_LOG_EVERY_S = 15.0
 """A plain progress line this often when output is not a terminal (CI, logs)."""

@@ -28,7 +28,6 @@ import matplotlib.pyplot as plt
 import numpy as np
 import pandas as pd
 from IPython.display import Markdown, display
-
 from kvbatch.measure import steps
 from kvbatch.measure.kvmodel import KvCacheTypes
 from kvbatch.measure.result import model_identity

@@ -12,7 +12,6 @@ from pathlib import Path
 import matplotlib.pyplot as plt
 import pandas as pd
 from IPython.display import Markdown, display
-
 from kvbatch.report import results as R
 from kvbatch.report.display import clock, duration, integer_axis, key_values, share, size, table
 

@@ -30,12 +30,11 @@ from pathlib import Path
 
 import matplotlib.pyplot as plt
 from IPython.display import Markdown, display
-
 from kvbatch.measure import steps
 from kvbatch.measure.experiments import max_loads
 from kvbatch.measure.kvmodel import KvCacheTypes
 from kvbatch.measure.result import model_identity
-from kvbatch.report.display import duration, integer_axis, table
+from kvbatch.report.display import integer_axis, table
 from kvbatch.serve.config import ServerConfig
 
 arch = steps.architecture(backend, url=url, model=model, model_path=model_path)

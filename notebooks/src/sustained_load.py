@@ -32,20 +32,18 @@ from pathlib import Path
 
 import matplotlib.pyplot as plt
 from IPython.display import Markdown, display
-
 from kvbatch.aio import run_sync
 from kvbatch.batch.runfolder import RunFolder
-from kvbatch.batch.runner import load_input, plan_only
+from kvbatch.batch.run.runner import load_input, plan_only
 from kvbatch.batch.settings import BatchSettings
 from kvbatch.measure import steps
-from kvbatch.measure.budget import resolve_budget
 from kvbatch.measure.kvmodel import KvCacheTypes
 from kvbatch.measure.result import model_identity
 from kvbatch.measure.sustained import sustained_load
 from kvbatch.report.display import integer_axis, size
-from kvbatch.serve.backends import get_backend
-from kvbatch.serve.probes import OllamaPsProbe, probe_for_server
+from kvbatch.serve.backends import BackendOptions, get_backend
 from kvbatch.serve.config import ServerConfig
+from kvbatch.serve.probes import OllamaPsProbe, probe_for_server
 from kvbatch.serve.server import EmbeddedServer
 
 types = KvCacheTypes(kv_type, kv_type)
@@ -88,7 +86,7 @@ else:
     config = replace(prepared.plans[0].config, context_tokens=layout.total_context_tokens, parallel_slots=layout.slots)
     with EmbeddedServer(config) as server:
         async def go():
-            async with get_backend("openai", server.url, api_key=server.api_key, slot_pinning=True) as llama:
+            async with get_backend("openai", server.url, slot_pinning=True, options=BackendOptions(api_key=server.api_key)) as llama:
                 return await measure_at(llama, probe_for_server(server.pid, server.log_text))
         outcome = run_sync(go())
         flags = server.config.flags()

@@ -22,9 +22,9 @@ from kvbatch import defaults
 from kvbatch.api.models import BatchErrorData, BatchErrors, BatchObject
 from kvbatch.api.store import RunProgress, Store, new_id
 from kvbatch.api.webhooks import Webhooks
-from kvbatch.batch.openai_batch import save_index
+from kvbatch.batch.inputs.openai_batch import save_index
+from kvbatch.batch.run.runner import field_rules, load_input, run_batch_async, run_specs
 from kvbatch.batch.runfolder import RunFolder
-from kvbatch.batch.runner import field_rules, load_input, run_batch_async, run_specs
 from kvbatch.batch.settings import BatchSettings
 from kvbatch.errors import KvbatchError, TransientError
 

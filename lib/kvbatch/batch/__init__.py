@@ -1,4 +1,4 @@
-"""Batches: inputs and their validation (requests, openai_batch, table), token sizes (tokens, sizes), the memory
-model and the plan (memory, plan, plan_record), the servers of a run (endpoints, prepare, ray_pool), the run folder
-(runfolder) and its journal, the executor and its parts (execution/), the memory monitor, the runner that ties them
-together (settings, runner, summary), and synthetic samples. Uses `measure` and `serve`."""
+"""Batches, by their three jobs, each in a package of its own that owns it: `inputs` (what the user gives and its
+sizes), `plan` (what the server will hold and why), `run` (the run folder's journal, the executor, the summary).
+`settings` (what one invocation decides) and `runfolder` (every file of a run folder, named once) lie beneath all
+three. Imports run inputs < plan < run. Uses `measure` and `serve`."""

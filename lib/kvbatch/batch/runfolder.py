@@ -6,7 +6,7 @@ run it belongs to.
       results.jsonl       one line per request that succeeded (OpenAI Batch output format)
       errors.jsonl        one line per request that failed for good
       errors-history.jsonl earlier errors of requests sent again with --retry-failed
-      plan.json           the plan (batch/plan.py's typed model)
+      plan.json           the plan (batch/plan/plan.py's typed model)
       summary.json        the run's summary (typed model, written at the end of each invocation)
       metrics.jsonl       one line per finished request: latency, tokens, cache hits, endpoint
       events.jsonl        recoveries, back-offs, concurrency trials, memory reactions

@@ -8,6 +8,7 @@ from typing import Any
 
 from kvbatch import defaults
 from kvbatch.batch.runfolder import RunFolder
+from kvbatch.serve.backends import BackendOptions
 from kvbatch.serve.config import ServerConfig
 
 
@@ -54,6 +55,10 @@ class BatchSettings:
     progress: bool = True
     memory_threshold_bytes: int | None = None
     allow_cpu_spill: bool = False
+
+    def backend_options(self) -> BackendOptions:
+        """What every backend of this run takes (`--request-timeout`); each server's key comes with its spec."""
+        return BackendOptions(request_timeout_s=self.request_timeout_s)
 
     @property
     def is_table(self) -> bool:

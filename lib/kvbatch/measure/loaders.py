@@ -19,8 +19,9 @@ import psutil
 from kvbatch import defaults
 from kvbatch.aio import LoopThread
 from kvbatch.errors import FillError, KvbatchError, OutOfMemoryError
-from kvbatch.serve.backends import get_backend
-from kvbatch.serve.config import ServerConfig
+from kvbatch.serve.backends import BackendOptions, get_backend
+from kvbatch.serve.build_record import build_summary
+from kvbatch.serve.config import ServerConfig, build_has_gpu
 from kvbatch.serve.probes import MemoryProbe, OllamaPsProbe, probe_for_server
 from kvbatch.serve.server import EmbeddedServer
 
@@ -101,7 +102,7 @@ class _EmbeddedLoaded(LoadedModel):
         self.load_s = server.start_time_s or 0.0
         self.context_tokens = server.config.context_tokens
         self._loop = loop
-        self._backend = get_backend("openai", server.url, api_key=server.api_key)
+        self._backend = get_backend("openai", server.url, options=BackendOptions(api_key=server.api_key))
 
     def memory(self) -> LoadPoint:
         try:
@@ -149,13 +150,9 @@ class EmbeddedLoader(Loader):
         """No folder given: the loads' logs (a search's failed loads keep theirs) go in one removed on close()."""
         self.log_dir = log_dir or Path(tempfile.mkdtemp(prefix="kvbatch-measure-"))
         self._loop = LoopThread()
-        from kvbatch.serve.config import build_has_gpu
-
         self.on_gpu = build_has_gpu() and self.config.gpu_layers != 0
 
     def flags(self) -> dict[str, Any]:
-        from kvbatch.serve.build import build_summary
-
         return {**self.config.flags(), **build_summary()}
 
     @contextlib.contextmanager

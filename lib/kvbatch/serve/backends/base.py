@@ -102,6 +102,18 @@ def public_url(url: str | None) -> str | None:
     return split_credentials(url)[0] if url else url
 
 
+@dataclass(frozen=True)
+class BackendOptions:
+    """What every backend takes, in one place (each backend's own extras, such as llama-server's slot pinning or
+    Ollama's layout, are keyword arguments of its own). The request timeout is held here alone."""
+
+    api_key: str | None = None
+    """Sent as `Authorization: Bearer`; default: the KVBATCH_API_KEY environment variable."""
+    request_timeout_s: float = defaults.REQUEST_TIMEOUT_S
+    """`--request-timeout`: how long one request may take unless a call says otherwise."""
+    max_connections: int = defaults.MAX_CONNECTIONS
+
+
 class Backend(abc.ABC):
     """A chat server reached over HTTP. Async core; callers own the event loop.
 
@@ -118,18 +130,15 @@ class Backend(abc.ABC):
     """The body fields this backend sends or translates; any other is named in the input notes as not sent (None:
     the body goes to the server as it is)."""
 
-    def __init__(
-        self,
-        base_url: str,
-        model: str | None = None,
-        *,
-        api_key: str | None = None,
-        request_timeout_s: float = defaults.REQUEST_TIMEOUT_S,
-    ) -> None:
+    def __init__(self, base_url: str, model: str | None = None, *, options: BackendOptions | None = None) -> None:
         self.base_url, self._credentials = split_credentials(base_url)
         self.model = model
-        self.api_key = api_key or os.environ.get(API_KEY_ENV) or None
-        self.request_timeout_s = request_timeout_s
+        self.options = options or BackendOptions()
+        self.api_key = self.options.api_key or os.environ.get(API_KEY_ENV) or None
+
+    @property
+    def request_timeout_s(self) -> float:
+        return self.options.request_timeout_s
 
     def retarget(self, base_url: str) -> None:
         """Point at the same server on a new address (an embedded server restarted on another port)."""

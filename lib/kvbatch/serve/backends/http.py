@@ -12,7 +12,7 @@ from typing import Any
 
 import aiohttp
 
-from kvbatch import defaults, jsoncodec
+from kvbatch import jsoncodec
 from kvbatch.errors import (
     ConnectionDroppedError,
     KvbatchError,
@@ -22,7 +22,7 @@ from kvbatch.errors import (
     UserInputError,
     classify_http_error,
 )
-from kvbatch.serve.backends.base import Backend
+from kvbatch.serve.backends.base import Backend, BackendOptions
 
 
 def server_error_message(payload: Any, fallback: str) -> str:
@@ -45,8 +45,7 @@ class HttpClient:
         *,
         api_key: str | None,
         credentials: tuple[str, str] | None,
-        timeout_s: float,
-        max_connections: int = defaults.MAX_CONNECTIONS,
+        options: BackendOptions,
         unreachable_hint: str = "is the server running?",
     ) -> None:
         if api_key and credentials:
@@ -57,8 +56,8 @@ class HttpClient:
         self.base_url = base_url
         self._api_key = api_key
         self._auth = aiohttp.BasicAuth(*credentials) if credentials else None
-        self._timeout_s = timeout_s
-        self._max_connections = max_connections
+        self._options = options
+        """The backend's own options: its request timeout and connection bound (held there, not copied)."""
         self._hint = unreachable_hint
         self._session: aiohttp.ClientSession | None = None
         self._timeouts: dict[float, aiohttp.ClientTimeout] = {}
@@ -68,7 +67,8 @@ class HttpClient:
             headers = {"Content-Type": "application/json"}
             if self._api_key:
                 headers["Authorization"] = f"Bearer {self._api_key}"
-            connector = aiohttp.TCPConnector(limit=self._max_connections, limit_per_host=self._max_connections)
+            limit = self._options.max_connections
+            connector = aiohttp.TCPConnector(limit=limit, limit_per_host=limit)
             self._session = aiohttp.ClientSession(connector=connector, headers=headers, auth=self._auth)
         return self._session
 
@@ -87,7 +87,7 @@ class HttpClient:
     ) -> Any:
         """The decoded JSON reply; a kvbatch error for a transport failure, an error status or a body that is not
         JSON (which is transient: a proxy's page or a reply cut off)."""
-        limit_s = timeout_s or self._timeout_s
+        limit_s = timeout_s or self._options.request_timeout_s
         timeout = self._timeouts.get(limit_s) or self._timeouts.setdefault(limit_s, aiohttp.ClientTimeout(limit_s))
         data = jsoncodec.dumps(payload) if payload is not None else None  # the session sends it as JSON
         try:
@@ -138,19 +138,10 @@ class HttpBackend(Backend):
 
     unreachable_hint = "is the server running?"
 
-    def __init__(
-        self,
-        base_url: str,
-        model: str | None = None,
-        *,
-        api_key: str | None = None,
-        request_timeout_s: float = defaults.REQUEST_TIMEOUT_S,
-        max_connections: int = defaults.MAX_CONNECTIONS,
-    ) -> None:
-        super().__init__(base_url, model, api_key=api_key, request_timeout_s=request_timeout_s)
+    def __init__(self, base_url: str, model: str | None = None, *, options: BackendOptions | None = None) -> None:
+        super().__init__(base_url, model, options=options)
         self.http = HttpClient(self.base_url, api_key=self.api_key, credentials=self._credentials,
-                               timeout_s=request_timeout_s, max_connections=max_connections,
-                               unreachable_hint=self.unreachable_hint)  # fmt: skip
+                               options=self.options, unreachable_hint=self.unreachable_hint)  # fmt: skip
 
     async def aclose(self) -> None:
         await self.http.close()

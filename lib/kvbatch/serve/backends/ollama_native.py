@@ -22,7 +22,7 @@ from kvbatch import defaults
 from kvbatch.errors import ContextOverflowError, FillError, KvbatchError, MalformedReplyError, classify_http_error
 from kvbatch.messages import message_text
 from kvbatch.serve.backends import register_backend
-from kvbatch.serve.backends.base import ChatResult, ServerLimits, ServerMemory
+from kvbatch.serve.backends.base import BackendOptions, ChatResult, ServerLimits, ServerMemory
 from kvbatch.serve.backends.http import HttpBackend
 from kvbatch.serve.layout import SlotLayout
 
@@ -166,14 +166,11 @@ class OllamaBackend(HttpBackend):
         base_url: str,
         model: str | None = None,
         *,
-        api_key: str | None = None,
-        request_timeout_s: float = defaults.REQUEST_TIMEOUT_S,
+        options: BackendOptions | None = None,
         layout: SlotLayout | None = None,
         keep_alive: str | float | None = defaults.KEEP_ALIVE,
-        max_connections: int = defaults.MAX_CONNECTIONS,
     ) -> None:
-        super().__init__(base_url, model, api_key=api_key, request_timeout_s=request_timeout_s,
-                         max_connections=max_connections)  # fmt: skip
+        super().__init__(base_url, model, options=options)
         self.layout = layout
         """The planned slots and context: every request sends its current `slot_context_tokens` as `num_ctx`."""
         self.keep_alive = keep_alive

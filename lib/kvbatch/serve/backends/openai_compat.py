@@ -9,10 +9,9 @@ from __future__ import annotations
 import time
 from typing import Any
 
-from kvbatch import defaults
 from kvbatch.errors import BadRequestError, KvbatchError, MalformedReplyError
 from kvbatch.serve.backends import register_backend
-from kvbatch.serve.backends.base import ChatResult, ServerLimits
+from kvbatch.serve.backends.base import BackendOptions, ChatResult, ServerLimits
 from kvbatch.serve.backends.http import HttpBackend
 
 
@@ -38,18 +37,9 @@ class OpenAICompatBackend(HttpBackend):
 
     unreachable_hint = "is the server running? Start the embedded one with `kvbatch serve`."
 
-    def __init__(
-        self,
-        base_url: str,
-        model: str | None = None,
-        *,
-        api_key: str | None = None,
-        request_timeout_s: float = defaults.REQUEST_TIMEOUT_S,
-        max_connections: int = defaults.MAX_CONNECTIONS,
-        slot_pinning: bool = False,
-    ) -> None:
-        super().__init__(base_url.rstrip("/").removesuffix("/v1"), model, api_key=api_key,
-                         request_timeout_s=request_timeout_s, max_connections=max_connections)  # fmt: skip
+    def __init__(self, base_url: str, model: str | None = None, *, options: BackendOptions | None = None,
+                 slot_pinning: bool = False) -> None:  # fmt: skip
+        super().__init__(base_url.rstrip("/").removesuffix("/v1"), model, options=options)
         self.slot_pinning = slot_pinning
 
     async def chat(

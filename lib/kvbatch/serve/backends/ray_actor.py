@@ -7,9 +7,8 @@ from __future__ import annotations
 import asyncio
 from typing import Any
 
-from kvbatch import defaults
 from kvbatch.errors import KvbatchError, RequestTimeoutError, ServerGoneError
-from kvbatch.serve.backends.base import Backend, ChatResult, ServerLimits
+from kvbatch.serve.backends.base import Backend, BackendOptions, ChatResult, ServerLimits
 
 
 class ActorGoneError(ServerGoneError):
@@ -37,12 +36,12 @@ async def call_actor(method, *args: Any, timeout_s: float | None = None) -> Any:
 
 
 class RayActorBackend(Backend):
-    """Chat calls to a server actor (see kvbatch.batch.ray_pool.ServerActor)."""
+    """Chat calls to a server actor (see kvbatch.batch.run.ray_pool.ServerActor)."""
 
     name = "ray"
 
-    def __init__(self, actor, label: str, request_timeout_s: float = defaults.REQUEST_TIMEOUT_S) -> None:
-        super().__init__(f"ray://{label}", None, request_timeout_s=request_timeout_s)
+    def __init__(self, actor, label: str, options: BackendOptions | None = None) -> None:
+        super().__init__(f"ray://{label}", None, options=options)
         self.actor = actor
 
     async def chat(

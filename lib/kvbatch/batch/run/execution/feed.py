@@ -11,14 +11,14 @@ from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING
 
 from kvbatch import defaults
-from kvbatch.batch.execution.endpoint import Endpoint, EndpointOut
-from kvbatch.batch.execution.sender import Outcome, RetryLater, Sender
-from kvbatch.batch.requests import BatchRequest
+from kvbatch.batch.inputs.requests import BatchRequest
+from kvbatch.batch.run.execution.endpoint import Endpoint, EndpointOut
+from kvbatch.batch.run.execution.sender import Outcome, RetryLater, Sender
 from kvbatch.errors import ContextOverflowError, KvbatchError
 from kvbatch.messages import message_text
 
 if TYPE_CHECKING:
-    from kvbatch.batch.execution.recorder import Recorder
+    from kvbatch.batch.run.execution.recorder import Recorder
 
 
 class Feed:
@@ -29,7 +29,7 @@ class Feed:
     any are outstanding (one may be handed back), and stops when none are.
     """
 
-    def __init__(self, requests: Iterator[BatchRequest], *, lookahead: int = 64) -> None:
+    def __init__(self, requests: Iterator[BatchRequest], *, lookahead: int = defaults.FEED_LOOKAHEAD) -> None:
         self._requests = requests
         self._returned: collections.deque[BatchRequest] = collections.deque()
         self._deferred: collections.deque[tuple[BatchRequest, int]] = collections.deque()
@@ -265,7 +265,8 @@ class Workers:
             return "another prefix"
         if endpoint.monitor is not None and endpoint.monitor.above:
             return "memory threshold"
-        if used + _estimated_turn_tokens(following) > endpoint.supervisor.layout.slot_context_tokens * 0.95:
+        room = endpoint.supervisor.layout.slot_context_tokens * defaults.CHUNK_CONTEXT_SHARE
+        if used + _estimated_turn_tokens(following) > room:
             return "context nearly full"
         return None
 
@@ -273,4 +274,4 @@ class Workers:
 def _estimated_turn_tokens(request: BatchRequest) -> int:
     text = message_text(request.body["messages"][-1]) or ""
     answer = request.body.get("max_tokens") or request.body.get("max_completion_tokens") or defaults.DEFAULT_MAX_TOKENS
-    return len(text) // 3 + int(answer) + 16
+    return len(text) // defaults.TURN_CHARS_PER_TOKEN + int(answer) + defaults.TURN_OVERHEAD_TOKENS

@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from kvbatch import jsoncodec
-from kvbatch.batch.requests import (
+from kvbatch.batch.inputs.requests import (
     HASH_ALGORITHM,
     BatchRequest,
     InputProblem,

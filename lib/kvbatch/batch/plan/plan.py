@@ -12,9 +12,9 @@ import math
 from dataclasses import dataclass, field
 
 from kvbatch import defaults
-from kvbatch.batch.memory import MemoryBreakdown, MemoryModel
-from kvbatch.batch.plan_record import MemoryRecord, PlanRecord
-from kvbatch.batch.sizes import SizeProfile
+from kvbatch.batch.inputs.sizes import SizeProfile
+from kvbatch.batch.plan.memory import MemoryBreakdown, MemoryModel
+from kvbatch.batch.plan.plan_record import MemoryRecord, PlanRecord
 from kvbatch.errors import UserInputError
 from kvbatch.measure.budget import Budget
 from kvbatch.measure.kvmodel import KvCacheTypes

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 
-from kvbatch.batch.endpoints import EndpointSpec
+from kvbatch.batch.inputs.endpoints import EndpointSpec
 from kvbatch.batch.settings import BatchSettings
 from kvbatch.measure.budget import Budget, default_budget, gpu_budget, ram_budget, resolve_budget
 from kvbatch.measure.result import Measurement

@@ -9,20 +9,20 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 from kvbatch import defaults
-from kvbatch.batch.budgets import embedded_budget, ollama_budget
-from kvbatch.batch.endpoints import EndpointSpec
-from kvbatch.batch.memory import MemoryModel
-from kvbatch.batch.plan import Plan, PlanInputs, make_plan
-from kvbatch.batch.probe import BaseReading, model_file
+from kvbatch.batch.inputs.endpoints import EndpointSpec, backend_for
+from kvbatch.batch.inputs.sizes import SizeProfile
+from kvbatch.batch.plan.budgets import embedded_budget, ollama_budget
+from kvbatch.batch.plan.memory import MemoryModel
+from kvbatch.batch.plan.plan import Plan, PlanInputs, make_plan
+from kvbatch.batch.plan.probe import BaseReading, model_file
 from kvbatch.batch.settings import BatchSettings
-from kvbatch.batch.sizes import SizeProfile
 from kvbatch.errors import UserInputError
 from kvbatch.measure.budget import Budget
 from kvbatch.measure.kvmodel import KvArchitecture, KvCacheTypes, architecture_from_gguf, architecture_from_metadata
 from kvbatch.measure.kvmodel import kv_cache as kv_cache_of
 from kvbatch.measure.ollama_settings import ollama_settings
 from kvbatch.measure.result import Measurement, find_measurement, load_measurement, measurement_path
-from kvbatch.serve.backends import Backend, ServerLimits, get_backend
+from kvbatch.serve.backends import Backend, ServerLimits
 from kvbatch.serve.backends.base import is_local
 from kvbatch.serve.backends.ollama_native import counts_only_uncached
 from kvbatch.serve.config import ServerConfig, build_has_gpu
@@ -131,8 +131,7 @@ async def _ollama_base(backend, arch: KvArchitecture, types: KvCacheTypes, paral
 async def ollama_plan(settings: BatchSettings, sizes: SizeProfile, spec: EndpointSpec) -> EndpointPlan:
     if not spec.model:
         raise UserInputError("--backend ollama needs --model (the Ollama model name, e.g. gemma3:12b)")
-    backend = get_backend("ollama", spec.url, model=spec.model, api_key=spec.api_key(),
-                          request_timeout_s=settings.request_timeout_s)  # fmt: skip
+    backend = backend_for(spec, settings.backend_options())
     arch = architecture_from_metadata(await backend.model_info(), source=f"{backend.base_url} /api/show {spec.model}")
     given = settings.kv_type if settings.kv_type_given and settings.kv_type != "auto" else None
     server = await ollama_settings(backend, arch, kv_type=given,
@@ -181,8 +180,7 @@ async def ollama_plan(settings: BatchSettings, sizes: SizeProfile, spec: Endpoin
 
 
 async def openai_plan(settings: BatchSettings, sizes: SizeProfile, spec: EndpointSpec) -> EndpointPlan:
-    backend = get_backend("openai", spec.url, model=spec.model, api_key=spec.api_key(),
-                          request_timeout_s=settings.request_timeout_s)  # fmt: skip
+    backend = backend_for(spec, settings.backend_options())
     limits = await backend.limits()
     if spec.slots:
         limits.slots = spec.slots

@@ -13,8 +13,8 @@ from collections.abc import AsyncIterator
 from dataclasses import asdict
 
 from kvbatch import defaults
-from kvbatch.batch.execution.recorder import Recorder
-from kvbatch.batch.monitor import MemoryMonitor
+from kvbatch.batch.run.execution.recorder import Recorder
+from kvbatch.batch.run.monitor import MemoryMonitor
 from kvbatch.errors import KvbatchError, ServerGoneError
 from kvbatch.serve.supervisor import Recovery, Supervisor, backoff_delays
 

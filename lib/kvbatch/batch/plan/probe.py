@@ -8,11 +8,11 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 from kvbatch import defaults
-from kvbatch.batch.memory import ServingMemory
-from kvbatch.batch.requests import InputReport
+from kvbatch.batch.inputs.requests import InputReport
+from kvbatch.batch.inputs.tokens import Calibration, calibrate
+from kvbatch.batch.plan.memory import ServingMemory
 from kvbatch.batch.settings import BatchSettings
-from kvbatch.batch.tokens import Calibration, calibrate
-from kvbatch.serve.backends import get_backend
+from kvbatch.serve.backends import BackendOptions, get_backend
 from kvbatch.serve.config import build_has_gpu
 from kvbatch.serve.probes import probe_for_server
 from kvbatch.serve.server import EmbeddedServer, default_model_path
@@ -53,7 +53,7 @@ async def sizes_from_embedded(
 ) -> tuple[Calibration, BaseReading | None]:
     """The real tokenizer, and (with `base`) the memory the model needs before any KV, from one probe server."""
     async with _probe_server(settings, model_path, log_dir) as server:
-        async with get_backend("openai", server.url, api_key=server.api_key) as backend:
+        async with get_backend("openai", server.url, options=BackendOptions(api_key=server.api_key)) as backend:
             calibration = await calibrate(backend, report, requests_fn)
         return calibration, await asyncio.to_thread(_read_base, server) if base else None
 

@@ -11,22 +11,22 @@ from pathlib import Path
 from typing import Any
 
 from kvbatch.aio import run_sync
-from kvbatch.batch.answers import load_schema_file
-from kvbatch.batch.endpoints import EndpointSpec, endpoint_specs
-from kvbatch.batch.execution.executor import Executor, RunOptions
-from kvbatch.batch.execution.guard import TruncationGuard
-from kvbatch.batch.execution.stats import RunStats
-from kvbatch.batch.journal import Fingerprint, InputSource, Journal, completed_ids
-from kvbatch.batch.openai_batch import iter_openai_batch, load_index, save_index, scan_openai_batch
-from kvbatch.batch.plan import Plan, least_slot_context
-from kvbatch.batch.plan_record import PlanRecord
-from kvbatch.batch.prepare import Prepared, model_identity, prepare
-from kvbatch.batch.requests import InputReport
+from kvbatch.batch.inputs.answers import load_schema_file
+from kvbatch.batch.inputs.endpoints import EndpointSpec, endpoint_specs
+from kvbatch.batch.inputs.openai_batch import iter_openai_batch, load_index, save_index, scan_openai_batch
+from kvbatch.batch.inputs.requests import InputReport
+from kvbatch.batch.inputs.table import TableInput
+from kvbatch.batch.plan.plan import Plan, least_slot_context
+from kvbatch.batch.plan.plan_record import PlanRecord
+from kvbatch.batch.plan.prepare import Prepared, model_identity, prepare
+from kvbatch.batch.plan.server_plans import EndpointPlan
+from kvbatch.batch.run.execution.executor import Executor, RunOptions
+from kvbatch.batch.run.execution.guard import TruncationGuard
+from kvbatch.batch.run.execution.stats import RunStats
+from kvbatch.batch.run.journal import Fingerprint, InputSource, Journal, completed_ids
+from kvbatch.batch.run.summary import EndpointSummary, Summary
 from kvbatch.batch.runfolder import RunFolder, RunLock, write_json
-from kvbatch.batch.server_plans import EndpointPlan
 from kvbatch.batch.settings import BatchSettings
-from kvbatch.batch.summary import EndpointSummary, Summary
-from kvbatch.batch.table import TableInput
 from kvbatch.errors import KvbatchError, UserInputError
 from kvbatch.serve.backends import backend_class, public_url
 from kvbatch.serve.supervisor import EmbeddedSupervisor, ExternalSupervisor, OllamaSupervisor, Supervisor
@@ -172,7 +172,7 @@ def _supervisors(settings: BatchSettings, prepared: Prepared, folder: RunFolder)
                 )
             )
         elif endpoint.spec.kind == "ray":
-            from kvbatch.batch.ray_pool import ray_supervisors
+            from kvbatch.batch.run.ray_pool import ray_supervisors
 
             supervisors.extend(ray_supervisors(endpoint, settings, prepared.sizes))
         elif endpoint.spec.backend == "ollama":

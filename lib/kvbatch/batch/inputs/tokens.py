@@ -9,7 +9,7 @@ import itertools
 from dataclasses import dataclass
 
 from kvbatch import defaults
-from kvbatch.batch.requests import InputReport
+from kvbatch.batch.inputs.requests import InputReport
 from kvbatch.messages import message_text
 from kvbatch.serve.backends import Backend
 

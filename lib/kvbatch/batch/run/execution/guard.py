@@ -13,7 +13,7 @@ from __future__ import annotations
 import statistics
 
 from kvbatch import defaults
-from kvbatch.batch.requests import BatchRequest
+from kvbatch.batch.inputs.requests import BatchRequest
 from kvbatch.errors import TruncatedPromptError
 from kvbatch.serve.backends import ChatResult
 

@@ -10,12 +10,12 @@ from dataclasses import dataclass
 from typing import Any
 
 from kvbatch import defaults
-from kvbatch.batch.answers import AnswerContracts, ask_again, invalid_answer
-from kvbatch.batch.execution.endpoint import Endpoint, EndpointOut
-from kvbatch.batch.execution.guard import TruncationGuard
-from kvbatch.batch.execution.policy import Action, Decision, FailurePolicy
-from kvbatch.batch.execution.recorder import Recorder
-from kvbatch.batch.requests import BatchRequest
+from kvbatch.batch.inputs.answers import AnswerContracts, ask_again, invalid_answer
+from kvbatch.batch.inputs.requests import BatchRequest
+from kvbatch.batch.run.execution.endpoint import Endpoint, EndpointOut
+from kvbatch.batch.run.execution.guard import TruncationGuard
+from kvbatch.batch.run.execution.policy import Action, Decision, FailurePolicy
+from kvbatch.batch.run.execution.recorder import Recorder
 from kvbatch.errors import KvbatchError, RequestTimeoutError, ServerFaultError, ServerGoneError
 from kvbatch.serve.backends import ChatResult
 from kvbatch.serve.supervisor import backoff_delays

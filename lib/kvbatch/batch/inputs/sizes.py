@@ -9,7 +9,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from kvbatch import defaults
-from kvbatch.batch.requests import InputReport
+from kvbatch.batch.inputs.requests import InputReport
 
 
 @dataclass

@@ -23,11 +23,11 @@ from pathlib import Path
 from typing import Any
 
 from kvbatch import defaults
-from kvbatch.batch.plan import least_slot_context
+from kvbatch.batch.inputs.sizes import SizeProfile
+from kvbatch.batch.plan.plan import least_slot_context
 from kvbatch.batch.settings import BatchSettings
-from kvbatch.batch.sizes import SizeProfile
 from kvbatch.errors import KvbatchError, OutOfMemoryError, ServerGoneError, UserInputError
-from kvbatch.serve.backends import get_backend
+from kvbatch.serve.backends import BackendOptions, get_backend
 from kvbatch.serve.backends.ray_actor import ActorGoneError, RayActorBackend, call_actor
 from kvbatch.serve.layout import SlotLayout
 from kvbatch.serve.supervisor import EmbeddedSupervisor, ExternalSupervisor, Recovery, Supervisor, backoff_delays
@@ -85,12 +85,12 @@ class ServerActor:
     async def _build(self) -> None:
         spec = self.spec
         if spec.upstream_url:
-            backend = get_backend("openai", spec.upstream_url)
+            backend = get_backend("openai", spec.upstream_url, options=spec.settings.backend_options())
             supervisor: Supervisor = ExternalSupervisor(backend, SlotLayout(spec.upstream_slots, 8192))
         else:
-            from kvbatch.batch.endpoints import EndpointSpec
-            from kvbatch.batch.probe import probe_base
-            from kvbatch.batch.server_plans import embedded_plan
+            from kvbatch.batch.inputs.endpoints import EndpointSpec
+            from kvbatch.batch.plan.probe import probe_base
+            from kvbatch.batch.plan.server_plans import embedded_plan
 
             logs = self._logs = Path(tempfile.mkdtemp(prefix="kvbatch-ray-"))
             gpus = _ray().get_gpu_ids()  # the card Ray gave this actor: its plan is for that card
@@ -158,12 +158,12 @@ class RaySupervisor(Supervisor):
     restarts_itself = True
 
     def __init__(self, actor, label: str, *, max_wait_s: float = defaults.MAX_WAIT_S,
-                 request_timeout_s: float = defaults.REQUEST_TIMEOUT_S) -> None:  # fmt: skip
+                 options: BackendOptions | None = None) -> None:  # fmt: skip
         self.actor = actor
         self.label = label
         self.layout = SlotLayout(1, 0)
         self.max_wait_s = max_wait_s
-        self.backend = RayActorBackend(actor, label, request_timeout_s)
+        self.backend = RayActorBackend(actor, label, options)
         self._node: str | None = None
 
     def flags(self) -> dict[str, object]:
@@ -240,7 +240,7 @@ def start_actors(specs: list[ActorSpec], *, on_gpu: bool, label: str = "ray", cp
         strategy = PlacementGroupSchedulingStrategy(group, placement_group_bundle_index=index)
         actor = remote.options(num_cpus=cpus, num_gpus=1 if on_gpu else 0, scheduling_strategy=strategy).remote(spec)
         supervisors.append(RaySupervisor(actor, f"{label}-{index}", max_wait_s=spec.settings.max_wait_s,
-                                         request_timeout_s=spec.settings.request_timeout_s))  # fmt: skip
+                                         options=spec.settings.backend_options()))  # fmt: skip
     return supervisors
 
 

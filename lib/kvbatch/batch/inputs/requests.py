@@ -15,7 +15,7 @@ from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any
 
-from kvbatch.batch.answers import response_format_problem
+from kvbatch.batch.inputs.answers import response_format_problem
 from kvbatch.errors import UserInputError
 from kvbatch.messages import message_text
 

@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from kvbatch.batch.requests import HASH_ALGORITHM, BatchRequest, InputProblem, InputReport, not_utf8
+from kvbatch.batch.inputs.requests import HASH_ALGORITHM, BatchRequest, InputProblem, InputReport, not_utf8
 from kvbatch.errors import UserInputError
 
 

@@ -13,18 +13,18 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
 from kvbatch import defaults
-from kvbatch.batch.execution.endpoint import Endpoint
-from kvbatch.batch.execution.feed import Feed, Quota, Workers
-from kvbatch.batch.execution.guard import TruncationGuard
-from kvbatch.batch.execution.policy import FailurePolicy
-from kvbatch.batch.execution.recorder import Recorder
-from kvbatch.batch.execution.sender import RunStopped, Sender
-from kvbatch.batch.execution.stats import RunStats
-from kvbatch.batch.execution.trials import ConcurrencyTrials
-from kvbatch.batch.journal import Journal
-from kvbatch.batch.monitor import MemoryMonitor
-from kvbatch.batch.progress import Progress
-from kvbatch.batch.requests import BatchRequest
+from kvbatch.batch.inputs.requests import BatchRequest
+from kvbatch.batch.run.execution.endpoint import Endpoint
+from kvbatch.batch.run.execution.feed import Feed, Quota, Workers
+from kvbatch.batch.run.execution.guard import TruncationGuard
+from kvbatch.batch.run.execution.policy import FailurePolicy
+from kvbatch.batch.run.execution.recorder import Recorder
+from kvbatch.batch.run.execution.sender import RunStopped, Sender
+from kvbatch.batch.run.execution.stats import RunStats
+from kvbatch.batch.run.execution.trials import ConcurrencyTrials
+from kvbatch.batch.run.journal import Journal
+from kvbatch.batch.run.monitor import MemoryMonitor
+from kvbatch.batch.run.progress import Progress
 from kvbatch.batch.runfolder import RunFolder
 from kvbatch.errors import ServerGoneError
 from kvbatch.serve.supervisor import Supervisor

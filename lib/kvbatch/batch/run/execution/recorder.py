@@ -9,11 +9,11 @@ from collections.abc import Callable
 from typing import Any
 
 from kvbatch import defaults, jsoncodec
-from kvbatch.batch.answers import AnswerProblem, InvalidAnswerError
-from kvbatch.batch.execution.stats import PrefixStats, RunStats
-from kvbatch.batch.journal import Journal
-from kvbatch.batch.progress import Progress
-from kvbatch.batch.requests import BatchRequest
+from kvbatch.batch.inputs.answers import AnswerProblem, InvalidAnswerError
+from kvbatch.batch.inputs.requests import BatchRequest
+from kvbatch.batch.run.execution.stats import PrefixStats, RunStats
+from kvbatch.batch.run.journal import Journal
+from kvbatch.batch.run.progress import Progress
 from kvbatch.batch.runfolder import RunFolder
 from kvbatch.errors import KvbatchError
 from kvbatch.serve.backends import ChatResult
@@ -132,7 +132,7 @@ class Recorder:
         if cached is not None and prefix_tokens:
             prefix.prefix_tokens += prefix_tokens
             prefix.prefix_cached_tokens += min(cached, prefix_tokens)
-            prefix.misses += cached < prefix_tokens * 0.9
+            prefix.misses += cached < prefix_tokens * defaults.PREFIX_HIT_SHARE
         self._metrics.write(jsoncodec.dumps_line({
             "custom_id": request.custom_id,
             "t_done_unix_s": round(time.time(), 3),

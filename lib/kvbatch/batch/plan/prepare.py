@@ -8,16 +8,15 @@ import dataclasses
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-from kvbatch.batch.endpoints import EndpointSpec
-from kvbatch.batch.plan import Plan
-from kvbatch.batch.probe import BaseReading, model_file, sizes_from_embedded
-from kvbatch.batch.requests import InputReport
-from kvbatch.batch.server_plans import EndpointPlan, embedded_plan, ollama_plan, openai_plan, ray_plan
+from kvbatch.batch.inputs.endpoints import EndpointSpec, backend_for
+from kvbatch.batch.inputs.requests import InputReport
+from kvbatch.batch.inputs.sizes import SizeProfile, size_profile
+from kvbatch.batch.inputs.tokens import Calibration, calibrate
+from kvbatch.batch.plan.plan import Plan
+from kvbatch.batch.plan.probe import BaseReading, model_file, sizes_from_embedded
+from kvbatch.batch.plan.server_plans import EndpointPlan, embedded_plan, ollama_plan, openai_plan, ray_plan
 from kvbatch.batch.settings import BatchSettings
-from kvbatch.batch.sizes import SizeProfile, size_profile
-from kvbatch.batch.tokens import Calibration, calibrate
 from kvbatch.errors import ServerStartError
-from kvbatch.serve.backends import get_backend
 
 
 @dataclass
@@ -50,7 +49,7 @@ async def prepare(settings: BatchSettings, report: InputReport, requests_fn, spe
         calibration, base = await sizes_from_embedded(settings, report, requests_fn, model_path, log_dir,
                                                             base=any(s.kind == "embedded" for s in specs))  # fmt: skip
     elif first.backend == "ollama":
-        async with get_backend("ollama", first.url, model=first.model, api_key=first.api_key()) as ollama:
+        async with backend_for(first, settings.backend_options()) as ollama:
             gguf = await ollama.model_file() if first.model else None
         calibration = None
         if gguf:
@@ -63,7 +62,7 @@ async def prepare(settings: BatchSettings, report: InputReport, requests_fn, spe
         if calibration is None:
             calibration = await calibrate(None, report, requests_fn)
     else:
-        async with get_backend(first.backend, first.url, model=first.model, api_key=first.api_key()) as backend:
+        async with backend_for(first, settings.backend_options()) as backend:
             calibration = await calibrate(backend, report, requests_fn)
     system_tokens = max(calibration.prefix_tokens.values(), default=0)
     sizes = size_profile(report, system_tokens, calibration.chars_per_token, calibration.source,

@@ -7,8 +7,8 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
 from kvbatch import defaults
-from kvbatch.batch.execution.feed import Feed
-from kvbatch.batch.execution.recorder import Recorder
+from kvbatch.batch.run.execution.feed import Feed
+from kvbatch.batch.run.execution.recorder import Recorder
 
 Phase = Callable[[int, int | None], Awaitable[tuple[int, float]]]
 """Run up to `limit` requests with `in_flight` workers; return (requests done once warm, seconds since warm)."""
@@ -18,8 +18,7 @@ Phase = Callable[[int, int | None], Awaitable[tuple[int, float]]]
 class ConcurrencyTrials:
     ladder: tuple[int, ...] = defaults.CONCURRENCY_LADDER
     requests_per_slot: int = defaults.TRIAL_REQUESTS_PER_SLOT
-    improvement: float = 1.05
-    """A count must beat the best so far by 5 % to be kept: on 2 CPU cores the trials stop after trying 2."""
+    improvement: float = defaults.CONCURRENCY_IMPROVEMENT
 
     async def choose(self, phase: Phase, feed: Feed, *, slots: int, total: int | None, recorder: Recorder) -> int:
         """Climb the ladder four steps at a time (1, 4, 16, 64, 256, and the plan's own slot count) while the rate

@@ -18,11 +18,11 @@ from __future__ import annotations
 import os
 import re
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from kvbatch.errors import UserInputError
-from kvbatch.serve.backends import known_backends
+from kvbatch.serve.backends import Backend, BackendOptions, get_backend, known_backends
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -48,6 +48,13 @@ class EndpointSpec:
 
     def api_key(self) -> str | None:
         return os.environ.get(self.api_key_env) if self.api_key_env else None
+
+
+def backend_for(spec: EndpointSpec, options: BackendOptions, **extras: object) -> Backend:
+    """The backend that reaches an external server the run uses: its kind, URL and model, the run's options with
+    this server's own key (from its `api_key_env`, else the options' or KVBATCH_API_KEY), and a backend's extras."""
+    key = spec.api_key() or options.api_key
+    return get_backend(spec.backend, spec.url or "", model=spec.model, options=replace(options, api_key=key), **extras)
 
 
 def _line_of(text: str, key: str, occurrence: int) -> int:

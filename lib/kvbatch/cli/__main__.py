@@ -1,0 +1,7 @@
+"""`python -m kvbatch.cli`."""
+
+import sys
+
+from kvbatch.cli import main
+
+sys.exit(main())

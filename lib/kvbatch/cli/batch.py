@@ -1,0 +1,87 @@
+"""The batch commands: `kvbatch run` (and its report), `plan`, `sample`, `report` and `export`."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from kvbatch.batch.inputs.sample import write_sample
+from kvbatch.batch.run.runner import plan_only, run_batch
+from kvbatch.batch.runfolder import RunFolder
+from kvbatch.cli.settings import settings_from_args
+from kvbatch.errors import EXIT_DONE, EXIT_INTERRUPTED, EXIT_SOME_FAILED, KvbatchError, UserInputError, exit_code
+from kvbatch.report.render import newest_run, render_run_report
+from kvbatch.report.results import EXPORT_FORMATS, export_results
+from kvbatch.serve.backends import public_url
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    settings = settings_from_args(args)
+    try:
+        outcome = run_batch(settings)
+    except KeyboardInterrupt:  # summary.json is written for what was done; the report too
+        print("stopped (Ctrl-C). Every finished request is saved; run the same command to resume.", file=sys.stderr)
+        if settings.folder.summary.exists() and not args.no_report:
+            _report(settings.folder.path)
+        return EXIT_INTERRUPTED
+    print(outcome.message)
+    if outcome.plan is None and outcome.summary is None:
+        return EXIT_DONE
+    if not args.no_report:
+        _report(outcome.folder.path)
+    if outcome.stopped is not None:
+        print(f"kvbatch run: stopped: {outcome.stopped}", file=sys.stderr)
+        return exit_code(outcome.stopped)
+    return EXIT_SOME_FAILED if outcome.summary and outcome.summary.failed_total else EXIT_DONE
+
+
+def _report(run_dir: Path) -> None:
+    try:
+        print(f"report: {render_run_report(run_dir)}")
+    except KvbatchError as exc:  # the run's results stand: say why there is no report, and how to make it
+        print(f"no report ({exc}); make it later with `kvbatch report --run {run_dir}`")
+
+
+def cmd_plan(args: argparse.Namespace) -> int:
+    quiet = args.json
+    prepared = plan_only(settings_from_args(args), say=(lambda *_: None) if quiet else print)
+    if quiet:
+        records = [endpoint.plan.record().model_dump() for endpoint in prepared.plans]
+        print(json.dumps({**records[0], "endpoints": records} if len(records) > 1 else records[0], indent=2))
+        return 0
+    for index, endpoint in enumerate(prepared.plans):
+        if len(prepared.plans) > 1:
+            print(f"[endpoint {index}: {public_url(endpoint.spec.url) or endpoint.spec.kind}]")
+        print(endpoint.plan.describe())
+    print(f"planned {prepared.plan.request_count} requests; nothing was run")
+    return 0
+
+
+def cmd_sample(args: argparse.Namespace) -> int:
+    path = write_sample(Path(args.out), args.n, seed=args.seed, max_tokens=args.max_tokens,
+                        json_answer=args.json)  # fmt: skip
+    print(f"wrote {args.n} requests to {path}")
+    return 0
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    folder = RunFolder.named(args.run) if args.run else RunFolder(newest_run())
+    if not folder.is_run():
+        raise UserInputError(f"{folder.path} is not a run folder (no run.json); run `make batch` first")
+    print(f"report: {render_run_report(folder.path)}")
+    return 0
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    folder = RunFolder.named(args.run)
+    if not folder.is_run():
+        raise UserInputError(f"{folder.path} is not a run folder (no run.json)")
+    out = Path(args.out)
+    fmt = args.format or out.suffix.lstrip(".").lower()
+    if fmt not in EXPORT_FORMATS:
+        raise UserInputError(f"--out {out}: say --format ({', '.join(EXPORT_FORMATS)}); the suffix does not tell")
+    rows = export_results(folder.path, out, fmt)
+    print(f"{rows} rows ({fmt}): {out}")
+    return 0

@@ -104,3 +104,14 @@ def test_a_fill_no_size_of_which_is_taken_is_recorded_and_the_measurement_goes_o
     assert [(n.context_tokens, n.what) for n in measurement.not_measured] == [(2048, "could not fill")]
     assert "refused even a one-word fill" in measurement.not_measured[0].reason
     assert "could not fill" in (tmp_path / "reports" / "kv_growth-gemma3-270m.html").read_text()
+
+
+def test_a_sustained_load_at_a_layout_ollama_splits_with_the_cpu_does_not_pass():
+    """However low the memory figure stayed, a layout with part of the model on the CPU (0 < size_vram / size < 1)
+    does not fit: the sustained load fails with that reason; all on the card, or a CPU machine (no card), it stands."""
+    from kvbatch.measure.sustained import SustainedResult, judge_fit
+
+    passed = SustainedResult(60.0, 8, [], 4, 10.0, [8], [], 500 * 2**20, 0.0, None, True)
+    split = judge_fit(passed, 0.87)
+    assert not split.passed and "does not fit: Ollama put 87% of the model on the GPU" in split.reasons[-1]
+    assert judge_fit(passed, 1.0).passed and judge_fit(passed, 0.0).passed and judge_fit(passed, None).passed

@@ -34,7 +34,7 @@ def assert_solo_turns_tell_why(run, poison_id: str) -> None:
         solos["outcome"] == "failed for good"]["server_generation"].tolist()  # fmt: skip
     assert len(crashed) == len(set(crashed)), "a crash was charged to more than one solo request"
     table = solo_turns(events, load_errors(run)).set_index("custom_id")
-    assert table.loc[poison_id, "verdict"] == "failed for good"
+    assert table.loc[poison_id, "verdict"] == "failed for good: it takes the server down"
     assert "went down while it ran alone" in table.loc[poison_id, "what each showed"]
     others = table.drop(index=poison_id)
     assert (others["verdict"] == "cleared: served alone").all(), others.to_dict("records")

@@ -39,7 +39,7 @@ from kvbatch.batch.settings import BatchSettings
 from kvbatch.measure import steps
 from kvbatch.measure.kvmodel import KvCacheTypes
 from kvbatch.measure.result import model_identity
-from kvbatch.measure.sustained import sustained_load
+from kvbatch.measure.sustained import judge_fit, sustained_load
 from kvbatch.report.display import integer_axis, size
 from kvbatch.serve.backends import BackendOptions, get_backend
 from kvbatch.serve.config import ServerConfig
@@ -78,8 +78,11 @@ async def measure_at(backend_obj, probe):
 if backend == "ollama":
     async def go():
         async with get_backend("ollama", url, model=model, layout=layout) as ollama:
-            return await measure_at(ollama, OllamaPsProbe(ollama, field="size_vram" if plan.budget and plan.budget.on_gpu
-                                                                   else "size"))
+            result = await measure_at(ollama, OllamaPsProbe(ollama, field="size_vram" if plan.budget and plan.budget.on_gpu
+                                                                     else "size"))
+            loaded = await ollama.loaded()  # a layout split between the card and the CPU does not fit
+            share = loaded.vram_bytes / loaded.size_bytes if loaded and loaded.size_bytes else None
+            return judge_fit(result, share)
     outcome = run_sync(go())
     flags = {"url": url, "model": model}
 else:

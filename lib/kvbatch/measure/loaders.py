@@ -227,8 +227,10 @@ class OllamaLoader(Loader):
         self.loop.call(self.backend.fill(1, context_tokens=context_tokens, max_tokens=1))
         loaded = _OllamaLoaded(self, context_tokens, time.perf_counter() - started)
         point = loaded.memory()
-        # Some layers on a GPU and some not (0 < size_vram < size): the context did not fit the card, local or remote.
-        if point.offloaded_share is not None and 0 < point.offloaded_share < 1.0:
+        # Some layers on a GPU and some not (0 < size_vram < size): the context did not fit the card, local or remote;
+        # on a GPU budget none on the card (size_vram 0) did not fit either.
+        share = point.offloaded_share
+        if share is not None and (0 < share < 1.0 or (self.on_gpu and share == 0)):
             raise TooBigError(
                 f"Ollama put {point.offloaded_share:.0%} of the model on the GPU at num_ctx {context_tokens} "
                 "(size_vram < size): the rest runs on the CPU"

@@ -199,6 +199,16 @@ async def sustained_load(
     return judge_against_plan(outcome, planned_bytes) if planned_bytes else outcome
 
 
+def judge_fit(outcome: SustainedResult, on_gpu_share: float | None) -> SustainedResult:
+    """The outcome with where the model was as a bound: a layout Ollama split between the card and the CPU
+    (0 < size_vram / size < 1) does not fit, whatever memory figure stayed under the budget."""
+    if on_gpu_share is None or not 0 < on_gpu_share < 1:
+        return outcome
+    reason = (f"does not fit: Ollama put {on_gpu_share:.0%} of the model on the GPU at this layout (size_vram < size), "
+              "the rest on the CPU")  # fmt: skip
+    return dataclasses.replace(outcome, passed=False, reasons=[*outcome.reasons, reason])
+
+
 def judge_against_plan(outcome: SustainedResult, planned_bytes: float) -> SustainedResult:
     """The outcome with the plan's memory as a bound: a peak above it fails the load (the plan did not price
     something the server takes while serving)."""

@@ -197,7 +197,7 @@ def solo_turns(events: pd.DataFrame, errors: pd.DataFrame) -> pd.DataFrame:
         return pd.DataFrame(columns=SOLO_COLUMNS)
     failures = events[(events["event"] == "failure") & (events.get("action") == "retry alone")]
     solos = events[events["event"] == "solo_attempt"]
-    failed = set(errors["custom_id"]) if not errors.empty else set()
+    failed = dict(zip(errors["custom_id"], errors["code"], strict=True)) if not errors.empty else {}
     rows = []
     for custom_id in dict.fromkeys([*failures["custom_id"], *solos["custom_id"]]):
         made = failures[failures["custom_id"] == custom_id]
@@ -211,8 +211,9 @@ def solo_turns(events: pd.DataFrame, errors: pd.DataFrame) -> pd.DataFrame:
             "crashes in flight": int(crashes) if crashes is not None and pd.notna(crashes) else None,
             "solo attempts": len(turns),
             "what each showed": "; ".join(f"{i}. {text}" for i, text in enumerate(shown, 1)),
-            "verdict": "failed for good" if custom_id in failed else "cleared: served alone" if "served" in set(
-                turns["outcome"]) else "not finished",
+            "verdict": ("failed for good: it takes the server down" if "failed for good" in set(turns["outcome"])
+                        else "failed for good: " + str(failed[custom_id]) if custom_id in failed
+                        else "cleared: served alone" if "served" in set(turns["outcome"]) else "not finished"),
         })  # fmt: skip
     return pd.DataFrame(rows, columns=SOLO_COLUMNS)
 

@@ -49,6 +49,11 @@ class PlanInputs:
     """(slots, per-slot context, requests/s) measured by a sustained load: the estimate for that same layout."""
     seconds_per_prompt_token: float | None = None
     seconds_per_answer_token: float | None = None
+    speeds_source: str = "measured token speeds"
+    """Where the token speeds came from: the measurement, or the probe server's one timed request."""
+    slots_speed_up: bool = True
+    """Whether parallel slots serve faster than one (a GPU batches them); False on a CPU, whose cores the slots
+    share: the estimate then does not divide by the slots."""
     limits_source: str = ""
     measurement_file: str | None = None
     measurement_reason: str | None = None
@@ -385,7 +390,10 @@ def _estimate(sizes: SizeProfile, inputs: PlanInputs, mode: str, slots: int) -> 
     if inputs.seconds_per_prompt_token and inputs.seconds_per_answer_token:
         per_request = (sizes.user_tokens_p50 * inputs.seconds_per_prompt_token
                        + sizes.max_tokens_mean * inputs.seconds_per_answer_token)  # fmt: skip
-        estimate = n * per_request / (slots if mode == "independent" else 1)
+        parallel = slots if mode == "independent" and inputs.slots_speed_up else 1
+        estimate = n * per_request / parallel
         estimate += sizes.system_prompt_tokens * inputs.seconds_per_prompt_token * sizes.prefix_count * slots
-        return estimate, "measured token speeds, rough; re-made from the run's own rate"
+        shared = "" if inputs.slots_speed_up else ", the slots sharing the CPU's cores"
+        return estimate, (f"{inputs.speeds_source}{shared}: rough (answers taken at max_tokens), re-made from the "
+                          "run's own rate")
     return None, "no speeds measured; the run estimates from its own rate"

@@ -12,6 +12,7 @@ from kvbatch.batch.inputs.requests import InputReport
 from kvbatch.batch.inputs.tokens import Calibration, calibrate
 from kvbatch.batch.plan.memory import ServingMemory
 from kvbatch.batch.settings import BatchSettings
+from kvbatch.errors import KvbatchError
 from kvbatch.serve.backends import BackendOptions, get_backend
 from kvbatch.serve.config import build_has_gpu
 from kvbatch.serve.probes import probe_for_server
@@ -24,6 +25,9 @@ class BaseReading:
 
     base_bytes: float
     serving: ServingMemory
+    prompt_tokens_per_s: float | None = None
+    """The probe's own speeds on one timed request at 1 slot: the estimate of a plan made without a measurement."""
+    answer_tokens_per_s: float | None = None
 
 
 def model_file(settings: BatchSettings) -> Path:
@@ -55,7 +59,15 @@ async def sizes_from_embedded(
     async with _probe_server(settings, model_path, log_dir) as server:
         async with get_backend("openai", server.url, options=BackendOptions(api_key=server.api_key)) as backend:
             calibration = await calibrate(backend, report, requests_fn)
-        return calibration, await asyncio.to_thread(_read_base, server) if base else None
+            if not base:
+                return calibration, None
+            reading = await asyncio.to_thread(_read_base, server)  # before the timed request touches any buffer
+            try:
+                prompt_speed, answer_speed = await backend.speeds(defaults.PROBE_SPEED_PROMPT_TOKENS,
+                                                                  defaults.PROBE_SPEED_ANSWER_TOKENS)  # fmt: skip
+            except KvbatchError:  # no speeds: the plan says so, and the run estimates from its own rate
+                return calibration, reading
+        return calibration, replace(reading, prompt_tokens_per_s=prompt_speed, answer_tokens_per_s=answer_speed)
 
 
 def probe_base(settings: BatchSettings, log_dir: Path) -> BaseReading:

@@ -57,8 +57,14 @@ def _load_measurement(path: Path) -> tuple[Measurement | None, str | None, str |
 
 
 def _inputs(settings: BatchSettings, memory: MemoryModel | None, budget: Budget | None,
-            measurement: Measurement | None, path: str | None, reason: str | None, **extra) -> PlanInputs:  # fmt: skip
-    speeds = {}
+            measurement: Measurement | None, path: str | None, reason: str | None, *,
+            probed: BaseReading | None = None, **extra) -> PlanInputs:  # fmt: skip
+    speeds: dict = {}
+    if probed is not None and probed.prompt_tokens_per_s and probed.answer_tokens_per_s:  # a measurement's win
+        speeds["seconds_per_prompt_token"] = 1 / probed.prompt_tokens_per_s
+        speeds["seconds_per_answer_token"] = 1 / probed.answer_tokens_per_s
+        speeds["speeds_source"] = (f"the probe server's own speeds at 1 slot (prompt {probed.prompt_tokens_per_s:.0f} "
+                                   f"tokens/s, answers {probed.answer_tokens_per_s:.1f} tokens/s)")  # fmt: skip
     if measurement is not None:
         sustained = measurement.sustained
         if sustained and sustained.passed and sustained.requests_per_s:
@@ -66,6 +72,7 @@ def _inputs(settings: BatchSettings, memory: MemoryModel | None, budget: Budget 
         if measurement.prompt_tokens_per_s and measurement.answer_tokens_per_s:
             speeds["seconds_per_prompt_token"] = 1 / measurement.prompt_tokens_per_s
             speeds["seconds_per_answer_token"] = 1 / measurement.answer_tokens_per_s
+            speeds["speeds_source"] = "measured token speeds"
     measured_budget = None
     if measurement and measurement.budget and budget and measurement.budget_bytes != budget.bytes:
         measured_budget = measurement.budget
@@ -107,7 +114,7 @@ async def embedded_plan(settings: BatchSettings, sizes: SizeProfile, spec: Endpo
     else:
         memory = MemoryModel(arch, base.base_bytes if base else 0.0, types,
                              source="predicted from the GGUF, base from a quick probe", **options)  # fmt: skip
-    inputs = _inputs(settings, memory, budget, measurement, shown, reason,
+    inputs = _inputs(settings, memory, budget, measurement, shown, reason, probed=base, slots_speed_up=on_gpu,
                      kv_types=tuple(replace(t, swa_full=settings.server.swa_full) for t in candidates),
                      limits_source=memory.source)  # fmt: skip
     plan = _plan(settings, sizes, inputs)

@@ -137,15 +137,28 @@ class OpenAICompatBackend(HttpBackend):
                     limits.server_kind = "vLLM-compatible"
         return limits
 
-    async def fill(self, tokens: int, *, context_tokens: int, max_tokens: int = 4) -> int:
-        """llama-server's /completion takes token ids, so the prompt length is exact."""
+    async def _complete(self, tokens: int, max_tokens: int, *, all_of_them: bool = False) -> dict[str, Any]:
+        """llama-server's /completion on a prompt of exactly `tokens` token ids (one word repeated), uncached;
+        `all_of_them`: generate `max_tokens` even past an end-of-text token."""
         word = await self.tokenize(" hello")
         if not word:
             raise KvbatchError(f"{self.base_url} cannot tokenize, so a fill request of exact length cannot be made")
-        reply = await self.http.request(
-            "POST",
-            "/completion",
-            {"prompt": [word[-1]] * max(tokens, 1), "n_predict": max_tokens, "cache_prompt": False},
-            timeout_s=900,
-        )
+        body = {"prompt": [word[-1]] * max(tokens, 1), "n_predict": max_tokens, "cache_prompt": False}
+        if all_of_them:
+            body["ignore_eos"] = True
+        return await self.http.request("POST", "/completion", body, timeout_s=900)
+
+    async def fill(self, tokens: int, *, context_tokens: int, max_tokens: int = 4) -> int:
+        """llama-server's /completion takes token ids, so the prompt length is exact."""
+        reply = await self._complete(tokens, max_tokens)
         return int((reply.get("timings") or {}).get("prompt_n") or reply.get("tokens_evaluated") or 0)
+
+    async def speeds(self, prompt_tokens: int, answer_tokens: int) -> tuple[float | None, float | None]:
+        """The server's own prompt and generation speeds (tokens/s) on one request of these sizes, from its timings:
+        what a plan without a measurement estimates its time from."""
+        timings = (await self._complete(prompt_tokens, answer_tokens, all_of_them=True)).get("timings") or {}
+        return _positive_float(timings.get("prompt_per_second")), _positive_float(timings.get("predicted_per_second"))
+
+
+def _positive_float(value: Any) -> float | None:
+    return float(value) if isinstance(value, (int, float)) and value > 0 else None

@@ -205,8 +205,8 @@ class Endpoint:
         """One tiny chat request of our own: does the server serve others? (Whose fault a failure was.) It takes a
         place at the gate like any request, so it never runs beside a suspect's solo turn."""
         try:
-            async with self.gate.slot() as leased:
-                await self.backend.chat(dict(defaults.PROBE_BODY), slot=leased)
+            async with self.gate.slot():  # a place, not a slot id: the server may have come back with fewer
+                await self.backend.chat(dict(defaults.PROBE_BODY))
         except KvbatchError as exc:
             self.last_probe_error = exc
             return False

@@ -16,7 +16,13 @@ from kvbatch.batch.run.execution.endpoint import Endpoint, EndpointOut
 from kvbatch.batch.run.execution.guard import TruncationGuard
 from kvbatch.batch.run.execution.policy import Action, Decision, FailurePolicy
 from kvbatch.batch.run.execution.recorder import Recorder
-from kvbatch.errors import KvbatchError, RequestTimeoutError, ServerFaultError, ServerGoneError
+from kvbatch.errors import (
+    KvbatchError,
+    RequestTimeoutError,
+    ServerFaultError,
+    ServerGoneError,
+    ServerUnreachableError,
+)
 from kvbatch.serve.backends import ChatResult
 from kvbatch.serve.supervisor import backoff_delays
 
@@ -114,6 +120,8 @@ class Sender:
                     continue  # the server is held, recovered or taken out since this request waited for the gate
                 sent_mark = policy.success_mark(endpoint.label)
                 try:
+                    if alone and not await endpoint.backend.health():  # down already: a solo turn proves nothing
+                        raise ServerUnreachableError(f"{endpoint.label} was down before a solo turn was sent")
                     result = await endpoint.backend.chat(body, slot=leased)  # the backend holds --request-timeout
                 except KvbatchError as exc:
                     error = exc

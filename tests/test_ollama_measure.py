@@ -115,3 +115,17 @@ def test_a_sustained_load_at_a_layout_ollama_splits_with_the_cpu_does_not_pass()
     split = judge_fit(passed, 0.87)
     assert not split.passed and "does not fit: Ollama put 87% of the model on the GPU" in split.reasons[-1]
     assert judge_fit(passed, 1.0).passed and judge_fit(passed, 0.0).passed and judge_fit(passed, None).passed
+
+
+def test_a_floor_that_does_not_fit_the_card_is_a_result_and_the_search_finishes(tmp_path):
+    """A card smaller than the model at the search's floor: the floor is recorded as "does not fit" (spilled to the
+    CPU), the search finds nothing, and the notebook finishes saying so."""
+    with RunningEmulator(OllamaEmulator(card_bytes=200 * 2**20)) as running:
+        measured = kvbatch("measure", "--backend", "ollama", "--url", running.url, "--model", MODEL, "--parallel", "1",
+                           "--kv-type", "f16", "--only", "safe_context", "--budget", "8GiB", cwd=tmp_path)  # fmt: skip
+    assert measured.returncode == 0, measured.stdout + measured.stderr
+    measurement = load_measurement(tmp_path / MEASUREMENT)
+    assert measurement.largest_context_tokens is None and measurement.safe_context_tokens is None
+    assert [(s.context_tokens, s.fits) for s in measurement.search_steps] == [(1024, False)]
+    assert "size_vram < size" in measurement.search_steps[0].reason
+    assert "not even the floor" in (tmp_path / "reports" / "safe_context-gemma3-270m.html").read_text()

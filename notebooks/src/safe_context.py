@@ -51,11 +51,13 @@ try:
 finally:
     loader.close()
 result = search["result"]
+found = (f"the largest context that loaded and served a full request is **{result.max_context_tokens} tokens**; "
+         f"with a {safety_margin:.0%} margin the safe context is **{result.safe_context_tokens} tokens**"
+         if result.max_context_tokens else f"**not even the floor, {floor_tokens} tokens, fits**: "
+         f"{result.steps[0].reason if result.steps else 'no load was made'}")
 display(Markdown(
-    f"Budget **{search['budget'].text}** ({search['enforced_by']}): the largest context that loaded and served a "
-    f"full request is **{result.max_context_tokens} tokens**; with a {safety_margin:.0%} margin the safe context is "
-    f"**{result.safe_context_tokens} tokens**. It took **{result.loads} loads** (bound: "
-    f"{max_loads(floor_tokens, search['ceiling'], step_tokens)})."
+    f"Budget **{search['budget'].text}** ({search['enforced_by']}): {found}. It took **{result.loads} loads** "
+    f"(bound: {max_loads(floor_tokens, search['ceiling'], step_tokens)})."
     + ("\n\n*The budget is the 2-core demo: the plan of a run never takes it as yours.*"
        if search["budget"].is_demo else "")
     + f"\n\n**Server**: {search['measurement'].build.get('build', 'Ollama at ' + str(url))}; flags: "

@@ -13,7 +13,7 @@ import pandas as pd
 
 from kvbatch import defaults
 from kvbatch.aio import run_sync
-from kvbatch.errors import FillError
+from kvbatch.errors import FillError, KvbatchError
 from kvbatch.measure.budget import Budget, resolve_budget
 from kvbatch.measure.experiments import (
     LinearFit,
@@ -21,6 +21,7 @@ from kvbatch.measure.experiments import (
     SearchStep,
     findings,
     fit_line,
+    not_measured_reason,
     repeat_spread,
     search_safe_context,
     sweep_allocated,
@@ -202,6 +203,13 @@ def kv_growth(
     }
 
 
+def _learned_fill(loader: Loader, saved: Measurement | None) -> dict[str, Any]:
+    """Ollama: the tokens per word this notebook's fills learned, kept for the next (the other flags stay)."""
+    if loader.name != "ollama":
+        return {}
+    return {"server_flags": {**(saved.server_flags if saved else {}), **loader.flags()}}
+
+
 def _what(reason: str) -> str:
     return "could not fill" if reason.startswith("could not fill") else "does not fit"
 
@@ -248,7 +256,11 @@ def safe_context(
 ) -> dict[str, Any]:
     """Search the largest context that loads and serves under the budget. The guiding line has the slope fitted in
     sweep A (of address space on a CPU, where the cap is) through the served floor point."""
-    anchor_probe, anchor_bytes = serving_anchor(loader, floor_tokens, fill_fraction)
+    anchor_bytes: int | None = None
+    try:
+        anchor_probe, anchor_bytes = serving_anchor(loader, floor_tokens, fill_fraction)
+    except KvbatchError as exc:  # not even the floor fits: a result (the search below then finds nothing)
+        anchor_probe = SearchStep(floor_tokens, False, not_measured_reason(exc, floor_tokens), 0.0)
     resolved: Budget = resolve_budget(budget, on_gpu=loader.on_gpu, anchor_bytes=anchor_bytes,
                                       anchor_what=f"the model serving at {floor_tokens} tokens")  # fmt: skip
     saved: Measurement | None = load_measurement(out) if out.exists() else None
@@ -256,7 +268,9 @@ def safe_context(
     if saved is not None:
         slope = saved.kv_bytes_per_token if loader.on_gpu else saved.address_space_bytes_per_token
         slope = slope or saved.kv_bytes_per_token
-    guide = LinearFit(slope, anchor_bytes - slope * floor_tokens, 0.0, (slope, slope), 0) if slope else None
+    guide = None
+    if slope and anchor_bytes is not None:
+        guide = LinearFit(slope, anchor_bytes - slope * floor_tokens, 0.0, (slope, slope), 0)
     ceiling = ceiling_tokens or arch.context_length_trained or 131072
     enforce_by_os = not loader.on_gpu and backend == "embedded"
     search = search_safe_context(
@@ -288,6 +302,7 @@ def safe_context(
         safety_margin=margin,
         search_steps=[SearchStepRecord(**asdict(p)) for p in search.steps],
         enforced_by=enforced_by,
+        **_learned_fill(loader, saved),
     )
     steps = pd.DataFrame([asdict(p) for p in search.steps])
     return {"result": search, "steps": steps, "budget": resolved, "enforced_by": enforced_by,

@@ -160,6 +160,11 @@ class Endpoint:
         if self.generation == generation_seen and not self.out:
             self.ready.clear()
 
+    def release_hold(self, generation_seen: int) -> None:
+        """Lift a `hold` that no recovery will (the failure was decided otherwise); one under way lifts its own."""
+        if self.generation == generation_seen and not self.out and not self._lock.locked():
+            self.ready.set()
+
     def accepts(self, generation_seen: int) -> bool:
         """Whether an attempt that waited for the gate may go: same server generation, not held, not out."""
         return self.generation == generation_seen and self.ready.is_set() and not self.out

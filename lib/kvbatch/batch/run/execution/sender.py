@@ -162,6 +162,8 @@ class Sender:
             answered = alone_at_the_tail and await endpoint.probe_chat()
             decision = policy.decide(endpoint.label, request.custom_id, error, sent_mark=sent_mark,
                                      probe_answered=answered)  # fmt: skip
+            if decision.action is not Action.RECOVER and policy.may_be_down(error):
+                endpoint.release_hold(generation)  # no recovery will look: the hold must not outlive this attempt
             if decision.action is Action.RECOVER:
                 started_wait = time.perf_counter()
                 recovery = await endpoint.recover(error, generation)  # whichever worker saw the failure first

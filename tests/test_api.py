@@ -193,6 +193,11 @@ def test_a_bad_line_fails_the_batch_with_every_bad_line_listed_and_pages_list_in
         assert [b.id for b in first.data] == newest_first[:2] and first.has_more
         seen = [b.id for b in client.batches.list(limit=2)]  # the SDK follows `after` page by page
         assert seen == newest_first
+        uploads = [file_id, *(client.files.create(file=bad.open("rb"), purpose="batch").id for _ in range(3))]
+        files = client.files.list(limit=3)  # the Files API pages the same way, newest first or in `order`
+        assert [f.id for f in files.data] == uploads[::-1][:3] and files.has_more
+        assert [f.id for f in client.files.list(limit=3)] == uploads[::-1]
+        assert [f.id for f in client.files.list(limit=1, order="asc")] == uploads
         with pytest.raises(openai.BadRequestError) as refused:
             client.batches.create(input_file_id=file_id, endpoint="/v1/embeddings", completion_window="24h")
         assert refused.value.body["param"] == "endpoint"

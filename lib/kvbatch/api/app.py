@@ -109,8 +109,22 @@ async def _stream_to_disk(part, path: Path) -> tuple[str, int]:
 
 
 async def list_files(request: web.Request) -> web.Response:
-    files = await asyncio.to_thread(_store(request).files, request.query.get("purpose"))
-    return web.json_response(_page(files, False))
+    """OpenAI's `GET /v1/files`: `purpose`, `limit` (1-10,000, default 10,000), `order` (desc, asc), `after`."""
+    limit = _limit(request, default=10_000, most=10_000)
+    order = request.query.get("order", "desc")
+    if order not in ("asc", "desc"):
+        raise ApiError(400, "order must be asc or desc.", param="order")
+    page, more = await asyncio.to_thread(_store(request).files, request.query.get("purpose"), limit=limit,
+                                         after=request.query.get("after"), order=order)  # fmt: skip
+    return web.json_response(_page(page, more))
+
+
+def _limit(request: web.Request, *, default: int, most: int) -> int:
+    try:
+        limit = int(request.query.get("limit", str(default)))
+    except ValueError as exc:
+        raise ApiError(400, f"limit must be a whole number from 1 to {most}.", param="limit") from exc
+    return min(max(limit, 1), most)
 
 
 async def _file_or_404(request: web.Request):
@@ -173,10 +187,7 @@ async def create_batch(request: web.Request) -> web.Response:
 
 
 async def list_batches(request: web.Request) -> web.Response:
-    try:
-        limit = min(max(int(request.query.get("limit", "20")), 1), 100)
-    except ValueError as exc:
-        raise ApiError(400, "limit must be a whole number from 1 to 100.", param="limit") from exc
+    limit = _limit(request, default=20, most=100)
     page, more = await asyncio.to_thread(_store(request).batches, limit=limit, after=request.query.get("after"))
     return web.json_response(_page(page, more))
 

@@ -85,14 +85,25 @@ class Store:
             return None
         return FileObject(id=row[0], filename=row[1], purpose=row[2], bytes=row[3], created_at=row[4]), Path(row[5])
 
-    def files(self, purpose: str | None = None) -> list[FileObject]:
-        query = "SELECT id, filename, purpose, bytes, created_at FROM files"
-        args: tuple = ()
+    def files(self, purpose: str | None = None, *, limit: int = 10_000, after: str | None = None,
+              order: str = "desc") -> tuple[list[FileObject], bool]:  # fmt: skip
+        """A page of files as OpenAI's list does: newest first (`order="asc"`: oldest), `after` the id of the last
+        file of the previous page, at most `limit`. Returns (page, has_more)."""
+        newest_first = order != "asc"
+        where, args = [], []
         if purpose:
-            query, args = query + " WHERE purpose = ?", (purpose,)
+            where, args = ["purpose = ?"], [purpose]
         with self._lock:
-            rows = self._db.execute(query + " ORDER BY seq DESC", args).fetchall()
-        return [FileObject(id=r[0], filename=r[1], purpose=r[2], bytes=r[3], created_at=r[4]) for r in rows]
+            if after:
+                row = self._db.execute("SELECT seq FROM files WHERE id = ?", (after,)).fetchone()
+                where.append("seq < ?" if newest_first else "seq > ?")
+                args.append(row[0] if row else (0 if newest_first else -1))
+            query = "SELECT id, filename, purpose, bytes, created_at FROM files"
+            query += (" WHERE " + " AND ".join(where) if where else "") + (" ORDER BY seq DESC" if newest_first
+                                                                         else " ORDER BY seq ASC")  # fmt: skip
+            rows = self._db.execute(query + " LIMIT ?", (*args, limit + 1)).fetchall()
+        page = [FileObject(id=r[0], filename=r[1], purpose=r[2], bytes=r[3], created_at=r[4]) for r in rows]
+        return page[:limit], len(page) > limit
 
     def delete_file(self, file_id: str) -> bool:
         with self._lock:

@@ -35,16 +35,22 @@ class QuickServer(OpenAIDouble):
         self.delay_s = delay_s
         self.asked = 0
         self.hooks: list[tuple[dict, bytes]] = []
+        self.team_hooks: list[dict] = []
 
     model = "quick"
 
     def make_app(self) -> web.Application:
         app = super().make_app()
         app.router.add_post("/hook", self.hook)
+        app.router.add_post("/team/hook", self.team_hook)
         return app
 
     async def hook(self, request: web.Request) -> web.Response:
         self.hooks.append((dict(request.headers), await request.read()))
+        return web.json_response({})
+
+    async def team_hook(self, request: web.Request) -> web.Response:
+        self.team_hooks.append(json.loads(await request.read()))
         return web.json_response({})
 
     async def chat(self, request: web.Request) -> web.Response:
@@ -288,3 +294,24 @@ def test_a_batch_that_can_never_run_fails_and_the_queue_goes_on_and_its_input_ca
         failed = client.batches.retrieve(first.id)
     assert failed.status == "failed" and failed.errors.data[0].code == "AuthError", failed
     assert done.request_counts.completed == 4
+
+
+def test_a_batchs_own_receiver_is_called_only_where_the_operator_allows_it(tmp_path):
+    """`metadata.webhook_url` is not OpenAI's: a service several clients reach calls only receivers its operator
+    configured. One batch names a receiver under the allowed prefix (called), one names another (never called)."""
+    batch_file = small_batch(tmp_path / "in.jsonl", 2)
+    with QuickServer() as server:
+        _, url = _api(tmp_path, "--url", server.url, "--batch-webhook-prefix", f"{server.url}/team/")
+        client = _client(url)
+        file_id = client.files.create(file=batch_file.open("rb"), purpose="batch").id
+        refused = client.batches.create(input_file_id=file_id, endpoint="/v1/chat/completions",
+                                        completion_window="24h", metadata={"webhook_url": f"{server.url}/hook"})
+        allowed = client.batches.create(input_file_id=file_id, endpoint="/v1/chat/completions",
+                                        completion_window="24h", metadata={"webhook_url": f"{server.url}/team/hook"})
+        _wait(client, refused.id, lambda b: b.status == "completed")
+        _wait(client, allowed.id, lambda b: b.status == "completed")
+        deadline = time.monotonic() + WAIT_CEILING_S
+        while not server.team_hooks and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert [e["data"]["id"] for e in server.team_hooks] == [allowed.id]
+        assert not server.hooks  # the batch that finished first named a receiver the operator did not allow

@@ -43,9 +43,9 @@ def api_key_from(env_name: str | None, host: str) -> str | None:
 
 async def serve(settings: BatchSettings, *, data: Path, host: str, port: int, api_key: str | None,
                 webhook_url: str | None, webhook_secret: str | None, report: bool = True,
-                say=print) -> None:  # fmt: skip
+                batch_webhook_prefixes: tuple[str, ...] = (), say=print) -> None:  # fmt: skip
     store = await asyncio.to_thread(Store, data)
-    webhooks = Webhooks(webhook_url, webhook_secret)
+    webhooks = Webhooks(webhook_url, webhook_secret, allowed_prefixes=batch_webhook_prefixes)
     worker = BatchWorker(store, settings, webhooks=webhooks, report=report)
     runner = web.AppRunner(make_app(store, worker, api_key=api_key), access_log=None)
     await runner.setup()

@@ -24,7 +24,8 @@ log = logging.getLogger("kvbatch.api")
 EVENT_TYPES = {"completed": "batch.completed", "failed": "batch.failed", "cancelled": "batch.cancelled",
                "expired": "batch.expired"}  # fmt: skip
 METADATA_KEY = "webhook_url"
-"""A batch's own receiver, given in its `metadata` (beside or instead of `--webhook-url`)."""
+"""A batch's own receiver, given in its `metadata`: called only when the operator allows its address
+(`--batch-webhook-prefix`); a service several clients reach calls only receivers its operator configured."""
 
 
 def secret_bytes(secret: str) -> bytes:
@@ -43,8 +44,11 @@ def event_for(batch: BatchObject) -> dict:
 
 class Webhooks:
     def __init__(self, url: str | None, secret: str | None, *, attempts: int = defaults.WEBHOOK_ATTEMPTS,
-                 first_delay_s: float = defaults.WEBHOOK_FIRST_DELAY_S) -> None:  # fmt: skip
+                 first_delay_s: float = defaults.WEBHOOK_FIRST_DELAY_S,
+                 allowed_prefixes: tuple[str, ...] = ()) -> None:  # fmt: skip
         self.url = url
+        self.allowed_prefixes = allowed_prefixes
+        """The addresses a batch's own `metadata.webhook_url` may name (the operator's; none by default)."""
         self.secret = secret
         self.attempts = attempts
         self.first_delay_s = first_delay_s
@@ -54,12 +58,25 @@ class Webhooks:
         """Queue the event for every receiver of this batch; returns at once."""
         if batch.status not in EVENT_TYPES:
             return
-        urls = {u for u in (self.url, (batch.metadata or {}).get(METADATA_KEY)) if u}
+        urls = self.receivers(batch)
         event = event_for(batch)
         for url in urls:
             task = asyncio.get_running_loop().create_task(self._deliver(url, event))
             self._tasks.add(task)
             task.add_done_callback(self._tasks.discard)
+
+    def receivers(self, batch: BatchObject) -> set[str]:
+        """The operator's `--webhook-url`, and the batch's own receiver only where the operator allows its address
+        (a refused one is logged, never called)."""
+        urls = {self.url} if self.url else set()
+        own = (batch.metadata or {}).get(METADATA_KEY)
+        if isinstance(own, str) and own:
+            if any(own.startswith(prefix) for prefix in self.allowed_prefixes):
+                urls.add(own)
+            else:
+                log.warning("batch %s names a webhook receiver the operator does not allow (%s): not called; allow "
+                            "it with --batch-webhook-prefix", batch.id, own)  # fmt: skip
+        return urls
 
     async def _deliver(self, url: str, event: dict) -> bool:
         body = json.dumps(event).encode()

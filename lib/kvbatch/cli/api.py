@@ -20,5 +20,6 @@ def cmd_api(args: argparse.Namespace) -> int:
     args.input, args.run = "api-batch.jsonl", "api"  # each batch's own file and run folder replace them
     settings = settings_from_args(args)
     run_sync(serve(settings, data=Path(args.data), host=args.host, port=args.port, api_key=key,
-                   webhook_url=args.webhook_url, webhook_secret=secret, report=not args.no_report))  # fmt: skip
+                   webhook_url=args.webhook_url, webhook_secret=secret, report=not args.no_report,
+                   batch_webhook_prefixes=tuple(args.batch_webhook_prefix)))  # fmt: skip
     return 0

@@ -116,6 +116,9 @@ def build_parser() -> argparse.ArgumentParser:
     api.add_argument("--api-key-env", default=None,
                      help="environment variable holding the key clients must send (needed beyond loopback)")
     api.add_argument("--webhook-url", default=None, help="POST batch.completed/failed/cancelled events here")
+    api.add_argument("--batch-webhook-prefix", action="append", default=[],
+                     help="let a batch's metadata.webhook_url name a receiver starting with this (repeat for "
+                          "several); by default only --webhook-url is called")  # fmt: skip
     api.add_argument("--webhook-secret-env", default=None,
                      help="environment variable holding the webhook signing secret (Standard Webhooks)")
     api.add_argument("--no-report", action="store_true", help="skip rendering each batch's HTML report")

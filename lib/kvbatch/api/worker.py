@@ -23,6 +23,7 @@ from kvbatch.api.models import BatchErrorData, BatchErrors, BatchObject
 from kvbatch.api.store import RunProgress, Store, new_id
 from kvbatch.api.webhooks import Webhooks
 from kvbatch.batch.inputs.openai_batch import save_index
+from kvbatch.batch.records import last_memory_sample
 from kvbatch.batch.run.runner import field_rules, load_input, run_batch_async, run_specs
 from kvbatch.batch.runfolder import RunFolder
 from kvbatch.batch.settings import BatchSettings
@@ -255,11 +256,7 @@ def _memory(folder: RunFolder, known: dict) -> dict:
             plan = {}
         found["planned_bytes"] = (plan.get("memory") or {}).get("total_bytes")
         found["budget_bytes"] = plan.get("budget_bytes")
-    if folder.memory.exists():
-        with open(folder.memory, "rb") as handle:
-            handle.seek(max(folder.memory.stat().st_size - 256, 0))
-            last = handle.read().splitlines()[-1:]
-        fields = last[0].decode(errors="replace").split(",") if last else []
-        if len(fields) > 1 and fields[1].isdigit():
-            found["memory_bytes"] = int(fields[1])
+    sample = last_memory_sample(folder.memory)
+    if sample is not None:
+        found["memory_bytes"] = sample.used_bytes
     return found

@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 from kvbatch.batch.inputs.sample import write_sample
+from kvbatch.batch.plan.plan_record import plan_document
 from kvbatch.batch.run.runner import plan_only, run_batch
 from kvbatch.batch.runfolder import RunFolder
 from kvbatch.cli.settings import settings_from_args
@@ -48,8 +49,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
     quiet = args.json
     prepared = plan_only(settings_from_args(args), say=(lambda *_: None) if quiet else print)
     if quiet:
-        records = [endpoint.plan.record().model_dump() for endpoint in prepared.plans]
-        print(json.dumps({**records[0], "endpoints": records} if len(records) > 1 else records[0], indent=2))
+        print(json.dumps(plan_document([endpoint.plan.record() for endpoint in prepared.plans]), indent=2))
         return 0
     for index, endpoint in enumerate(prepared.plans):
         if len(prepared.plans) > 1:

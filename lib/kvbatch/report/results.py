@@ -8,18 +8,13 @@ from typing import Any
 
 import pandas as pd
 
+from kvbatch.batch.records import jsonl_records
 from kvbatch.batch.runfolder import RunFolder
+from kvbatch.serve.backends.openai_compat import cached_tokens_from
 
 
 def _jsonl_records(path: Path) -> list[dict[str, Any]]:
-    records = []
-    if not path.exists():
-        return records
-    with open(path, encoding="utf-8", errors="surrogatepass") as handle:  # the journal keeps a lone surrogate
-        for line in handle:
-            if line.endswith("\n"):
-                records.append(json.loads(line))
-    return records
+    return list(jsonl_records(path))
 
 
 RESULT_COLUMNS = [
@@ -34,8 +29,7 @@ def _completed_rows(folder: RunFolder) -> list[dict[str, Any]]:
         body = record["response"]["body"]
         choice = (body.get("choices") or [{}])[0]
         usage = body.get("usage") or {}
-        details = usage.get("prompt_tokens_details") or {}
-        cached = details.get("cached_tokens", (body.get("timings") or {}).get("cache_n"))
+        cached = cached_tokens_from(body)
         rows.append({"custom_id": record["custom_id"], "status": "completed",
                      "answer": (choice.get("message") or {}).get("content"),
                      "finish_reason": choice.get("finish_reason"), "prompt_tokens": usage.get("prompt_tokens"),

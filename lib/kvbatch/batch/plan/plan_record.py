@@ -51,3 +51,10 @@ class PlanRecord(BaseModel):
     measurement_reason: str | None
     notes: list[str] = Field(default_factory=list)
     server: dict[str, object] = Field(default_factory=dict)
+
+
+def plan_document(records: list[PlanRecord]) -> dict:
+    """plan.json's shape, the one place it is made: one endpoint's record, or the first one's with every endpoint's
+    under `endpoints` (what `kvbatch plan --json` prints too)."""
+    dumped = [record.model_dump() for record in records]
+    return {**dumped[0], "endpoints": dumped} if len(dumped) > 1 else dumped[0]

@@ -6,11 +6,11 @@ the probe is asked again after a restart (a new PID), so the series follows the 
 from __future__ import annotations
 
 import asyncio
-import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 from kvbatch import defaults
+from kvbatch.batch.records import append_memory_sample
 from kvbatch.errors import KvbatchError
 from kvbatch.serve.probes import MemoryProbe
 from kvbatch.serve.supervisor import Supervisor
@@ -67,11 +67,7 @@ class MemoryMonitor:
             return None
         self.peak_bytes = max(self.peak_bytes, used)
         self.last_bytes = used
-        new_file = not self.csv_path.exists()
-        with open(self.csv_path, "a", encoding="utf-8") as handle:
-            if new_file:
-                handle.write("t_unix_s,used_bytes,probe,endpoint\n")
-            handle.write(f"{time.time():.3f},{used},{probe.name},{self.label}\n")
+        append_memory_sample(self.csv_path, used, probe.name, self.label)
         return used
 
     async def run(self) -> None:

@@ -17,7 +17,7 @@ from kvbatch.batch.inputs.openai_batch import iter_openai_batch, load_index, sav
 from kvbatch.batch.inputs.requests import InputReport
 from kvbatch.batch.inputs.table import TableInput
 from kvbatch.batch.plan.plan import Plan, least_slot_context
-from kvbatch.batch.plan.plan_record import PlanRecord
+from kvbatch.batch.plan.plan_record import PlanRecord, plan_document
 from kvbatch.batch.plan.prepare import Prepared, model_identity, prepare
 from kvbatch.batch.plan.server_plans import EndpointPlan
 from kvbatch.batch.run.execution.executor import Executor, RunOptions
@@ -251,8 +251,7 @@ def _write_plan(folder: RunFolder, prepared: Prepared, supervisors: list[Supervi
     records = planned or [endpoint.plan.record() for endpoint in prepared.plans]
     for record, supervisor in zip(records, supervisors, strict=False):
         record.server = supervisor.flags()
-    dumped = [record.model_dump() for record in records]
-    write_json(folder.plan, {**dumped[0], "endpoints": dumped} if len(dumped) > 1 else dumped[0])
+    write_json(folder.plan, plan_document(records))
     return records
 
 

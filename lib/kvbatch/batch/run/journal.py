@@ -12,6 +12,7 @@ import json
 import os
 import secrets
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -90,6 +91,17 @@ class InputSource(BaseModel):
     id_column: str | None = None
 
 
+@dataclass
+class JournalState:
+    """The ids a run folder's journal already holds, read once per invocation."""
+
+    done: set[str]
+    """Every id with a line in results.jsonl or errors.jsonl."""
+    failed: set[str]
+    repaired_bytes: int = 0
+    """Bytes of a torn last line cut (a crash mid-write)."""
+
+
 class RunRecord(BaseModel):
     """run.json."""
 
@@ -115,26 +127,46 @@ class Journal:
         self.repaired_bytes = 0
 
     @classmethod
-    def open(cls, folder: RunFolder | Path, fingerprint: Fingerprint, source: InputSource | None = None) -> Journal:
+    def state(cls, folder: RunFolder, fingerprint: Fingerprint) -> JournalState:
+        """What a run folder already holds, read once, while holding its lock and before anything is planned: its
+        fingerprint checked (a different run is refused), a torn last line cut, and the ids done and failed.
+        `open(..., state=...)` then starts from it without reading the files again."""
+        if folder.run_file.exists():
+            cls._check(folder, fingerprint)
+        repaired = sum(_repair_torn_tail(path) for path in (folder.results, folder.errors))
+        failed = completed_ids(folder.errors)
+        return JournalState(completed_ids(folder.results) | failed, failed, repaired)
+
+    @staticmethod
+    def _check(folder: RunFolder, fingerprint: Fingerprint) -> None:
+        """run.json's fingerprint against this invocation's: a different run cannot be resumed."""
+        try:
+            stored = json.loads(folder.run_file.read_text("utf-8"))
+        except json.JSONDecodeError as exc:
+            raise UserInputError(f"{folder.run_file}: not valid JSON ({exc}); it is not a run folder") from exc
+        if stored.get("journal_version", 0) > JOURNAL_VERSION:
+            raise UserInputError(
+                f"{folder.run_file}: written by a newer kvbatch (journal version "
+                f"{stored.get('journal_version')}); upgrade kvbatch to resume it"
+            )
+        changed = fingerprint.differences(stored.get("fingerprint", {}))
+        if changed:
+            raise UserInputError(
+                f"{folder.path} holds a run with a different fingerprint, so it cannot be resumed with this "
+                f"command ({'; '.join(changed)}). Use another --run name, or restore the original settings."
+            )
+
+    @classmethod
+    def open(cls, folder: RunFolder | Path, fingerprint: Fingerprint, source: InputSource | None = None, *,
+             state: JournalState | None = None) -> Journal:  # fmt: skip
+        """Open the folder's journal (run.json written for a new run); `state`: what `Journal.state` read under the
+        same lock, so the result files are not read again."""
         folder = folder if isinstance(folder, RunFolder) else RunFolder(Path(folder))
         folder.path.mkdir(parents=True, exist_ok=True)
         journal = cls(folder)
         if folder.run_file.exists():
-            try:
-                stored = json.loads(folder.run_file.read_text("utf-8"))
-            except json.JSONDecodeError as exc:
-                raise UserInputError(f"{folder.run_file}: not valid JSON ({exc}); it is not a run folder") from exc
-            if stored.get("journal_version", 0) > JOURNAL_VERSION:
-                raise UserInputError(
-                    f"{folder.run_file}: written by a newer kvbatch (journal version "
-                    f"{stored.get('journal_version')}); upgrade kvbatch to resume it"
-                )
-            changed = fingerprint.differences(stored.get("fingerprint", {}))
-            if changed:
-                raise UserInputError(
-                    f"{folder.path} holds a run with a different fingerprint, so it cannot be resumed with this "
-                    f"command ({'; '.join(changed)}). Use another --run name, or restore the original settings."
-                )
+            if state is None:
+                cls._check(folder, fingerprint)
             journal.resumed = True
         elif folder.has_output():
             raise UserInputError(
@@ -144,10 +176,8 @@ class Journal:
         else:
             record = RunRecord(created_unix_s=time.time(), fingerprint=fingerprint, input=source)
             write_durably(folder.run_file, record.model_dump_json(indent=2))
-        for path in (journal.results_path, journal.errors_path):
-            journal.repaired_bytes += _repair_torn_tail(path)
-        journal.failed = completed_ids(journal.errors_path)
-        journal.done = completed_ids(journal.results_path) | journal.failed
+        state = state or cls.state(folder, fingerprint)
+        journal.done, journal.failed, journal.repaired_bytes = state.done, state.failed, state.repaired_bytes
         return journal
 
     def retry_failed(self) -> int:

@@ -4,6 +4,7 @@ reach the servers, execute, summarize. The CLI and `make batch` call `run_batch`
 from __future__ import annotations
 
 import asyncio
+import functools
 import tempfile
 import time
 from dataclasses import dataclass, field, replace
@@ -23,7 +24,7 @@ from kvbatch.batch.plan.server_plans import EndpointPlan
 from kvbatch.batch.run.execution.executor import Executor, RunOptions
 from kvbatch.batch.run.execution.guard import TruncationGuard
 from kvbatch.batch.run.execution.stats import RunStats
-from kvbatch.batch.run.journal import Fingerprint, InputSource, Journal, completed_ids
+from kvbatch.batch.run.journal import Fingerprint, InputSource, Journal, JournalState
 from kvbatch.batch.run.summary import EndpointSummary, Summary
 from kvbatch.batch.runfolder import RunFolder, RunLock, write_json
 from kvbatch.batch.settings import BatchSettings
@@ -197,14 +198,12 @@ def _fingerprint(settings: BatchSettings, report: InputReport, specs: list[Endpo
     )
 
 
-def _remaining(settings: BatchSettings, report: InputReport, fingerprint: Fingerprint) -> int:
-    """How many requests are still to do; refuses a different run (its fingerprint) before any planning."""
-    folder = settings.folder
-    if folder.is_run():
-        Journal.open(folder, fingerprint).close()
-    failed = completed_ids(folder.errors)
-    done = completed_ids(folder.results) | (set() if settings.retry_failed else failed)
-    return report.request_count - len(done)  # 170,000 ids are 20 MB: dropped here, the journal keeps the one copy
+def _remaining(settings: BatchSettings, report: InputReport, fingerprint: Fingerprint) -> tuple[int, JournalState]:
+    """How many requests are still to do, and the journal's state read for it (each result file once: the journal
+    opens from it); refuses a different run (its fingerprint) before any planning."""
+    state = Journal.state(settings.folder, fingerprint)
+    done = len(state.done) - (len(state.failed) if settings.retry_failed else 0)
+    return report.request_count - done, state
 
 
 async def run_batch_async(settings: BatchSettings, *, say=print) -> RunOutcome:
@@ -217,7 +216,7 @@ async def run_batch_async(settings: BatchSettings, *, say=print) -> RunOutcome:
         return RunOutcome(folder, None, None, None, f"nothing to do: {settings.input_path} holds no requests")
     with RunLock(folder):
         fingerprint = await asyncio.to_thread(_fingerprint, settings, report, specs)
-        remaining = await asyncio.to_thread(_remaining, settings, report, fingerprint)
+        remaining, state = await asyncio.to_thread(_remaining, settings, report, fingerprint)
         if remaining <= 0:
             summary = Summary.model_validate_json(folder.summary.read_text()) if folder.summary.exists() else None
             return RunOutcome(folder, None, None, summary, f"all {report.request_count} requests are already done")
@@ -227,7 +226,7 @@ async def run_batch_async(settings: BatchSettings, *, say=print) -> RunOutcome:
         # run.json is written only now: a plan error leaves no run behind
         source = InputSource(path=str(settings.input_path.resolve()), table=settings.is_table,
                              id_column=settings.id_column)  # fmt: skip
-        journal = await asyncio.to_thread(Journal.open, folder, fingerprint, source)
+        journal = await asyncio.to_thread(functools.partial(Journal.open, folder, fingerprint, source, state=state))
         if journal.resumed:
             say(
                 f"resuming {folder.path}: {len(journal.done)} of {report.request_count} already done"

@@ -21,7 +21,7 @@ import openai
 import pytest
 from aiohttp import web
 from background import OpenAIDouble
-from batch_helpers import WAIT_CEILING_S, small_batch, start_kvbatch, stop_started
+from batch_helpers import WAIT_CEILING_S, kvbatch, small_batch, start_kvbatch, stop_started, wait_until
 
 KEY = "sk-local-test"
 
@@ -36,6 +36,9 @@ class QuickServer(OpenAIDouble):
         self.asked = 0
         self.hooks: list[tuple[dict, bytes]] = []
         self.team_hooks: list[dict] = []
+        self.hooks_down = False
+        """While true, /hook answers 503 (a receiver down) and counts the attempt in `hooks_refused`."""
+        self.hooks_refused = 0
 
     model = "quick"
 
@@ -46,6 +49,9 @@ class QuickServer(OpenAIDouble):
         return app
 
     async def hook(self, request: web.Request) -> web.Response:
+        if self.hooks_down:
+            self.hooks_refused += 1
+            return web.json_response({"error": "receiver down"}, status=503)
         self.hooks.append((dict(request.headers), await request.read()))
         return web.json_response({})
 
@@ -315,3 +321,74 @@ def test_a_batchs_own_receiver_is_called_only_where_the_operator_allows_it(tmp_p
             time.sleep(0.1)
         assert [e["data"]["id"] for e in server.team_hooks] == [allowed.id]
         assert not server.hooks  # the batch that finished first named a receiver the operator did not allow
+
+
+def test_a_webhook_pending_when_the_api_is_killed_is_sent_after_the_restart_under_one_event_id(tmp_path):
+    """The receiver is down when the batch completes: the event waits in the store's outbox (`kvbatch webhooks`
+    lists it pending, its attempts refused); `kill -9` of the API, the receiver back, a restart: the event arrives,
+    every copy under the one `webhook-id` it was given when the batch completed, and the outbox says delivered."""
+    batch_file = small_batch(tmp_path / "in.jsonl", 3)
+    data = str(tmp_path / "api")
+
+    def outbox() -> str:
+        listed = kvbatch("webhooks", "--data", data, cwd=tmp_path)
+        assert listed.returncode == 0, listed.stdout + listed.stderr
+        return listed.stdout
+
+    with QuickServer() as server:
+        server.hooks_down = True
+        process, url = _api(tmp_path, "--url", server.url, "--webhook-url", f"{server.url}/hook")
+        client = _client(url)
+        file_id = client.files.create(file=batch_file.open("rb"), purpose="batch").id
+        batch = client.batches.create(input_file_id=file_id, endpoint="/v1/chat/completions", completion_window="24h")
+        _wait(client, batch.id, lambda b: b.status == "completed")
+        wait_until(lambda: server.hooks_refused >= 1, "the receiver refused the event once", process)
+        pending = outbox()
+        os.killpg(process.pid, signal.SIGKILL)
+        process.wait()
+        server.hooks_down = False
+        _api(tmp_path, "--url", server.url, "--webhook-url", f"{server.url}/hook")
+        wait_until(lambda: server.hooks, "the event arrived after the restart")
+        delivered = wait_until(lambda: "1 delivered" in (text := outbox()) and text, "the outbox said delivered")
+    assert "1 pending, 0 delivered, 0 given_up" in pending and f"batch.completed  {batch.id}" in pending, pending
+    assert "HTTP 503" in pending
+    ids = {headers["webhook-id"] for headers, _ in server.hooks}
+    events = [json.loads(body) for _, body in server.hooks]
+    assert len(ids) == 1 and ids == {events[0]["id"]}, ids
+    assert all(e["type"] == "batch.completed" and e["data"]["id"] == batch.id for e in events), events
+    assert ids.pop() in pending and "0 pending, 1 delivered, 0 given_up" in delivered, delivered
+
+
+def test_an_event_no_receiver_takes_is_given_up_at_the_configured_age_and_others_are_still_sent(tmp_path):
+    """The courier in-process, on a real store: a receiver that never answers (a closed port) is tried with
+    back-off until the event is older than the give-up age, then given up; a receiver that answers gets its copy."""
+    from kvbatch.api.models import BatchObject
+    from kvbatch.api.store import Store
+    from kvbatch.api.webhooks import Webhooks
+
+    async def go(server: QuickServer) -> list:
+        store = Store(tmp_path / "api")
+        webhooks = Webhooks(store, f"{server.url}/hook", None, give_up_after_s=1.0, first_delay_s=0.1,
+                            allowed_prefixes=("http://127.0.0.1:9/",))  # fmt: skip
+        batch = BatchObject(id="batch_x", endpoint="/v1/chat/completions", input_file_id="file_x",
+                            completion_window="24h", created_at=int(time.time()), status="completed",
+                            metadata={"webhook_url": "http://127.0.0.1:9/closed"})  # fmt: skip
+        store.add_batch(batch)
+        store.save_batch(batch, deliveries=webhooks.deliveries_for(batch))
+        courier = asyncio.create_task(webhooks.forever())
+        deadline = time.monotonic() + WAIT_CEILING_S
+        while any(d.state == "pending" for d in store.deliveries()) and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+        courier.cancel()
+        deliveries = store.deliveries()
+        store.close()
+        return deliveries
+
+    with QuickServer() as server:
+        deliveries = asyncio.run(go(server))
+    by_url = {d.url: d for d in deliveries}
+    closed, hook = by_url["http://127.0.0.1:9/closed"], by_url[f"{server.url}/hook"]
+    assert closed.state == "given_up" and closed.attempts >= 2 and closed.last_error, closed
+    assert closed.ended_at - closed.created_at >= 1.0
+    assert hook.state == "delivered" and hook.attempts == 1 and closed.event_id == hook.event_id
+    assert [json.loads(body)["data"]["id"] for _, body in server.hooks] == ["batch_x"]

@@ -231,7 +231,12 @@ API_MAX_TROUBLES = 3
 """Unexpected failures of one batch's run (not its servers being gone) before it is failed, so the queue goes on."""
 API_PAGE_REFRESH_S = 2
 """The status page reloads itself this often (seconds)."""
-WEBHOOK_ATTEMPTS = 6
+API_PAGE_DELIVERIES = 200
+"""The status page counts and lists the newest this many webhook deliveries."""
 WEBHOOK_TIMEOUT_S = 10.0
 WEBHOOK_FIRST_DELAY_S = 1.0
-"""Webhook deliveries are retried with back-off doubling from this (1, 2, 4, ... s), in the background."""
+"""Webhook deliveries are retried with back-off doubling from this (1, 2, 4, ... s), in the background..."""
+WEBHOOK_MAX_DELAY_S = 1800.0
+"""...up to this between attempts (a receiver down for a day is tried about every half hour)..."""
+WEBHOOK_GIVE_UP_S = 72 * 3600.0
+"""...until the event is this old: OpenAI retries a failed delivery with back-off for up to 72 hours."""

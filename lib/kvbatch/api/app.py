@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import hmac
 import os
 import time
@@ -213,17 +214,20 @@ async def cancel_batch(request: web.Request) -> web.Response:
         batch.status, batch.cancelling_at, batch.cancelled_at = "cancelled", now, now  # waiting: it ends at once
     elif batch.status != "cancelling":
         batch.status, batch.cancelling_at = "cancelling", now
-    await asyncio.to_thread(_store(request).save_batch, batch)
+    webhooks = worker.webhooks
+    deliveries = webhooks.deliveries_for(batch) if webhooks is not None else []
+    await asyncio.to_thread(functools.partial(_store(request).save_batch, batch, deliveries=deliveries))
     worker.cancel(batch.id)
-    if batch.status == "cancelled" and worker.webhooks is not None:
-        worker.webhooks.send(batch)
+    if deliveries and webhooks is not None:
+        webhooks.wake()
     return web.json_response(batch.model_dump())
 
 
 async def index(request: web.Request) -> web.Response:
     page, _ = await asyncio.to_thread(_store(request).batches, limit=100)
+    deliveries = await asyncio.to_thread(_store(request).deliveries, defaults.API_PAGE_DELIVERIES)
     key = request.query.get("key", "")
-    return web.Response(text=status_page(page, key=key), content_type="text/html")
+    return web.Response(text=status_page(page, key=key, deliveries=deliveries), content_type="text/html")
 
 
 async def report(request: web.Request) -> web.StreamResponse:

@@ -3,6 +3,7 @@ its error body. Field names follow OpenAI's; kvbatch adds only `metadata`-free e
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from typing import Any, Literal
 
 from pydantic import BaseModel, Field
@@ -75,3 +76,33 @@ class ErrorBody(BaseModel):
 def error_body(message: str, kind: str = "invalid_request_error", *, param: str | None = None,
                code: str | None = None) -> dict[str, Any]:  # fmt: skip
     return {"error": ErrorBody(message=message, type=kind, param=param, code=code).model_dump()}
+
+
+DeliveryState = Literal["pending", "delivered", "given_up"]
+
+
+class WebhookDelivery(BaseModel):
+    """One webhook event for one receiver, as the outbox holds it (SQLite `outbox`): written in the same transaction
+    as the batch state that causes it, then delivered until the receiver acknowledges it or it is older than the
+    give-up age. `body` is the event's exact JSON: every attempt sends the same bytes and `webhook-id`."""
+
+    seq: int = 0
+    event_id: str
+    event_type: str
+    batch_id: str
+    url: str
+    body: str
+    created_at: float
+    state: DeliveryState = "pending"
+    attempts: int = 0
+    next_at: float
+    last_error: str | None = None
+    ended_at: float | None = None
+
+
+def outbox_counts(deliveries: Iterable[WebhookDelivery]) -> dict[str, int]:
+    """How many deliveries are pending, delivered and given up."""
+    counts = dict.fromkeys(("pending", "delivered", "given_up"), 0)
+    for delivery in deliveries:
+        counts[delivery.state] += 1
+    return counts

@@ -8,7 +8,7 @@ import html
 import urllib.parse
 
 from kvbatch import defaults
-from kvbatch.api.models import BatchObject
+from kvbatch.api.models import BatchObject, WebhookDelivery, outbox_counts
 from kvbatch.units import format_bytes
 
 _STYLE = """
@@ -17,7 +17,7 @@ table { border-collapse: collapse; width: 100%; }
 th, td { text-align: left; padding: 0.4rem 0.6rem; border-bottom: 1px solid #ddd; vertical-align: top; }
 .bar { width: 12rem; height: 0.9rem; background: #eee; border-radius: 0.3rem; overflow: hidden; }
 .bar > div { height: 100%; background: #2a7ae2; }
-.failed, .cancelled { color: #b00020; } .completed { color: #1b7f3b; }
+.failed, .cancelled, .given_up { color: #b00020; } .completed { color: #1b7f3b; }
 small { color: #666; }
 """
 
@@ -73,7 +73,24 @@ def _row(batch: BatchObject, key: str) -> str:
     )
 
 
-def status_page(batches: list[BatchObject], *, key: str = "") -> str:
+def _outbox(deliveries: list[WebhookDelivery]) -> str:
+    """The webhook outbox: counts, and each event not (yet) delivered with its receiver, attempts and last error."""
+    if not deliveries:
+        return ""
+    counts = outbox_counts(deliveries)
+    rows = "".join(
+        f'<tr data-delivery="{html.escape(d.event_id)}"><td>{html.escape(d.event_type)}</td>'
+        f"<td>{html.escape(d.batch_id)}</td><td>{html.escape(d.url)}</td><td class=\"{d.state}\">"
+        f"{d.state.replace('_', ' ')}</td><td>{d.attempts}</td><td>{html.escape(d.last_error or '')}</td></tr>"
+        for d in deliveries if d.state != "delivered"
+    )  # fmt: skip
+    table = ("<table><thead><tr><th>event</th><th>batch</th><th>receiver</th><th>state</th><th>attempts</th>"
+             f"<th>last error</th></tr></thead><tbody>{rows}</tbody></table>") if rows else ""  # fmt: skip
+    summary = ", ".join(f"{n} {state.replace('_', ' ')}" for state, n in counts.items())
+    return f'<h2>Webhooks</h2><p id="outbox">{summary} (the newest {len(deliveries)} events)</p>{table}'
+
+
+def status_page(batches: list[BatchObject], *, key: str = "", deliveries: list[WebhookDelivery] = ()) -> str:
     rows = "".join(_row(b, key) for b in batches) or '<tr><td colspan="10">No batches yet.</td></tr>'
     return (
         "<!doctype html><html><head><meta charset='utf-8'><title>kvbatch batches</title>"
@@ -81,5 +98,5 @@ def status_page(batches: list[BatchObject], *, key: str = "") -> str:
         "<h1>kvbatch batches</h1><p>OpenAI Batch API at <code>/v1</code>; one batch runs at a time, the others wait "
         "in order. This page reloads itself.</p><table><thead><tr><th>batch</th><th>state</th><th>progress</th>"
         "<th>throughput</th><th>ETA</th><th>prefix cache</th><th>memory</th><th>errors</th><th>files</th>"
-        f"<th></th></tr></thead><tbody>{rows}</tbody></table></body></html>"
+        f"<th></th></tr></thead><tbody>{rows}</tbody></table>{_outbox(list(deliveries))}</body></html>"
     )

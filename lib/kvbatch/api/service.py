@@ -12,6 +12,7 @@ from pathlib import Path
 
 from aiohttp import web
 
+from kvbatch import defaults
 from kvbatch.api.app import make_app
 from kvbatch.api.store import Store
 from kvbatch.api.webhooks import Webhooks
@@ -43,9 +44,11 @@ def api_key_from(env_name: str | None, host: str) -> str | None:
 
 async def serve(settings: BatchSettings, *, data: Path, host: str, port: int, api_key: str | None,
                 webhook_url: str | None, webhook_secret: str | None, report: bool = True,
-                batch_webhook_prefixes: tuple[str, ...] = (), say=print) -> None:  # fmt: skip
+                batch_webhook_prefixes: tuple[str, ...] = (), webhook_give_up_s: float = defaults.WEBHOOK_GIVE_UP_S,
+                say=print) -> None:  # fmt: skip
     store = await asyncio.to_thread(Store, data)
-    webhooks = Webhooks(webhook_url, webhook_secret, allowed_prefixes=batch_webhook_prefixes)
+    webhooks = Webhooks(store, webhook_url, webhook_secret, allowed_prefixes=batch_webhook_prefixes,
+                        give_up_after_s=webhook_give_up_s)  # fmt: skip
     worker = BatchWorker(store, settings, webhooks=webhooks, report=report)
     runner = web.AppRunner(make_app(store, worker, api_key=api_key), access_log=None)
     await runner.setup()
@@ -59,11 +62,12 @@ async def serve(settings: BatchSettings, *, data: Path, host: str, port: int, ap
         with contextlib.suppress(NotImplementedError, RuntimeError):
             loop.add_signal_handler(signum, stop.set)
     work = asyncio.create_task(worker.forever())
+    courier = asyncio.create_task(webhooks.forever())  # what an earlier process left pending goes out now
     try:
         await stop.wait()
     finally:
         work.cancel()
-        await asyncio.gather(work, return_exceptions=True)  # the run in progress stops with its journal closed
-        await webhooks.close()
+        courier.cancel()
+        await asyncio.gather(work, courier, return_exceptions=True)  # the run in progress stops, journal closed
         await runner.cleanup()
         store.close()

@@ -13,9 +13,11 @@ import secrets
 import sqlite3
 import threading
 import time
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
-from kvbatch.api.models import BatchObject, FileObject, RequestCounts
+from kvbatch.api.models import BatchObject, FileObject, RequestCounts, WebhookDelivery
 from kvbatch.errors import UserInputError
 
 _SCHEMA = """
@@ -26,7 +28,15 @@ CREATE TABLE IF NOT EXISTS files (
 CREATE TABLE IF NOT EXISTS batches (
     id TEXT PRIMARY KEY, seq INTEGER NOT NULL, body TEXT NOT NULL
 );
+CREATE TABLE IF NOT EXISTS outbox (
+    seq INTEGER PRIMARY KEY AUTOINCREMENT, event_id TEXT NOT NULL, event_type TEXT NOT NULL, batch_id TEXT NOT NULL,
+    url TEXT NOT NULL, body TEXT NOT NULL, created_at REAL NOT NULL, state TEXT NOT NULL, attempts INTEGER NOT NULL,
+    next_at REAL NOT NULL, last_error TEXT, ended_at REAL, UNIQUE (event_id, url)
+);
+CREATE INDEX IF NOT EXISTS outbox_due ON outbox (state, next_at);
 """
+_OUTBOX_COLUMNS = ("seq, event_id, event_type, batch_id, url, body, created_at, state, attempts, next_at, last_error, "
+                   "ended_at")  # fmt: skip
 
 LIVE_STATES = ("validating", "in_progress", "finalizing", "cancelling")
 """States a restart picks up again: the batch's run folder says what was done."""
@@ -62,6 +72,19 @@ class Store:
         with self._lock:
             self._db.close()
         self._owner.close()
+
+    @contextmanager
+    def _transaction(self) -> Iterator[sqlite3.Connection]:
+        """One committed transaction (under the lock): a batch's state and the webhook events it causes land
+        together or not at all."""
+        with self._lock:
+            self._db.execute("BEGIN IMMEDIATE")
+            try:
+                yield self._db
+            except BaseException:
+                self._db.execute("ROLLBACK")
+                raise
+            self._db.execute("COMMIT")
 
     def _next_seq(self, table: str) -> int:
         row = self._db.execute(f"SELECT COALESCE(MAX(seq), 0) + 1 FROM {table}").fetchone()  # noqa: S608 (a name)
@@ -116,17 +139,23 @@ class Store:
             self._db.execute("INSERT INTO batches VALUES (?, ?, ?)",
                              (batch.id, self._next_seq("batches"), batch.model_dump_json()))  # fmt: skip
 
-    def save_batch(self, batch: BatchObject, *, keep_cancel: bool = False) -> None:
-        """Write the record; with `keep_cancel`, a `cancelling` already stored (the API's, written meanwhile) is
-        kept over a live state in `batch`, in the same transaction."""
-        with self._lock:
+    def save_batch(self, batch: BatchObject, *, keep_cancel: bool = False,
+                   deliveries: Iterable[WebhookDelivery] = ()) -> None:  # fmt: skip
+        """Write the record, and the webhook events this state causes, in one transaction; with `keep_cancel`, a
+        `cancelling` already stored (the API's, written meanwhile) is kept over a live state in `batch`."""
+        with self._transaction() as db:
             if keep_cancel and batch.status in ("validating", "in_progress"):
-                row = self._db.execute("SELECT body FROM batches WHERE id = ?", (batch.id,)).fetchone()
+                row = db.execute("SELECT body FROM batches WHERE id = ?", (batch.id,)).fetchone()
                 stored = BatchObject.model_validate_json(row[0]) if row else None
                 if stored is not None and stored.status in ("cancelling", "cancelled"):
                     batch.status, batch.cancelling_at = stored.status, stored.cancelling_at
                     batch.cancelled_at = stored.cancelled_at
-            self._db.execute("UPDATE batches SET body = ? WHERE id = ?", (batch.model_dump_json(), batch.id))
+            db.execute("UPDATE batches SET body = ? WHERE id = ?", (batch.model_dump_json(), batch.id))
+            for delivery in deliveries:
+                db.execute("INSERT OR IGNORE INTO outbox (event_id, event_type, batch_id, url, body, created_at, "
+                           "state, attempts, next_at) VALUES (?, ?, ?, ?, ?, ?, 'pending', 0, ?)",
+                           (delivery.event_id, delivery.event_type, delivery.batch_id, delivery.url, delivery.body,
+                            delivery.created_at, delivery.next_at))  # fmt: skip
 
     def batch(self, batch_id: str) -> BatchObject | None:
         with self._lock:
@@ -168,6 +197,57 @@ class Store:
 
     def batch_folder(self, batch_id: str) -> Path:
         return self.batches_dir / batch_id
+
+    # the webhook outbox
+
+    def due_deliveries(self, now: float) -> list[WebhookDelivery]:
+        with self._lock:
+            rows = self._db.execute(f"SELECT {_OUTBOX_COLUMNS} FROM outbox WHERE state = 'pending' AND next_at <= ? "
+                                    "ORDER BY next_at", (now,)).fetchall()  # fmt: skip  # noqa: S608 (constant)
+        return [_delivery(row) for row in rows]
+
+    def next_delivery_at(self) -> float | None:
+        with self._lock:
+            row = self._db.execute("SELECT MIN(next_at) FROM outbox WHERE state = 'pending'").fetchone()
+        return row[0]
+
+    def deliveries(self, limit: int = 100) -> list[WebhookDelivery]:
+        """The newest deliveries, for the status page."""
+        with self._lock:
+            return _newest_deliveries(self._db, limit)
+
+    def record_attempt(self, delivery: WebhookDelivery) -> None:
+        """An attempt's outcome: its state, count, next time and last error (the delivery as the courier left it)."""
+        with self._lock:
+            self._db.execute("UPDATE outbox SET state = ?, attempts = ?, next_at = ?, last_error = ?, ended_at = ? "
+                             "WHERE seq = ?", (delivery.state, delivery.attempts, delivery.next_at,
+                                               delivery.last_error, delivery.ended_at, delivery.seq))  # fmt: skip
+
+
+def _delivery(row: tuple) -> WebhookDelivery:
+    return WebhookDelivery(**dict(zip((c.strip() for c in _OUTBOX_COLUMNS.split(",")), row, strict=True)))
+
+
+def read_outbox(root: Path, limit: int = 100) -> list[WebhookDelivery]:
+    """The newest deliveries of a store, read-only and without its lock (a running `kvbatch api` holds that), for
+    `kvbatch webhooks`."""
+    path = Path(root) / "kvbatch.db"
+    if not path.exists():
+        raise UserInputError(f"{root}: no kvbatch api store here (no kvbatch.db); give the folder passed as --data")
+    db = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
+    try:
+        return _newest_deliveries(db, limit)
+    except sqlite3.OperationalError:  # a store from before the outbox
+        return []
+    finally:
+        db.close()
+
+
+def _newest_deliveries(db: sqlite3.Connection, limit: int) -> list[WebhookDelivery]:
+    rows = db.execute(f"SELECT {_OUTBOX_COLUMNS} FROM outbox ORDER BY seq DESC LIMIT ?",
+                      (limit,)).fetchall()  # fmt: skip  # noqa: S608 (constant)
+    return [_delivery(row) for row in rows]
+
 
 
 class RunProgress:
@@ -211,4 +291,3 @@ class RunProgress:
     @property
     def cache_share(self) -> float | None:
         return self.cached_tokens / self.prompt_tokens if self.prompt_tokens else None
-

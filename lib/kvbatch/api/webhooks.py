@@ -1,6 +1,11 @@
 """Webhooks when a batch ends (`batch.completed`, `batch.failed`, `batch.cancelled`), in OpenAI's event shape and
 signed the Standard Webhooks way (`webhook-id`, `webhook-timestamp`, `webhook-signature: v1,<base64 HMAC-SHA256 of
-"id.timestamp.body">`; a `whsec_` secret is base64). Each delivery is retried with back-off on its own task: a
+"id.timestamp.body">`; a `whsec_` secret is base64).
+
+Delivery is at least once, through a durable outbox: the events a batch's end causes are written in the same SQLite
+transaction as that state (`Store.save_batch(..., deliveries=...)`), and a courier sends every pending one with
+back-off until its receiver answers 2xx or it is older than the give-up age (OpenAI retries for up to 72 hours),
+across `kill -9` and restarts. Every attempt carries the same `webhook-id`, so a receiver deduplicates on it. A
 receiver that is down never holds a batch up.
 """
 
@@ -8,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import hashlib
 import hmac
 import json
@@ -17,8 +23,8 @@ import time
 import aiohttp
 
 from kvbatch import defaults
-from kvbatch.api.models import BatchObject
-from kvbatch.api.store import new_id
+from kvbatch.api.models import BatchObject, WebhookDelivery
+from kvbatch.api.store import Store, new_id
 
 log = logging.getLogger("kvbatch.api")
 EVENT_TYPES = {"completed": "batch.completed", "failed": "batch.failed", "cancelled": "batch.cancelled",
@@ -43,27 +49,38 @@ def event_for(batch: BatchObject) -> dict:
 
 
 class Webhooks:
-    def __init__(self, url: str | None, secret: str | None, *, attempts: int = defaults.WEBHOOK_ATTEMPTS,
+    """The outbox's two ends: which deliveries a batch's end causes (the store writes them with the state), and the
+    courier that sends the pending ones."""
+
+    def __init__(self, store: Store, url: str | None, secret: str | None, *,
+                 give_up_after_s: float = defaults.WEBHOOK_GIVE_UP_S,
                  first_delay_s: float = defaults.WEBHOOK_FIRST_DELAY_S,
                  allowed_prefixes: tuple[str, ...] = ()) -> None:  # fmt: skip
+        self.store = store
         self.url = url
         self.allowed_prefixes = allowed_prefixes
         """The addresses a batch's own `metadata.webhook_url` may name (the operator's; none by default)."""
         self.secret = secret
-        self.attempts = attempts
+        self.give_up_after_s = give_up_after_s
         self.first_delay_s = first_delay_s
-        self._tasks: set[asyncio.Task] = set()
+        self._wake = asyncio.Event()
 
-    def send(self, batch: BatchObject) -> None:
-        """Queue the event for every receiver of this batch; returns at once."""
+    def deliveries_for(self, batch: BatchObject) -> list[WebhookDelivery]:
+        """The event this batch's state causes, once per receiver (none for a state that is not an end); pass them
+        to `Store.save_batch` with that state, then `wake()`."""
         if batch.status not in EVENT_TYPES:
-            return
-        urls = self.receivers(batch)
-        event = event_for(batch)
-        for url in urls:
-            task = asyncio.get_running_loop().create_task(self._deliver(url, event))
-            self._tasks.add(task)
-            task.add_done_callback(self._tasks.discard)
+            return []
+        event, now = event_for(batch), time.time()
+        body = json.dumps(event)
+        return [
+            WebhookDelivery(event_id=event["id"], event_type=event["type"], batch_id=batch.id, url=url, body=body,
+                            created_at=now, next_at=now)
+            for url in sorted(self.receivers(batch))
+        ]  # fmt: skip
+
+    def wake(self) -> None:
+        """New deliveries were saved: send them now rather than at the courier's next look."""
+        self._wake.set()
 
     def receivers(self, batch: BatchObject) -> set[str]:
         """The operator's `--webhook-url`, and the batch's own receiver only where the operator allows its address
@@ -78,30 +95,48 @@ class Webhooks:
                             "it with --batch-webhook-prefix", batch.id, own)  # fmt: skip
         return urls
 
-    async def _deliver(self, url: str, event: dict) -> bool:
-        body = json.dumps(event).encode()
-        delay = self.first_delay_s
+    async def forever(self) -> None:
+        """Send what is due, record each attempt, sleep until the next is due or new ones are saved."""
         timeout = aiohttp.ClientTimeout(total=defaults.WEBHOOK_TIMEOUT_S)
-        for attempt in range(1, self.attempts + 1):
-            timestamp = int(time.time())
-            headers = {"content-type": "application/json", "webhook-id": event["id"],
-                       "webhook-timestamp": str(timestamp)}  # fmt: skip
-            if self.secret:
-                headers["webhook-signature"] = sign(self.secret, event["id"], timestamp, body)
-            try:
-                async with aiohttp.ClientSession(timeout=timeout) as session, session.post(
-                        url, data=body, headers=headers) as reply:  # fmt: skip
-                    if reply.status < 300:
-                        return True
-                    why = f"HTTP {reply.status}"
-            except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
-                why = f"{type(exc).__name__}: {exc}"
-            log.warning("webhook %s to %s, attempt %d: %s", event["type"], url, attempt, why)
-            await asyncio.sleep(delay)
-            delay *= 2
-        return False
+        while True:
+            self._wake.clear()
+            due = await asyncio.to_thread(self.store.due_deliveries, time.time())
+            if due:
+                async with aiohttp.ClientSession(timeout=timeout) as session:
+                    attempted = await asyncio.gather(*(self._attempt(session, d) for d in due))
+                for delivery in attempted:
+                    await asyncio.to_thread(self.store.record_attempt, delivery)
+                continue
+            next_at = await asyncio.to_thread(self.store.next_delivery_at)
+            wait = None if next_at is None else max(next_at - time.time(), 0.0)
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(self._wake.wait(), wait)
 
-    async def close(self) -> None:
-        for task in list(self._tasks):
-            task.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
+    async def _attempt(self, session: aiohttp.ClientSession, delivery: WebhookDelivery) -> WebhookDelivery:
+        """One POST of the stored bytes; the delivery comes back delivered, given up, or due again after back-off."""
+        body, timestamp = delivery.body.encode(), int(time.time())
+        headers = {"content-type": "application/json", "webhook-id": delivery.event_id,
+                   "webhook-timestamp": str(timestamp)}  # fmt: skip
+        if self.secret:
+            headers["webhook-signature"] = sign(self.secret, delivery.event_id, timestamp, body)
+        delivery.attempts += 1
+        try:
+            async with session.post(delivery.url, data=body, headers=headers) as reply:
+                why = None if reply.status < 300 else f"HTTP {reply.status}"
+        except Exception as exc:  # noqa: BLE001 (any failure of one receiver is that delivery's, never the courier's)
+            why = f"{type(exc).__name__}: {exc}"
+        now = time.time()
+        if why is None:
+            delivery.state, delivery.ended_at, delivery.last_error = "delivered", now, None
+            return delivery
+        delivery.last_error = why
+        if now - delivery.created_at >= self.give_up_after_s:
+            delivery.state, delivery.ended_at = "given_up", now
+            log.warning("webhook %s %s to %s given up after %d attempts: %s", delivery.event_type, delivery.event_id,
+                        delivery.url, delivery.attempts, why)  # fmt: skip
+        else:
+            delay = min(self.first_delay_s * 2 ** (delivery.attempts - 1), defaults.WEBHOOK_MAX_DELAY_S)
+            delivery.next_at = now + delay
+            log.warning("webhook %s to %s, attempt %d: %s (again in %.0f s)", delivery.event_type, delivery.url,
+                        delivery.attempts, why, delay)  # fmt: skip
+        return delivery

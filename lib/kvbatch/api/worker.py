@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import json
 import logging
 import time
@@ -56,8 +57,13 @@ class BatchWorker:
         self.wake.set()
 
     async def _save(self, batch: BatchObject) -> None:
-        """Save, keeping a cancel that arrived meanwhile (the API writes `cancelling` on its own record)."""
-        await asyncio.to_thread(self.store.save_batch, batch, keep_cancel=True)
+        """Save, keeping a cancel that arrived meanwhile (the API writes `cancelling` on its own record); the webhook
+        events an end causes are saved with it, in the same transaction, then sent."""
+        deliveries = self.webhooks.deliveries_for(batch) if self.webhooks is not None else []
+        await asyncio.to_thread(functools.partial(self.store.save_batch, batch, keep_cancel=True,
+                                                  deliveries=deliveries))  # fmt: skip
+        if deliveries and self.webhooks is not None:
+            self.webhooks.wake()
 
     async def forever(self) -> None:
         while True:
@@ -241,8 +247,6 @@ class BatchWorker:
     async def _ended(self, batch: BatchObject) -> None:
         await self._save(batch)
         self._cancelled.discard(batch.id)
-        if self.webhooks is not None:
-            self.webhooks.send(batch)
 
 
 def _memory(folder: RunFolder, known: dict) -> dict:

@@ -121,8 +121,16 @@ def build_parser() -> argparse.ArgumentParser:
                           "several); by default only --webhook-url is called")  # fmt: skip
     api.add_argument("--webhook-secret-env", default=None,
                      help="environment variable holding the webhook signing secret (Standard Webhooks)")
+    api.add_argument("--webhook-give-up-hours", type=float, default=defaults.WEBHOOK_GIVE_UP_S / 3600,
+                     help="retry an undelivered webhook event with back-off until it is this old (default 72, as "
+                          "OpenAI)")  # fmt: skip
     api.add_argument("--no-report", action="store_true", help="skip rendering each batch's HTML report")
     api.set_defaults(handler="api:cmd_api")
+
+    webhooks = commands.add_parser("webhooks", help="list kvbatch api's webhook outbox: pending, delivered, given up")
+    webhooks.add_argument("--data", default=str(defaults.API_DATA_DIR), help="the store folder kvbatch api uses")
+    webhooks.add_argument("--limit", type=int, default=50, help="how many of the newest deliveries to list")
+    webhooks.set_defaults(handler="api:cmd_webhooks")
 
     export = commands.add_parser("export", help="write a run's answers as one table (a row per custom_id)")
     export.add_argument("run", help="run folder or name under data/runs")

@@ -22,6 +22,7 @@ import pytest
 from aiohttp import web
 from background import OpenAIDouble
 from batch_helpers import WAIT_CEILING_S, kvbatch, small_batch, start_kvbatch, stop_started, wait_until
+from chromium import Browser, chromium_binary
 
 KEY = "sk-local-test"
 
@@ -75,9 +76,9 @@ class QuickServer(OpenAIDouble):
         })  # fmt: skip
 
 
-def _api(tmp_path: Path, *extra: str, env: dict[str, str] | None = None):
-    process = start_kvbatch("api", "--port", "0", "--data", str(tmp_path / "api"), "--no-report", "--no-progress",
-                            *extra, cwd=tmp_path, env=env)  # fmt: skip
+def _api(tmp_path: Path, *extra: str, env: dict[str, str] | None = None, report: bool = False):
+    process = start_kvbatch("api", "--port", "0", "--data", str(tmp_path / "api"), "--no-progress",
+                            *([] if report else ["--no-report"]), *extra, cwd=tmp_path, env=env)  # fmt: skip
     assert process.stdout is not None
     deadline = time.monotonic() + WAIT_CEILING_S
     lines = []
@@ -215,10 +216,6 @@ def test_a_bad_line_fails_the_batch_with_every_bad_line_listed_and_pages_list_in
         assert refused.value.body["param"] == "endpoint"
 
 
-def _chromium() -> str | None:
-    return shutil.which("chromium") or shutil.which("chromium-browser") or shutil.which("google-chrome")
-
-
 def test_the_status_page_shows_every_batch_in_chromium_and_webhooks_are_signed(tmp_path):
     secret = "whsec_" + base64.b64encode(b"kvbatch-test-secret").decode()
     batch_file = small_batch(tmp_path / "in.jsonl", 6)
@@ -233,7 +230,7 @@ def test_the_status_page_shows_every_batch_in_chromium_and_webhooks_are_signed(t
         while not server.hooks and time.monotonic() < deadline:
             time.sleep(0.1)
         headers, body = server.hooks[0]
-        browser = _chromium()
+        browser = chromium_binary()
         assert browser, "make test installs Debian's chromium"
         page = url.removesuffix("/v1") + "/"
         shot = tmp_path / "status.png"
@@ -392,3 +389,50 @@ def test_an_event_no_receiver_takes_is_given_up_at_the_configured_age_and_others
     assert closed.ended_at - closed.created_at >= 1.0
     assert hook.state == "delivered" and hook.attempts == 1 and closed.event_id == hook.event_id
     assert [json.loads(body)["data"]["id"] for _, body in server.hooks] == ["batch_x"]
+
+
+def test_behind_a_key_a_person_logs_in_once_in_chromium_and_opens_the_page_and_a_report_but_changes_nothing(tmp_path):
+    """A keyed API (as beyond loopback): a browser without the key is sent to a login form, for the page and for a
+    report, and a key in the URL opens nothing; a wrong key is refused; the right one, typed once, opens the page
+    and, by its link, the batch's report. The cookie is HttpOnly and good for reading only: a script on the page
+    cannot cancel a batch with it. The SDK keeps its Bearer key; logging out closes the page again."""
+    batch_file = small_batch(tmp_path / "in.jsonl", 4)
+    with QuickServer() as server:
+        _, url = _api(tmp_path, "--url", server.url, "--api-key-env", "KVBATCH_TEST_KEY", env={"KVBATCH_TEST_KEY": KEY},
+                      report=True)  # fmt: skip
+        client = _client(url)
+        file_id = client.files.create(file=batch_file.open("rb"), purpose="batch").id
+        batch = client.batches.create(input_file_id=file_id, endpoint="/v1/chat/completions", completion_window="24h")
+        done = _wait(client, batch.id, lambda b: b.status == "completed")
+        report = done.model_extra["x_kvbatch"]["report"]
+        root = url.removesuffix("/v1")
+        fill = "document.querySelector('input[name=key]').value = {!r}; document.forms[0].submit()"
+
+        async def a_person() -> dict:
+            async with Browser(tmp_path) as browser:
+                seen = {"page": (await browser.open(f"{root}/"), await browser.text())}
+                seen["report"] = (await browser.open(f"{root}/reports/{report}"), await browser.text())
+                seen["key in the url"] = (await browser.open(f"{root}/?key={KEY}"), await browser.text())
+                seen["wrong key"] = (await browser.act(fill.format("sk-wrong")), await browser.text())
+                seen["right key"] = (await browser.act(fill.format(KEY)), await browser.html())
+                seen["script sees"] = await browser.evaluate("document.cookie")
+                seen["cancel"] = await browser.evaluate(f"fetch('/v1/batches/{batch.id}/cancel', {{method: 'POST'}})"
+                                                        ".then(r => r.status)")  # fmt: skip
+                seen["report link"] = (await browser.act("document.querySelector('a[href^=\"/reports/\"]').click()"),
+                                       await browser.text())  # fmt: skip
+                await browser.open(f"{root}/")
+                await browser.act("document.querySelector('form[action=\"/logout\"]').submit()")
+                seen["after logout"] = await browser.open(f"{root}/")
+            return seen
+
+        seen = asyncio.run(a_person())
+        still = client.batches.retrieve(batch.id)
+    for what in ("page", "report", "key in the url", "wrong key"):
+        path, text = seen[what]
+        assert path == "/login" and "API key" in text and batch.id not in text, (what, path, text)
+    assert "not the key this service was started with" in seen["wrong key"][1]
+    path, page = seen["right key"]
+    assert path == "/" and f'data-batch="{batch.id}"' in page and "4 of 4 (100%)" in page, page
+    assert seen["script sees"] == "" and seen["cancel"] == 401 and still.status == "completed"
+    assert seen["report link"][0] == f"/reports/{report}" and "kvbatch run report" in seen["report link"][1]
+    assert seen["after logout"] == "/login"

@@ -3,7 +3,9 @@ code written for OpenAI's batches runs on a local server by changing `base_url`.
 
 Files: POST/GET /v1/files, GET/DELETE /v1/files/{id}, GET /v1/files/{id}/content. Batches: POST/GET /v1/batches,
 GET /v1/batches/{id}, POST /v1/batches/{id}/cancel. Errors as OpenAI's `{"error": {message, type, param, code}}`.
-A status page at `/`, the batches' reports under `/reports/`. Uploads stream to disk in 1 MiB pieces.
+A status page at `/`, the batches' reports under `/reports/`; where the service has a key, a browser logs in once
+at `/login` (an HttpOnly cookie, good for reading only) and the API itself keeps `Authorization: Bearer`.
+Uploads stream to disk in 1 MiB pieces.
 """
 
 from __future__ import annotations
@@ -11,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
+import hashlib
 import hmac
 import os
 import time
@@ -20,7 +23,7 @@ from aiohttp import web
 
 from kvbatch import defaults
 from kvbatch.api.models import ENDED_STATES, BatchObject, error_body
-from kvbatch.api.page import status_page
+from kvbatch.api.page import login_page, status_page
 from kvbatch.api.store import Store, new_id
 from kvbatch.api.worker import BatchWorker
 
@@ -41,15 +44,34 @@ class ApiError(Exception):
                                  status=self.status)  # fmt: skip
 
 
+SESSION_COOKIE = "kvbatch_session"
+
+
+def _session_token(key: str) -> str:
+    """The cookie's value: derived from the key (a restart keeps a person logged in; a new key logs everyone out),
+    never the key itself."""
+    return hmac.new(key.encode(), b"kvbatch status page session", hashlib.sha256).hexdigest()
+
+
+def _authorized(request: web.Request, key: str) -> bool:
+    """The API's clients send `Authorization: Bearer <key>`; a browser sends the login's cookie, which is good for
+    reading only (GET), so a page of another site cannot make it change anything."""
+    given = request.headers.get("Authorization", "").removeprefix("Bearer ").strip()
+    if given:
+        return hmac.compare_digest(given.encode(), key.encode())
+    cookie = request.cookies.get(SESSION_COOKIE, "")
+    return bool(cookie) and request.method in ("GET", "HEAD") and hmac.compare_digest(
+        cookie.encode(), _session_token(key).encode())  # fmt: skip
+
+
 @web.middleware
 async def _errors_and_auth(request: web.Request, handler):
     key = request.app[_KEY]
-    if key:
-        given = request.headers.get("Authorization", "").removeprefix("Bearer ").strip()
-        given = given or request.query.get("key", "")  # the status page, opened in a browser
-        if not hmac.compare_digest(given.encode(), key.encode()):
-            return ApiError(401, "Incorrect API key provided. Send it as `Authorization: Bearer <key>`.",
-                            code="invalid_api_key").response()  # fmt: skip
+    if key and request.path not in ("/login", "/logout") and not _authorized(request, key):
+        if request.method == "GET" and (request.path == "/" or request.path.startswith("/reports/")):
+            raise web.HTTPSeeOther("/login")  # a person's browser: to the form, not a 401 in JSON
+        return ApiError(401, "Incorrect API key provided. Send it as `Authorization: Bearer <key>`.",
+                        code="invalid_api_key").response()  # fmt: skip
     try:
         return await handler(request)
     except ApiError as exc:
@@ -58,6 +80,33 @@ async def _errors_and_auth(request: web.Request, handler):
         return ApiError(404, f"Unknown request URL: {request.method} {request.path}.", code="unknown_url").response()
     except web.HTTPMethodNotAllowed:
         return ApiError(405, f"{request.method} is not allowed on {request.path}.").response()
+
+
+async def login_form(request: web.Request) -> web.Response:
+    if not request.app[_KEY]:
+        raise web.HTTPSeeOther("/")
+    return web.Response(text=login_page(), content_type="text/html")
+
+
+async def login(request: web.Request) -> web.Response:
+    """The key from the form: right, and the browser gets the session cookie (HttpOnly: no script reads it;
+    SameSite=Lax: another site's form cannot send it) and goes to the page; wrong, and the form again."""
+    key = request.app[_KEY]
+    given = str((await request.post()).get("key", ""))
+    if not key:
+        raise web.HTTPSeeOther("/")
+    if not hmac.compare_digest(given.encode(), key.encode()):
+        return web.Response(text=login_page(refused=True), content_type="text/html", status=401)
+    response = web.HTTPSeeOther("/")
+    response.set_cookie(SESSION_COOKIE, _session_token(key), httponly=True, samesite="Lax", path="/",
+                        secure=request.secure)  # fmt: skip
+    raise response
+
+
+async def logout(request: web.Request) -> web.Response:
+    response = web.HTTPSeeOther("/login")
+    response.del_cookie(SESSION_COOKIE, path="/")
+    raise response
 
 
 def _store(request: web.Request) -> Store:
@@ -226,8 +275,8 @@ async def cancel_batch(request: web.Request) -> web.Response:
 async def index(request: web.Request) -> web.Response:
     page, _ = await asyncio.to_thread(_store(request).batches, limit=100)
     deliveries = await asyncio.to_thread(_store(request).deliveries, defaults.API_PAGE_DELIVERIES)
-    key = request.query.get("key", "")
-    return web.Response(text=status_page(page, key=key, deliveries=deliveries), content_type="text/html")
+    keyed = bool(request.app[_KEY])
+    return web.Response(text=status_page(page, deliveries=deliveries, keyed=keyed), content_type="text/html")
 
 
 async def report(request: web.Request) -> web.StreamResponse:
@@ -251,5 +300,8 @@ def make_app(store: Store, worker: BatchWorker, *, api_key: str | None) -> web.A
     app.router.add_get("/v1/batches/{batch_id}", get_batch)
     app.router.add_post("/v1/batches/{batch_id}/cancel", cancel_batch)
     app.router.add_get("/", index)
+    app.router.add_get("/login", login_form)
+    app.router.add_post("/login", login)
+    app.router.add_post("/logout", logout)
     app.router.add_get("/reports/{name}", report)
     return app

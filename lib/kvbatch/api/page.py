@@ -5,7 +5,6 @@ user's input is escaped."""
 from __future__ import annotations
 
 import html
-import urllib.parse
 
 from kvbatch import defaults
 from kvbatch.api.models import BatchObject, WebhookDelivery, outbox_counts
@@ -32,12 +31,11 @@ def _eta(batch: BatchObject) -> str:
         f"{seconds:.0f} s"  # fmt: skip
 
 
-def _link(path: str, text: str, key: str) -> str:
-    query = f"?{urllib.parse.urlencode({'key': key})}" if key else ""
-    return f'<a href="{html.escape(path + query)}">{html.escape(text)}</a>'
+def _link(path: str, text: str) -> str:
+    return f'<a href="{html.escape(path)}">{html.escape(text)}</a>'
 
 
-def _row(batch: BatchObject, key: str) -> str:
+def _row(batch: BatchObject) -> str:
     counts, extra = batch.request_counts, batch.x_kvbatch
     done = counts.completed + counts.failed
     share = done / counts.total if counts.total else (1.0 if batch.status == "completed" else 0.0)
@@ -52,13 +50,13 @@ def _row(batch: BatchObject, key: str) -> str:
         errors += [f"line {e.line}: {e.message}" if e.line else e.message for e in batch.errors.data[:5]]
     if extra.get("last_stop"):
         errors.append(f"stopped, will go on: {extra['last_stop']}")
-    links = [_link(f"/v1/files/{batch.input_file_id}/content", "input", key)]
+    links = [_link(f"/v1/files/{batch.input_file_id}/content", "input")]
     if batch.output_file_id:
-        links.append(_link(f"/v1/files/{batch.output_file_id}/content", "output", key))
+        links.append(_link(f"/v1/files/{batch.output_file_id}/content", "output"))
     if batch.error_file_id:
-        links.append(_link(f"/v1/files/{batch.error_file_id}/content", "errors", key))
+        links.append(_link(f"/v1/files/{batch.error_file_id}/content", "errors"))
     if extra.get("report"):
-        links.append(_link(f"/reports/{extra['report']}", "report", key))
+        links.append(_link(f"/reports/{extra['report']}", "report"))
     plan = html.escape(str(extra.get("plan") or "")).replace("\n", "<br>")
     return (
         f'<tr data-batch="{html.escape(batch.id)}"><td>{html.escape(batch.id)}<br><small>'
@@ -90,13 +88,28 @@ def _outbox(deliveries: list[WebhookDelivery]) -> str:
     return f'<h2>Webhooks</h2><p id="outbox">{summary} (the newest {len(deliveries)} events)</p>{table}'
 
 
-def status_page(batches: list[BatchObject], *, key: str = "", deliveries: list[WebhookDelivery] = ()) -> str:
-    rows = "".join(_row(b, key) for b in batches) or '<tr><td colspan="10">No batches yet.</td></tr>'
+def status_page(batches: list[BatchObject], *, deliveries: list[WebhookDelivery] = (), keyed: bool = False) -> str:
+    """`keyed`: the service asks for a key, so the page offers to log out."""
+    rows = "".join(_row(b) for b in batches) or '<tr><td colspan="10">No batches yet.</td></tr>'
     return (
         "<!doctype html><html><head><meta charset='utf-8'><title>kvbatch batches</title>"
         f"<meta http-equiv='refresh' content='{defaults.API_PAGE_REFRESH_S}'><style>{_STYLE}</style></head><body>"
-        "<h1>kvbatch batches</h1><p>OpenAI Batch API at <code>/v1</code>; one batch runs at a time, the others wait "
+        "<h1>kvbatch batches</h1>"
+        + ('<form method="post" action="/logout"><button>Log out</button></form>' if keyed else "")
+        + "<p>OpenAI Batch API at <code>/v1</code>; one batch runs at a time, the others wait "
         "in order. This page reloads itself.</p><table><thead><tr><th>batch</th><th>state</th><th>progress</th>"
         "<th>throughput</th><th>ETA</th><th>prefix cache</th><th>memory</th><th>errors</th><th>files</th>"
         f"<th></th></tr></thead><tbody>{rows}</tbody></table>{_outbox(list(deliveries))}</body></html>"
+    )
+
+
+def login_page(*, refused: bool = False) -> str:
+    """The key asked once, in a form (never in a URL); the answer is an HttpOnly cookie the page and its links use."""
+    note = "<p class='failed'>That is not the key this service was started with.</p>" if refused else ""
+    return (
+        "<!doctype html><html><head><meta charset='utf-8'><title>kvbatch: log in</title>"
+        f"<style>{_STYLE}</style></head><body><h1>kvbatch batches</h1>{note}"
+        "<p>This service asks for its API key (the one its clients send as <code>Authorization: Bearer</code>).</p>"
+        '<form method="post" action="/login"><label>API key <input type="password" name="key" '
+        'autocomplete="current-password" autofocus></label> <button type="submit">Open</button></form></body></html>'
     )

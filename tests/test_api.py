@@ -65,6 +65,9 @@ class QuickServer(OpenAIDouble):
         self.asked += 1
         if "DENY" in body["messages"][-1]["content"]:  # a key this server refuses, for this request alone
             return web.json_response({"error": {"message": "invalid api key", "type": "auth"}}, status=401)
+        if "REJECT" in body["messages"][-1]["content"]:  # a request this server refuses for itself
+            return web.json_response({"error": {"message": "REJECTED: this request names no candidate",
+                                                "type": "invalid_request_error"}}, status=400)  # fmt: skip
         if self.delay_s:
             await asyncio.sleep(self.delay_s)
         text = f"echo: {body['messages'][-1]['content'][:40]}"
@@ -436,3 +439,39 @@ def test_behind_a_key_a_person_logs_in_once_in_chromium_and_opens_the_page_and_a
     assert seen["script sees"] == "" and seen["cancel"] == 401 and still.status == "completed"
     assert seen["report link"][0] == f"/reports/{report}" and "kvbatch run report" in seen["report link"][1]
     assert seen["after logout"] == "/login"
+
+
+def test_while_a_batch_runs_its_page_lists_its_failed_requests_draws_its_throughput_and_opens_its_report(tmp_path):
+    """A long batch (each answer takes at least 0.1 s) in which the server refuses two requests for themselves: the
+    page, in Chromium, lists those two with the server's reason, draws requests/s over the run, and its "report so
+    far" link renders the run report while the batch still runs."""
+    path = small_batch(tmp_path / "in.jsonl", 2000)
+    lines = path.read_text().splitlines()
+    for index in (1, 3):
+        lines[index] = lines[index].replace("Score this candidate.", "REJECT")
+    path.write_text("\n".join(lines) + "\n")
+    with QuickServer(delay_s=0.1) as server:
+        _, url = _api(tmp_path, "--url", server.url, "--concurrency", "1")
+        client = _client(url)
+        file_id = client.files.create(file=path.open("rb"), purpose="batch").id
+        batch = client.batches.create(input_file_id=file_id, endpoint="/v1/chat/completions", completion_window="24h")
+        _wait(client, batch.id, lambda b: b.request_counts.failed == 2 and len(b.model_extra["x_kvbatch"].get(
+            "throughput", [])) >= 3)  # fmt: skip
+        root = url.removesuffix("/v1")
+
+        async def look() -> tuple:
+            async with Browser(tmp_path) as browser:
+                await browser.open(f"{root}/")
+                page = await browser.html()
+                report = await browser.act("document.querySelector('a[href$=\"/report\"]').click()")
+                return page, report, await browser.text()
+
+        page, report_path, report_text = asyncio.run(look())
+        running = client.batches.retrieve(batch.id)
+        client.batches.cancel(batch.id)
+    assert running.status == "in_progress", running  # the report was rendered while the batch ran
+    assert 'data-failed="candidate-000001"' in page and 'data-failed="candidate-000003"' in page, page
+    assert "REJECTED: this request names no candidate" in page
+    points = re.search(r'<svg class="throughput" data-points="(\d+)"', page)
+    assert points and int(points.group(1)) >= 2, page
+    assert report_path.startswith("/reports/") and "kvbatch run report" in report_text, (report_path, report_text)

@@ -231,6 +231,11 @@ API_MAX_TROUBLES = 3
 """Unexpected failures of one batch's run (not its servers being gone) before it is failed, so the queue goes on."""
 API_PAGE_REFRESH_S = 2
 """The status page reloads itself this often (seconds)."""
+API_PAGE_FAILURES = 20
+"""The status page lists a batch's first this many failed requests with their reasons (all are in its error file)."""
+API_THROUGHPUT_POINTS = 120
+"""A batch keeps at most this many (time, requests done) points for the page's throughput chart: past it, every
+other point is dropped, so the chart covers the whole run at a coarser step."""
 API_PAGE_DELIVERIES = 200
 """The status page counts and lists the newest this many webhook deliveries."""
 WEBHOOK_TIMEOUT_S = 10.0

@@ -68,7 +68,7 @@ def _authorized(request: web.Request, key: str) -> bool:
 async def _errors_and_auth(request: web.Request, handler):
     key = request.app[_KEY]
     if key and request.path not in ("/login", "/logout") and not _authorized(request, key):
-        if request.method == "GET" and (request.path == "/" or request.path.startswith("/reports/")):
+        if request.method == "GET" and (request.path == "/" or request.path.startswith(("/reports/", "/batches/"))):
             raise web.HTTPSeeOther("/login")  # a person's browser: to the form, not a 401 in JSON
         return ApiError(401, "Incorrect API key provided. Send it as `Authorization: Bearer <key>`.",
                         code="invalid_api_key").response()  # fmt: skip
@@ -287,6 +287,17 @@ async def report(request: web.Request) -> web.StreamResponse:
     return web.FileResponse(path)
 
 
+async def report_so_far(request: web.Request) -> web.StreamResponse:
+    """A batch's run report as of now (rendered on demand while it runs; its final report once it has one)."""
+    batch = await _batch_or_404(request)
+    name = batch.x_kvbatch.get("report")
+    if not name:
+        name = await request.app[_WORKER].report_now(batch.id)
+    if not name:
+        raise ApiError(404, f"No report of {batch.id} yet: its run has not started.")
+    raise web.HTTPSeeOther(f"/reports/{name}")
+
+
 def make_app(store: Store, worker: BatchWorker, *, api_key: str | None) -> web.Application:
     app = web.Application(middlewares=[_errors_and_auth], client_max_size=1 << 20)
     app[_STORE], app[_WORKER], app[_KEY] = store, worker, api_key or ""
@@ -304,4 +315,5 @@ def make_app(store: Store, worker: BatchWorker, *, api_key: str | None) -> web.A
     app.router.add_post("/login", login)
     app.router.add_post("/logout", logout)
     app.router.add_get("/reports/{name}", report)
+    app.router.add_get("/batches/{batch_id}/report", report_so_far)
     return app

@@ -5,6 +5,7 @@ user's input is escaped."""
 from __future__ import annotations
 
 import html
+import itertools
 
 from kvbatch import defaults
 from kvbatch.api.models import BatchObject, WebhookDelivery, outbox_counts
@@ -35,6 +36,31 @@ def _link(path: str, text: str) -> str:
     return f'<a href="{html.escape(path)}">{html.escape(text)}</a>'
 
 
+def _throughput(points: list) -> str:
+    """Requests per second between the batch's saved points, drawn as a small SVG line (no script, no library)."""
+    rates = [(t1, (d1 - d0) / (t1 - t0)) for (t0, d0), (t1, d1) in itertools.pairwise(points) if t1 > t0]
+    if len(rates) < 2:
+        return ""
+    start, span = rates[0][0], (rates[-1][0] - rates[0][0]) or 1.0
+    top = max(rate for _, rate in rates) or 1.0
+    line = " ".join(f"{(t - start) / span * 200:.1f},{40 - rate / top * 38:.1f}" for t, rate in rates)
+    return (f'<svg class="throughput" data-points="{len(rates)}" width="200" height="42" viewBox="0 0 200 42">'
+            f"<title>requests/s over the run (at most {top:.2f})</title>"
+            f'<polyline points="{line}" fill="none" stroke="#2a7ae2" stroke-width="1.5"/></svg>')  # fmt: skip
+
+
+def _failures(batch: BatchObject) -> str:
+    """The first failed requests, each with its reason (the error file has them all)."""
+    failures = batch.x_kvbatch.get("failures") or []
+    if not failures:
+        return ""
+    items = "".join(f'<li data-failed="{html.escape(f["custom_id"])}"><code>{html.escape(f["custom_id"])}</code>: '
+                    f'{html.escape(f["message"])}</li>' for f in failures)  # fmt: skip
+    more = batch.request_counts.failed - len(failures)
+    tail = f"<li>... and {more:,} more in the error file</li>" if more > 0 else ""
+    return f"<details><summary>failed requests</summary><ul>{items}{tail}</ul></details>"
+
+
 def _row(batch: BatchObject) -> str:
     counts, extra = batch.request_counts, batch.x_kvbatch
     done = counts.completed + counts.failed
@@ -57,6 +83,8 @@ def _row(batch: BatchObject) -> str:
         links.append(_link(f"/v1/files/{batch.error_file_id}/content", "errors"))
     if extra.get("report"):
         links.append(_link(f"/reports/{extra['report']}", "report"))
+    elif batch.status == "in_progress" and extra.get("run_folder"):
+        links.append(_link(f"/batches/{batch.id}/report", "report so far"))
     plan = html.escape(str(extra.get("plan") or "")).replace("\n", "<br>")
     return (
         f'<tr data-batch="{html.escape(batch.id)}"><td>{html.escape(batch.id)}<br><small>'
@@ -64,9 +92,10 @@ def _row(batch: BatchObject) -> str:
         f'<td class="{batch.status}">{batch.status}</td>'
         f'<td><div class="bar" title="{share:.0%}"><div style="width:{share * 100:.1f}%"></div></div>'
         f"<small>{done:,} of {counts.total:,} ({share:.0%})</small></td>"
-        f"<td>{f'{rate:.2f} req/s' if rate else ''}</td><td>{_eta(batch)}</td>"
+        f"<td>{f'{rate:.2f} req/s' if rate else ''}{_throughput(extra.get('throughput') or [])}</td>"
+        f"<td>{_eta(batch)}</td>"
         f"<td>{f'{cache:.0%}' if cache is not None else ''}</td><td>{html.escape(memory_text)}</td>"
-        f"<td>{'<br>'.join(html.escape(e) for e in errors)}</td><td>{' · '.join(links)}</td>"
+        f"<td>{'<br>'.join(html.escape(e) for e in errors)}{_failures(batch)}</td><td>{' · '.join(links)}</td>"
         f"<td><details><summary>plan</summary><small>{plan}</small></details></td></tr>"
     )
 

@@ -17,6 +17,7 @@ from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+from kvbatch import defaults
 from kvbatch.api.models import BatchObject, FileObject, RequestCounts, WebhookDelivery
 from kvbatch.errors import UserInputError
 
@@ -254,11 +255,15 @@ class RunProgress:
     """A batch's progress read from its run folder as the journal grows: only the bytes appended since the last
     read (a 170,000-line results file is hundreds of MB; polling must not read it again every second)."""
 
-    def __init__(self, results: Path, errors: Path, metrics: Path) -> None:
+    def __init__(self, results: Path, errors: Path, metrics: Path,
+                 keep_failures: int = defaults.API_PAGE_FAILURES) -> None:  # fmt: skip
         self._offsets = {results: 0, errors: 0, metrics: 0}
         self.results, self.errors, self.metrics = results, errors, metrics
         self.completed = self.failed = 0
         self.prompt_tokens = self.cached_tokens = 0
+        self.keep_failures = keep_failures
+        self.failures: list[dict[str, str]] = []
+        """The first failed requests: custom_id, code and message (the status page lists them)."""
 
     def _new_lines(self, path: Path):
         """The whole lines appended since the last read, a MiB at a time (a line still being written waits)."""
@@ -276,7 +281,10 @@ class RunProgress:
 
     def read(self) -> None:
         self.completed += sum(1 for _ in self._new_lines(self.results))
-        self.failed += sum(1 for _ in self._new_lines(self.errors))
+        for line in self._new_lines(self.errors):
+            self.failed += 1
+            if len(self.failures) < self.keep_failures:
+                self.failures.append(_failure(line))
         for line in self._new_lines(self.metrics):
             try:
                 record = json.loads(line)
@@ -291,3 +299,14 @@ class RunProgress:
     @property
     def cache_share(self) -> float | None:
         return self.cached_tokens / self.prompt_tokens if self.prompt_tokens else None
+
+
+def _failure(line: bytes) -> dict[str, str]:
+    """An errors.jsonl line (OpenAI's batch error line) as the page lists it."""
+    try:
+        record = json.loads(line)
+    except ValueError:
+        return {"custom_id": "?", "code": "", "message": "an unreadable line in errors.jsonl"}
+    error = record.get("error") or {}
+    return {"custom_id": str(record.get("custom_id")), "code": str(error.get("code") or ""),
+            "message": str(error.get("message") or "")}  # fmt: skip

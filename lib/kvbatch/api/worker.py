@@ -45,6 +45,7 @@ class BatchWorker:
         self.running_id: str | None = None
         self._cancelled: set[str] = set()
         self._run_task: asyncio.Task | None = None
+        self._rendering = asyncio.Lock()
 
     def run_folder(self, batch_id: str) -> RunFolder:
         return RunFolder(self.store.batch_folder(batch_id))
@@ -189,7 +190,9 @@ class BatchWorker:
                 elapsed = time.time() - started
                 rate = (progress.completed + progress.failed - done_before) / elapsed if elapsed > 0 else 0.0
                 batch.x_kvbatch.update(run_folder=str(folder.path), requests_per_s=round(rate, 3),
-                                       cache_share=progress.cache_share,
+                                       cache_share=progress.cache_share, failures=progress.failures,
+                                       throughput=_with_point(batch.x_kvbatch.get("throughput", []),
+                                                              progress.completed + progress.failed),
                                        **await asyncio.to_thread(_memory, folder, batch.x_kvbatch))
                 await self._save(batch)
             outcome = self._run_task.result()
@@ -225,6 +228,15 @@ class BatchWorker:
             batch.status, batch.completed_at = "completed", int(time.time())
         await self._ended(batch)
 
+    async def report_now(self, batch_id: str) -> str | None:
+        """Render the batch's run report from its run folder as it stands (the page's "report so far"); one render
+        at a time. None when the run has not started."""
+        folder = self.run_folder(batch_id)
+        if not folder.is_run():
+            return None
+        async with self._rendering:
+            return await asyncio.to_thread(self._render, folder)
+
     def _render(self, folder: RunFolder) -> str | None:
         from kvbatch.report.render import render_run_report
 
@@ -247,6 +259,15 @@ class BatchWorker:
     async def _ended(self, batch: BatchObject) -> None:
         await self._save(batch)
         self._cancelled.discard(batch.id)
+
+
+def _with_point(points: list, done: int, now: float | None = None) -> list:
+    """The throughput chart's [unix time, requests done] points with this moment's added; past
+    API_THROUGHPUT_POINTS every other older point is dropped (the chart keeps the whole run, coarser)."""
+    points = [*points, [round(time.time() if now is None else now, 1), done]]
+    if len(points) > defaults.API_THROUGHPUT_POINTS:
+        points = points[:-1:2] + points[-1:]
+    return points
 
 
 def _memory(folder: RunFolder, known: dict) -> dict:

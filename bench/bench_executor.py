@@ -153,7 +153,11 @@ def part_1_2_3(work: Path, n: int) -> None:
 
 
 def start_instant_server(*flags: str) -> tuple[subprocess.Popen, str]:
-    port = free_port()
+    return start_instant_server_on(free_port(), *flags)
+
+
+def start_instant_server_on(port: int, *flags: str) -> tuple[subprocess.Popen, str]:
+    """The fault server on `port` (again on the same one, after it was killed: an upstream outage)."""
     process = subprocess.Popen(
         [sys.executable, str(ROOT / "bench" / "fault_server.py"), str(port), *flags], stdout=subprocess.DEVNULL
     )  # no faults: an instant server (or what the flags make it), in its own process

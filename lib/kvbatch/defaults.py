@@ -154,6 +154,14 @@ CONCURRENCY_IMPROVEMENT = 1.05
 MEMORY_THRESHOLD_OF_BUDGET = 0.95
 """With --memory-budget and no --memory-threshold, the run reacts when the server passes this share of the budget."""
 MEMORY_SAMPLE_S = 1.0
+RESTART_ABOVE_PLAN = 0.10
+RESTART_ABOVE_PLAN_MIN_BYTES = 64 * 2**20
+"""Our own server is drained (its requests in flight finish, no new ones start) and restarted when its memory passes
+the plan's peak by this share, at least this many bytes (--restart-above overrides): what the plan could not price
+(a JSON schema's grammar state, a leak in the server) is let go long before the kernel's out-of-memory killer."""
+RESTART_MIN_REQUESTS_PER_SLOT = 4
+"""Before the next drain-and-restart the restarted server must serve this many requests per slot: memory past the
+bound sooner means the plan itself is short (not a leak), and the in-flight count is lowered instead, for good."""
 PROGRESS_LOG_EVERY_S = 15.0
 """A plain progress line this often when output is not a terminal (CI, logs)."""
 KEEP_ALIVE = "30m"

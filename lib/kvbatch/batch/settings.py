@@ -54,6 +54,8 @@ class BatchSettings:
     retry_failed: bool = False
     progress: bool = True
     memory_threshold_bytes: int | None = None
+    restart_above_bytes: int | None = None
+    """Drain and restart our own server past this memory (default: the plan's peak and its allowance)."""
     allow_cpu_spill: bool = False
 
     def backend_options(self) -> BackendOptions:

@@ -85,5 +85,6 @@ def settings_from_args(args: argparse.Namespace) -> BatchSettings:
         retry_failed=getattr(args, "retry_failed", False),
         progress=not args.no_progress,
         memory_threshold_bytes=threshold,
+        restart_above_bytes=parse_bytes(args.restart_above, what="--restart-above") if args.restart_above else None,
         allow_cpu_spill=args.allow_cpu_spill,
     )

@@ -1,4 +1,5 @@
-"""Background memory sampling during a run: a time series on disk, and a reaction above a threshold.
+"""Background memory sampling during a run: a time series on disk, and reactions above thresholds (lower the
+in-flight count near the budget; drain and restart our own server past the plan's bound).
 
 The supervisor says which probe follows its server (NVML per process on a GPU, RSS on a CPU, Ollama's /api/ps);
 the probe is asked again after a restart (a new PID), so the series follows the server."""
@@ -7,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 from kvbatch import defaults
@@ -14,6 +16,16 @@ from kvbatch.batch.records import append_memory_sample
 from kvbatch.errors import KvbatchError
 from kvbatch.serve.probes import MemoryProbe
 from kvbatch.serve.supervisor import Supervisor
+
+
+@dataclass
+class MemoryLine:
+    """A level of memory and what to do when the server passes it: once per crossing (memory must fall below the
+    line first), or at the next sample again when the reaction returns False (not yet)."""
+
+    bytes: int
+    react: Callable[[int], Awaitable[bool | None]]
+    above: bool = False
 
 
 class MemoryMonitor:
@@ -33,13 +45,12 @@ class MemoryMonitor:
         self.csv_path = csv_path
         self.label = label
         self.interval_s = interval_s
-        self.threshold_bytes = threshold_bytes
-        self.on_high = on_high
         self.peak_bytes = 0
         self.last_bytes: int | None = None
         """The latest sample: after a crash, the memory the server held just before it died (to the interval)."""
-        self.above = False
-        """True while the last sample was above the threshold."""
+        self.lines: list[MemoryLine] = []
+        if threshold_bytes and on_high:
+            self.lines.append(MemoryLine(threshold_bytes, on_high))
         self.probe_name: str | None = None
         self._probe: MemoryProbe | None = None
         self._probe_pid: int | None = None
@@ -70,12 +81,20 @@ class MemoryMonitor:
         append_memory_sample(self.csv_path, used, probe.name, self.label)
         return used
 
+    def add_line(self, line: MemoryLine) -> None:
+        self.lines.append(line)
+
+    @property
+    def above(self) -> bool:
+        """True while the last sample was above any of the lines."""
+        return any(line.above for line in self.lines)
+
     async def run(self) -> None:
         while True:
             used = await self.sample()
-            if used is not None and self.threshold_bytes:
-                crossed = used > self.threshold_bytes and not self.above
-                self.above = used > self.threshold_bytes
-                if crossed and self.on_high:
-                    await self.on_high(used)  # once per crossing: lower the in-flight count, log it
+            for line in self.lines if used is not None else ():
+                crossed = used > line.bytes and not line.above
+                line.above = used > line.bytes
+                if crossed and await line.react(used) is False:
+                    line.above = False  # not handled yet: asked again at the next sample
             await asyncio.sleep(self.interval_s)

@@ -21,6 +21,7 @@ from kvbatch.batch.plan.plan import Plan, least_slot_context
 from kvbatch.batch.plan.plan_record import PlanRecord, plan_document
 from kvbatch.batch.plan.prepare import Prepared, model_identity, prepare
 from kvbatch.batch.plan.server_plans import EndpointPlan
+from kvbatch.batch.run.execution.drain import restart_bound
 from kvbatch.batch.run.execution.executor import Executor, RunOptions
 from kvbatch.batch.run.execution.guard import TruncationGuard
 from kvbatch.batch.run.execution.stats import RunStats
@@ -188,6 +189,20 @@ def _supervisors(settings: BatchSettings, prepared: Prepared, folder: RunFolder)
     return supervisors
 
 
+def _restart_bounds(settings: BatchSettings, prepared: Prepared, supervisors: list[Supervisor]) -> list[int | None]:
+    """Per supervisor, the memory past which its server is drained and restarted: our embedded servers only (their
+    plans, in order), at --restart-above or the plan's peak and its allowance."""
+    embedded = iter([p.plan for p in prepared.plans if p.spec.kind == "embedded"])
+    bounds: list[int | None] = []
+    for supervisor in supervisors:
+        plan = next(embedded) if isinstance(supervisor, EmbeddedSupervisor) else None
+        if plan is None or (plan.memory is None and not settings.restart_above_bytes):
+            bounds.append(None)
+        else:
+            bounds.append(settings.restart_above_bytes or restart_bound(int(plan.memory.counted_bytes)))
+    return bounds
+
+
 def _fingerprint(settings: BatchSettings, report: InputReport, specs: list[EndpointSpec]) -> Fingerprint:
     return Fingerprint(
         input_hash=report.input_hash,
@@ -267,6 +282,7 @@ async def _execute(settings: BatchSettings, report: InputReport, requests_fn, pr
         answer_attempts=settings.answer_attempts,
         max_wait_s=settings.max_wait_s,
         memory_threshold_bytes=settings.memory_threshold_bytes,
+        restart_bounds=_restart_bounds(settings, prepared, supervisors),
         progress=settings.progress,
         estimated_seconds=plan.estimated_seconds,
     )

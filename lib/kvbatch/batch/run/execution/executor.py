@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 
 from kvbatch import defaults
 from kvbatch.batch.inputs.requests import BatchRequest
+from kvbatch.batch.run.execution.drain import Drainer
 from kvbatch.batch.run.execution.endpoint import Endpoint
 from kvbatch.batch.run.execution.feed import Feed, Quota, Workers
 from kvbatch.batch.run.execution.guard import TruncationGuard
@@ -23,7 +24,7 @@ from kvbatch.batch.run.execution.sender import RunStopped, Sender
 from kvbatch.batch.run.execution.stats import RunStats
 from kvbatch.batch.run.execution.trials import ConcurrencyTrials
 from kvbatch.batch.run.journal import Journal
-from kvbatch.batch.run.monitor import MemoryMonitor
+from kvbatch.batch.run.monitor import MemoryLine, MemoryMonitor
 from kvbatch.batch.run.progress import Progress
 from kvbatch.batch.runfolder import RunFolder
 from kvbatch.errors import ServerGoneError
@@ -41,6 +42,8 @@ class RunOptions:
     answer_attempts: int = defaults.ANSWER_ATTEMPTS
     max_wait_s: float = defaults.MAX_WAIT_S
     memory_threshold_bytes: int | None = None
+    restart_bounds: list[int | None] = field(default_factory=list)
+    """Per supervisor: the memory past which that server (when ours) is drained and restarted; None: never."""
     memory_interval_s: float = defaults.MEMORY_SAMPLE_S
     progress: bool = True
     estimated_seconds: float | None = None
@@ -199,12 +202,19 @@ class Executor:
         sender.others_waiting = lambda: not feed.drained
         workers = Workers(feed, sender, recorder, chunk_size=self.options.chunk_size)
         background = [asyncio.create_task(self._re_estimate(progress))]
-        for endpoint in self.endpoints:
+        drainers: list[Drainer] = []
+        for index, endpoint in enumerate(self.endpoints):
             endpoint.monitor = MemoryMonitor(
                 endpoint.supervisor, self.folder.memory, label=endpoint.label,
                 interval_s=self.options.memory_interval_s, threshold_bytes=self.options.memory_threshold_bytes,
                 on_high=lambda used, e=endpoint: self._on_memory_high(e, used),
             )  # fmt: skip
+            bound = self.options.restart_bounds[index] if index < len(self.options.restart_bounds) else None
+            if bound and endpoint.supervisor.restarts_itself:
+                drainer = Drainer(endpoint, recorder, bound,
+                                  lower=lambda used, e=endpoint: self._on_memory_high(e, used))  # fmt: skip
+                drainers.append(drainer)
+                endpoint.monitor.add_line(MemoryLine(bound, drainer.react))
             background.append(asyncio.create_task(endpoint.monitor.run()))
         try:
             if self.options.concurrency == "auto" and not pooled:
@@ -229,7 +239,7 @@ class Executor:
         finally:
             for task in background:
                 task.cancel()
-            await asyncio.gather(*background, return_exceptions=True)
+            await asyncio.gather(*background, *(d.close() for d in drainers), return_exceptions=True)
             recorder.close()
             progress.close()
         return self.stats

@@ -1,0 +1,31 @@
+"""Memory the plan could not price is let go: our own server, past its bound, is drained (its requests in flight
+finish, no new one starts) and restarted, and the run goes on with nothing lost and nothing charged."""
+
+from __future__ import annotations
+
+import json
+
+from batch_helpers import input_ids, kvbatch, result_lines, small_batch
+
+QUIET = ("--no-report", "--no-progress")
+
+
+def test_the_embedded_server_past_its_bound_is_drained_and_restarted_once_with_nothing_lost_or_charged(tmp_path):
+    """A bound every serving server passes (1 MiB): once each slot has served, the server is drained and restarted;
+    after the restart its memory never falls below the bound, so it is not restarted again. Every request is
+    answered once, none failed or retried, and the event gives the memory before and after."""
+    batch = small_batch(tmp_path / "in.jsonl", 16)
+    result = kvbatch("run", str(batch), "--concurrency", "2", "--restart-above", "1MiB", *QUIET, cwd=tmp_path)
+    assert result.returncode == 0, result.stdout + result.stderr
+    run = tmp_path / "data" / "runs" / "in"
+    ids = [r["custom_id"] for r in result_lines(run, "results.jsonl")]
+    assert sorted(ids) == sorted(input_ids(batch)) and not result_lines(run, "errors.jsonl")
+    events = result_lines(run, "events.jsonl")
+    drains = [e for e in events if e["event"] == "drained_and_restarted"]
+    assert len(drains) == 1, [e["event"] for e in events]
+    drain = drains[0]
+    assert drain["served_before"] >= 1 and drain["before_bytes"] > 2**20 and drain["after_bytes"], drain
+    assert drain["bound_bytes"] == 2**20 and drain["action"] == "restarted, same layout"
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["retries"] == 0 and summary["failed_total"] == 0, summary
+    assert not [e for e in events if e["event"] in ("recovery", "endpoint_out", "memory_over_plan")], events

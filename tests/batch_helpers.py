@@ -13,7 +13,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from kvbatch.batch.inputs.sample import write_sample
-from kvbatch.batch.run.journal import completed_ids
+from kvbatch.batch.records import custom_ids
 
 
 def small_batch(path: Path, n: int, *, max_tokens: int = 6) -> Path:
@@ -91,7 +91,7 @@ def input_ids(path: Path) -> list[str]:
 
 
 def count_lines(path: Path) -> int:
-    return len(completed_ids(path)) if path.exists() else 0
+    return len(custom_ids(path)) if path.exists() else 0
 
 
 def replace_user_message(batch: Path, line_index: int, content: str) -> dict:

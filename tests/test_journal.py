@@ -7,7 +7,8 @@ import subprocess
 import sys
 
 import pytest
-from kvbatch.batch.run.journal import Fingerprint, Journal, completed_ids
+from kvbatch.batch.records import custom_ids
+from kvbatch.batch.run.journal import Fingerprint, Journal
 from kvbatch.batch.runfolder import RunFolder, RunFolderBusyError, RunLock
 from kvbatch.errors import UserInputError
 
@@ -27,7 +28,7 @@ def test_round_trip_in_openai_batch_output_format(tmp_path):
     line = json.loads((tmp_path / "results.jsonl").read_text())
     assert list(line) == ["id", "custom_id", "response", "error"]
     assert line["response"]["status_code"] == 200 and line["error"] is None
-    assert completed_ids(tmp_path / "results.jsonl") == {'id "quoted"'}
+    assert custom_ids(tmp_path / "results.jsonl") == {'id "quoted"'}
     error = json.loads((tmp_path / "errors.jsonl").read_text())
     assert error["error"] == {"code": "TruncatedPromptError", "message": "cut", "prompt_tokens": 10,
                               "expected_prompt_tokens": 100}  # fmt: skip
@@ -48,7 +49,7 @@ def test_what_the_fast_encoder_refuses_is_still_written_and_journals_of_either_s
     assert json.loads(raw.decode("utf-8", "surrogatepass"))["response"]["body"]["n"] == 2**70
     with open(tmp_path / "results.jsonl", "a", encoding="utf-8") as old:
         old.write(json.dumps({"id": "batch_req_1", "custom_id": "spaced", "response": {}, "error": None}) + "\n")
-    assert completed_ids(tmp_path / "results.jsonl") == {"lone", "spaced"}
+    assert custom_ids(tmp_path / "results.jsonl") == {"lone", "spaced"}
 
 
 def test_a_torn_last_line_is_cut_before_appending(tmp_path):

@@ -16,9 +16,11 @@ import time
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import cast
 
 from kvbatch import defaults
 from kvbatch.api.models import BatchObject, FileObject, RequestCounts, WebhookDelivery
+from kvbatch.batch.records import ErrorLine, MetricLine
 from kvbatch.errors import UserInputError
 
 _SCHEMA = """
@@ -287,11 +289,11 @@ class RunProgress:
                 self.failures.append(_failure(line))
         for line in self._new_lines(self.metrics):
             try:
-                record = json.loads(line)
+                record = cast(MetricLine, json.loads(line))
             except ValueError:
                 continue
-            self.prompt_tokens += record.get("prompt_tokens") or 0
-            self.cached_tokens += record.get("cached_tokens") or 0
+            self.prompt_tokens += record["prompt_tokens"] or 0
+            self.cached_tokens += record["cached_tokens"] or 0
 
     def counts(self, total: int) -> RequestCounts:
         return RequestCounts(total=total, completed=self.completed, failed=self.failed)
@@ -304,9 +306,8 @@ class RunProgress:
 def _failure(line: bytes) -> dict[str, str]:
     """An errors.jsonl line (OpenAI's batch error line) as the page lists it."""
     try:
-        record = json.loads(line)
+        record = cast(ErrorLine, json.loads(line))
     except ValueError:
         return {"custom_id": "?", "code": "", "message": "an unreadable line in errors.jsonl"}
-    error = record.get("error") or {}
-    return {"custom_id": str(record.get("custom_id")), "code": str(error.get("code") or ""),
-            "message": str(error.get("message") or "")}  # fmt: skip
+    error = record["error"]
+    return {"custom_id": record["custom_id"], "code": error.get("code", ""), "message": error.get("message", "")}

@@ -13,7 +13,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
-import json
 import logging
 import time
 from dataclasses import replace
@@ -24,8 +23,10 @@ from kvbatch.api.models import BatchErrorData, BatchErrors, BatchObject
 from kvbatch.api.store import RunProgress, Store, new_id
 from kvbatch.api.webhooks import Webhooks
 from kvbatch.batch.inputs.openai_batch import save_index
+from kvbatch.batch.plan.plan_record import read_plan
 from kvbatch.batch.records import last_memory_sample
 from kvbatch.batch.run.runner import field_rules, load_input, run_batch_async, run_specs
+from kvbatch.batch.run.summary import Summary
 from kvbatch.batch.runfolder import RunFolder
 from kvbatch.batch.settings import BatchSettings
 from kvbatch.errors import KvbatchError, TransientError
@@ -210,9 +211,9 @@ class BatchWorker:
 
     async def _finish(self, batch: BatchObject, *, cancelled: bool) -> None:
         folder = self.run_folder(batch.id)
-        if cancelled and folder.summary.exists():  # a cancel that came after the last request: it completed
-            summary = json.loads(folder.summary.read_text("utf-8"))
-            cancelled = summary.get("completed_total", 0) + summary.get("failed_total", 0) < batch.request_counts.total
+        summary = Summary.read(folder.summary) if cancelled else None
+        if summary is not None:  # a cancel that came after the last request: it completed
+            cancelled = summary.completed_total + summary.failed_total < batch.request_counts.total
         now = int(time.time())
         if cancelled:
             batch.status, batch.cancelling_at = "cancelling", batch.cancelling_at or now
@@ -275,10 +276,7 @@ def _memory(folder: RunFolder, known: dict) -> dict:
     last line)."""
     found: dict = {}
     if "planned_bytes" not in known and folder.plan.exists():
-        try:
-            plan = json.loads(folder.plan.read_text("utf-8"))
-        except ValueError:
-            plan = {}
+        plan = read_plan(folder.plan)
         found["planned_bytes"] = (plan.get("memory") or {}).get("total_bytes")
         found["budget_bytes"] = plan.get("budget_bytes")
     sample = last_memory_sample(folder.memory)

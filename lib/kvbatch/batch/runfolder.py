@@ -22,12 +22,12 @@ import contextlib
 import fcntl
 import json
 import os
-import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from kvbatch import defaults
+from kvbatch.batch.records import event_line
 from kvbatch.errors import UserInputError
 
 RUN_FILE = "run.json"
@@ -114,7 +114,7 @@ class RunFolder:
     def append_event(self, kind: str, **details: Any) -> None:
         """One line in events.jsonl (recoveries, back-offs, trials): the one place that writes it."""
         with open(self.events, "a", encoding="utf-8") as handle:
-            handle.write(json.dumps({"t_unix_s": time.time(), "event": kind, **details}, default=str) + "\n")
+            handle.write(event_line(kind, **details))
 
     def is_run(self) -> bool:
         return self.run_file.exists()

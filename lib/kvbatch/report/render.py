@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from kvbatch import defaults
+from kvbatch.batch.run.summary import Summary
 from kvbatch.batch.runfolder import RunFolder
 from kvbatch.defaults import NOTEBOOKS_DIR, REPORTS_DIR, RUNS_DIR
 from kvbatch.errors import KvbatchError, UserInputError
@@ -100,8 +101,7 @@ def newest_run(runs_dir: Path = RUNS_DIR) -> Path:
 
 def render_run_report(run_dir: Path) -> Path:
     """The run report: throughput and memory over time, cache hits, tokens saved, the plan, the errors."""
-    summary_path = RunFolder(Path(run_dir)).summary
-    summary = json.loads(summary_path.read_text()) if summary_path.exists() else {}
+    summary = Summary.fields(RunFolder(Path(run_dir)).summary)
     headline = {
         "done": summary.get("completed_total"),
         "failed": summary.get("failed_total"),

@@ -8,14 +8,12 @@ from typing import Any
 
 import pandas as pd
 
-from kvbatch.batch.records import jsonl_records
+from kvbatch.batch import records
+from kvbatch.batch.plan.plan_record import read_plan
+from kvbatch.batch.run.journal import RunRecord
+from kvbatch.batch.run.summary import Summary
 from kvbatch.batch.runfolder import RunFolder
 from kvbatch.serve.backends.openai_compat import cached_tokens_from
-
-
-def _jsonl_records(path: Path) -> list[dict[str, Any]]:
-    return list(jsonl_records(path))
-
 
 RESULT_COLUMNS = [
     "custom_id", "status", "answer", "finish_reason", "prompt_tokens", "cached_tokens", "completion_tokens",
@@ -25,8 +23,8 @@ RESULT_COLUMNS = [
 
 def _completed_rows(folder: RunFolder) -> list[dict[str, Any]]:
     rows = []
-    for record in _jsonl_records(folder.results):
-        body = record["response"]["body"]
+    for record in records.results(folder.results):
+        body = record["response"]["body"] or {}
         choice = (body.get("choices") or [{}])[0]
         usage = body.get("usage") or {}
         cached = cached_tokens_from(body)
@@ -42,7 +40,7 @@ def _failed_rows(folder: RunFolder) -> list[dict[str, Any]]:
              "finish_reason": r["error"].get("finish_reason"), "attempts": r.get("attempts"),
              "answer_attempts": r["error"].get("answer_attempts"), "error_code": r["error"]["code"],
              "error_message": r["error"]["message"]}
-            for r in _jsonl_records(folder.errors)]  # fmt: skip
+            for r in records.errors(folder.errors)]  # fmt: skip
 
 
 def _json_fields(frame: pd.DataFrame) -> pd.DataFrame:
@@ -79,11 +77,11 @@ def _input_columns(folder: RunFolder, frame: pd.DataFrame) -> pd.DataFrame:
     """A table input's own columns, joined on its id column (or its row number, `row-N`)."""
     from kvbatch.batch.inputs.table import TableInput
 
-    record = _json(folder.run_file).get("input") or {}
-    path = Path(record.get("path") or "")
-    if not record.get("table") or not path.is_file():
+    run = RunRecord.read(folder.run_file)
+    source = run.input if run is not None else None
+    if source is None or not source.table or not Path(source.path).is_file():
         return frame
-    id_column = record.get("id_column")
+    path, id_column = Path(source.path), source.id_column
     table = TableInput(path, Path(), "", id_column)  # the run's own reader: the ids come out as the run made them
     rows = [{**row, "custom_id": table.custom_id(line_no, row)} for line_no, row in table.rows()]
     if not rows:
@@ -100,7 +98,7 @@ def load_results(run_dir: Path | str) -> pd.DataFrame:
     fields as columns; for a table input, the table's own columns joined on its id. `kvbatch export` writes it."""
     folder = RunFolder(Path(run_dir))
     frame = pd.DataFrame(_completed_rows(folder) + _failed_rows(folder), columns=RESULT_COLUMNS)
-    metrics = _jsonl_records(folder.metrics)
+    metrics = list(records.metrics(folder.metrics))
     if metrics:
         per_request = pd.DataFrame(metrics).drop_duplicates("custom_id", keep="last").set_index("custom_id")
         for column in ("latency_s", "attempts", "answer_attempts"):
@@ -156,13 +154,13 @@ def load_errors(run_dir: Path | str) -> pd.DataFrame:
             "message": r["error"]["message"],
             "attempts": r.get("attempts"),
         }
-        for r in _jsonl_records(RunFolder(Path(run_dir)).errors)
+        for r in records.errors(RunFolder(Path(run_dir)).errors)
     ]
     return pd.DataFrame(rows, columns=["custom_id", "code", "message", "attempts"])
 
 
 def load_metrics(run_dir: Path | str) -> pd.DataFrame:
-    frame = pd.DataFrame(_jsonl_records(RunFolder(Path(run_dir)).metrics))
+    frame = pd.DataFrame(list(records.metrics(RunFolder(Path(run_dir)).metrics)))
     if not frame.empty:
         frame["t"] = pd.to_datetime(frame["t_done_unix_s"], unit="s")
     return frame
@@ -178,7 +176,7 @@ def load_memory(run_dir: Path | str) -> pd.DataFrame:
 
 
 def load_events(run_dir: Path | str) -> pd.DataFrame:
-    return pd.DataFrame(_jsonl_records(RunFolder(Path(run_dir)).events))
+    return pd.DataFrame(list(records.events(RunFolder(Path(run_dir)).events)))
 
 
 SOLO_COLUMNS = ["custom_id", "sent alone because", "crashes in flight", "solo attempts", "what each showed", "verdict"]
@@ -212,18 +210,14 @@ def solo_turns(events: pd.DataFrame, errors: pd.DataFrame) -> pd.DataFrame:
     return pd.DataFrame(rows, columns=SOLO_COLUMNS)
 
 
-def _json(path: Path) -> dict[str, Any]:
-    return json.loads(path.read_text("utf-8")) if path.exists() else {}
-
-
 def load_summary(run_dir: Path | str) -> dict[str, Any]:
     """summary.json as a dict (empty before the first invocation ends)."""
-    return _json(RunFolder(Path(run_dir)).summary)
+    return Summary.fields(RunFolder(Path(run_dir)).summary)
 
 
 def load_plan(run_dir: Path | str) -> dict[str, Any]:
     """plan.json as a dict."""
-    return _json(RunFolder(Path(run_dir)).plan)
+    return read_plan(RunFolder(Path(run_dir)).plan)
 
 
 def throughput_per_interval(metrics: pd.DataFrame, interval_s: float = 10.0) -> pd.DataFrame:

@@ -4,6 +4,9 @@ stable for scripts and notebooks (`slot_context_tokens`, `parallel_slots`, `chun
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
 from pydantic import BaseModel, Field
 
 PLAN_SCHEMA_VERSION = 2
@@ -58,3 +61,11 @@ def plan_document(records: list[PlanRecord]) -> dict:
     under `endpoints` (what `kvbatch plan --json` prints too)."""
     dumped = [record.model_dump() for record in records]
     return {**dumped[0], "endpoints": dumped} if len(dumped) > 1 else dumped[0]
+
+
+def read_plan(path: Path) -> dict:
+    """plan.json as written by `plan_document` ({} where it is missing or unreadable: a run not yet planned)."""
+    try:
+        return json.loads(path.read_text("utf-8")) if path.exists() else {}
+    except ValueError:
+        return {}

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import os
-import secrets
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,13 +18,11 @@ from typing import Any
 from pydantic import BaseModel
 
 from kvbatch import jsoncodec
+from kvbatch.batch.records import ErrorLine, ResultLine, custom_ids, error_line, result_line
 from kvbatch.batch.runfolder import RunFolder, write_durably
 from kvbatch.errors import UserInputError
 
 JOURNAL_VERSION = 2
-_CUSTOM_ID_KEY = '"custom_id":'
-"""Followed by a space in journals written with the standard library's separators, by the value in compact ones."""
-_decoder = json.JSONDecoder()
 
 
 def _repair_torn_tail(path: Path) -> int:
@@ -46,25 +43,6 @@ def _repair_torn_tail(path: Path) -> int:
             keep = handle.read(size).rfind(b"\n") + 1
         handle.truncate(keep)
         return size - keep
-
-
-def completed_ids(path: Path) -> set[str]:
-    """Every `custom_id` in a result file. Reads only the id of each line (it is written near the front)."""
-    done: set[str] = set()
-    if not path.exists():
-        return done
-    with open(path, encoding="utf-8", errors="surrogatepass") as handle:  # as written: a lone surrogate kept
-        for line in handle:
-            at = line.find(_CUSTOM_ID_KEY)
-            if at < 0:
-                continue
-            try:
-                start = at + len(_CUSTOM_ID_KEY)
-                value, _ = _decoder.raw_decode(line, start + (line[start : start + 1] == " "))
-            except json.JSONDecodeError:
-                continue
-            done.add(value)
-    return done
 
 
 class Fingerprint(BaseModel):
@@ -110,6 +88,14 @@ class RunRecord(BaseModel):
     fingerprint: Fingerprint
     input: InputSource | None = None
 
+    @classmethod
+    def read(cls, path: Path) -> RunRecord | None:
+        """run.json, or None where there is none (or it is not one kvbatch can read)."""
+        try:
+            return cls.model_validate_json(path.read_text("utf-8")) if path.exists() else None
+        except ValueError:
+            return None
+
 
 class Journal:
     """Appends result and error lines for one run folder. Open with `Journal.open(folder, fingerprint)` while
@@ -134,8 +120,8 @@ class Journal:
         if folder.run_file.exists():
             cls._check(folder, fingerprint)
         repaired = sum(_repair_torn_tail(path) for path in (folder.results, folder.errors))
-        failed = completed_ids(folder.errors)
-        return JournalState(completed_ids(folder.results) | failed, failed, repaired)
+        failed = custom_ids(folder.errors)
+        return JournalState(custom_ids(folder.results) | failed, failed, repaired)
 
     @staticmethod
     def _check(folder: RunFolder, fingerprint: Fingerprint) -> None:
@@ -206,52 +192,21 @@ class Journal:
             self._fds[key] = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
         return self._fds[key]
 
-    def _append(self, path: Path, record: dict[str, Any]) -> None:
+    def _append(self, path: Path, record: ResultLine | ErrorLine) -> None:
         data = jsoncodec.dumps_line(record)
         os.write(self._fd(path), data)  # one write(2) per line: a kill leaves whole lines, or a torn last one
         self._unsynced += 1
 
     def record_result(self, custom_id: str, response_body: dict[str, Any], *, status_code: int = 200) -> None:
         """One success line in the OpenAI Batch output format."""
-        self._append(
-            self.results_path,
-            {
-                "id": f"batch_req_{secrets.token_hex(12)}",
-                "custom_id": custom_id,
-                "response": {
-                    "status_code": status_code,
-                    "request_id": f"req_{secrets.token_hex(12)}",
-                    "body": response_body,
-                },
-                "error": None,
-            },
-        )
+        self._append(self.results_path, result_line(custom_id, response_body, status_code))
         self.done.add(custom_id)
 
-    def record_error(
-        self,
-        custom_id: str,
-        code: str,
-        message: str,
-        *,
-        attempts: int,
-        status_code: int | None = None,
-        details: dict[str, Any] | None = None,
-    ) -> None:
+    def record_error(self, custom_id: str, code: str, message: str, *, attempts: int, status_code: int | None = None,
+                     details: dict[str, Any] | None = None) -> None:  # fmt: skip
         """One line for a request that failed for good: the reason and how many attempts it had."""
-        error: dict[str, Any] = {"code": code, "message": message}
-        if details:
-            error.update(details)
-        self._append(
-            self.errors_path,
-            {
-                "id": f"batch_req_{secrets.token_hex(12)}",
-                "custom_id": custom_id,
-                "response": {"status_code": status_code, "body": None} if status_code else None,
-                "error": error,
-                "attempts": attempts,
-            },
-        )
+        self._append(self.errors_path, error_line(custom_id, code, message, attempts=attempts,
+                                                  status_code=status_code, details=details))  # fmt: skip
         self.done.add(custom_id)
         self.failed.add(custom_id)
 

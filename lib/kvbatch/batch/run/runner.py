@@ -233,7 +233,7 @@ async def run_batch_async(settings: BatchSettings, *, say=print) -> RunOutcome:
         fingerprint = await asyncio.to_thread(_fingerprint, settings, report, specs)
         remaining, state = await asyncio.to_thread(_remaining, settings, report, fingerprint)
         if remaining <= 0:
-            summary = Summary.model_validate_json(folder.summary.read_text()) if folder.summary.exists() else None
+            summary = Summary.read(folder.summary)
             return RunOutcome(folder, None, None, summary, f"all {report.request_count} requests are already done")
         with tempfile.TemporaryDirectory() as scratch:
             prepared = await prepare(settings, report, requests_fn, specs, Path(scratch))

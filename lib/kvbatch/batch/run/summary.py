@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
 from typing import Any
 
 from pydantic import BaseModel, Field
@@ -57,3 +59,15 @@ class Summary(BaseModel):
     mode: str
     parallel_slots: int
     slot_context_tokens: int
+
+    @classmethod
+    def read(cls, path: Path) -> Summary | None:
+        """summary.json, or None before the first invocation has ended."""
+        return cls.model_validate_json(path.read_text("utf-8")) if path.exists() else None
+
+    @staticmethod
+    def fields(path: Path) -> dict:
+        """summary.json's fields as written ({} before the first invocation has ended), for the report, which
+        renders runs that older versions of kvbatch wrote (fields missing or since renamed) too."""
+        return json.loads(path.read_text("utf-8")) if path.exists() else {}
+

@@ -11,6 +11,7 @@ from typing import Any
 from kvbatch import defaults, jsoncodec
 from kvbatch.batch.inputs.answers import AnswerProblem, InvalidAnswerError
 from kvbatch.batch.inputs.requests import BatchRequest
+from kvbatch.batch.records import MetricLine
 from kvbatch.batch.run.execution.stats import PrefixStats, RunStats
 from kvbatch.batch.run.journal import Journal
 from kvbatch.batch.run.progress import Progress
@@ -133,21 +134,12 @@ class Recorder:
             prefix.prefix_tokens += prefix_tokens
             prefix.prefix_cached_tokens += min(cached, prefix_tokens)
             prefix.misses += cached < prefix_tokens * defaults.PREFIX_HIT_SHARE
-        self._metrics.write(jsoncodec.dumps_line({
-            "custom_id": request.custom_id,
-            "t_done_unix_s": round(time.time(), 3),
-            "latency_s": round(result.latency_s, 4),
-            "waited_s": round(waited_s, 4),
-            "prompt_tokens": result.prompt_tokens,
-            "cached_tokens": cached,
-            "completion_tokens": result.completion_tokens,
-            "finish_reason": result.finish_reason,
-            "prefix": request.prefix_key,
-            "endpoint": endpoint,
-            "slot": slot,
-            "attempts": attempts,
-            "answer_attempts": answer_attempts or None,
-        }))  # fmt: skip
+        self._metrics.write(jsoncodec.dumps_line(MetricLine(
+            custom_id=request.custom_id, t_done_unix_s=round(time.time(), 3), latency_s=round(result.latency_s, 4),
+            waited_s=round(waited_s, 4), prompt_tokens=result.prompt_tokens, cached_tokens=cached,
+            completion_tokens=result.completion_tokens, finish_reason=result.finish_reason, prefix=request.prefix_key,
+            endpoint=endpoint, slot=slot, attempts=attempts, answer_attempts=answer_attempts or None,
+        )))  # fmt: skip
         self.progress.update(ok=True, cache_share=stats.cache_share())
         self.sync()
 

@@ -271,7 +271,7 @@ def test_an_out_of_memory_halving_is_not_undone_by_a_later_phase(tmp_path):
         endpoint = Endpoint(supervisor, label="e", recorder=recorder, pooled=False)
         assert await endpoint.set_in_flight(8) == 8
         await endpoint.recover(OutOfMemoryError("out of memory"), endpoint.generation)
-        assert endpoint.gate.limit == 4
+        assert endpoint.capacity.limit == 4
         assert await endpoint.set_in_flight(8) == 4  # the next phase asks for 8 again, and gets 4
         await supervisor.close()
 

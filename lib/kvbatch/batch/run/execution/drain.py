@@ -1,7 +1,7 @@
 """Drain and restart our own server when its memory passes the plan's bound: what the plan could not price (the
 grammar a JSON schema makes per request, a leak in the server) is let go before the kernel's out-of-memory killer
 meets it, and nothing is lost or charged: the requests in flight finish, no new one starts until the server is
-back (`Gate.exclusive`), the run goes on with the same slots."""
+back (`Capacity.exclusive`), the run goes on with the same slots."""
 
 from __future__ import annotations
 
@@ -62,7 +62,7 @@ class Drainer:
     async def _drain_and_restart(self, used_bytes: int) -> None:
         endpoint, label = self.endpoint, self.endpoint.label
         asked = time.monotonic()
-        async with endpoint.gate.exclusive():  # new requests wait; those in flight finish on the old server
+        async with endpoint.capacity.exclusive():  # new requests wait; those in flight finish on the old server
             drained_s = time.monotonic() - asked
             cause = KvbatchError(f"memory {used_bytes / 2**20:.0f} MiB passed the plan's bound "
                                  f"{self.bound_bytes / 2**20:.0f} MiB")  # fmt: skip
@@ -73,7 +73,7 @@ class Drainer:
                 endpoint.trip(exc, endpoint.generation)
                 return
             after = await endpoint.monitor.sample() if endpoint.monitor is not None else None
-        await endpoint.set_in_flight(endpoint.gate.limit)  # the layout it came back with
+        await endpoint.set_in_flight(endpoint.capacity.limit)  # the layout it came back with
         endpoint.warm_slots = 0
         self.restarts += 1
         self.served_at_restart = self._served()

@@ -1,4 +1,4 @@
-"""One server in the pool: its supervisor (and so its backend and slot layout), a gate on the requests in flight,
+"""One server in the pool: its supervisor (and so its backend and slot layout), its capacity (the requests in flight),
 one recovery at a time, and its health. An endpoint that cannot be brought back (in a pool), or whose breaker
 tripped (the failure policy found the fault to be the server's), is taken out, probed with back-off by a real chat
 request (a wedged server says it is healthy), and re-admitted; its requests go back to the feed for the others.
@@ -7,92 +7,15 @@ Past `--max-wait` it is given up: the others carry on, and with none left the ru
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import time
-from collections.abc import AsyncIterator
 from dataclasses import asdict
 
 from kvbatch import defaults
+from kvbatch.batch.run.execution.capacity import Capacity
 from kvbatch.batch.run.execution.recorder import Recorder
 from kvbatch.batch.run.monitor import MemoryMonitor
 from kvbatch.errors import KvbatchError, ServerGoneError
 from kvbatch.serve.supervisor import Recovery, Supervisor, backoff_delays
-
-
-class Gate:
-    """The requests in flight on one endpoint, each holding a leased slot id: a limit that can be lowered (or
-    raised) while requests are in flight, slot ids taken for an attempt and given back after it (after a back-off
-    that halves the slots only the remaining ids are handed out, so no request names a slot the server no longer
-    has), and an exclusive hold: `exclusive()` waits for every request in flight and lets no other in meanwhile."""
-
-    def __init__(self, limit: int, slots: int | None = None) -> None:
-        self.limit = max(1, limit)
-        self.slots = max(slots or self.limit, 1)
-        self.in_flight = 0
-        self._free: set[int] = set(range(self.slots))
-        """Slot ids below `slots` that no attempt holds."""
-        self._exclusive = False
-        self._changed = asyncio.Condition()
-
-    def _lease(self, prefer: int | None) -> int:
-        free = self._free
-        chosen = prefer if prefer in free else min(free)  # its own slot when free: that slot's prefix cache is warm
-        free.discard(chosen)
-        self.in_flight += 1
-        return chosen
-
-    def _can_enter(self) -> bool:
-        return not self._exclusive and self.in_flight < self.limit and bool(self._free)
-
-    async def _release(self, slot: int) -> None:
-        async with self._changed:
-            if slot < self.slots:
-                self._free.add(slot)
-            self.in_flight -= 1
-            self._changed.notify_all()
-
-    @contextlib.asynccontextmanager
-    async def slot(self, prefer: int | None = None) -> AsyncIterator[int]:
-        """Hold a place in flight with a slot id of its own (`prefer` when free) for one attempt."""
-        async with self._changed:
-            if not self._can_enter():
-                await self._changed.wait_for(self._can_enter)
-            leased = self._lease(prefer)
-        try:
-            yield leased
-        finally:
-            await self._release(leased)
-
-    @contextlib.asynccontextmanager
-    async def exclusive(self, prefer: int | None = None) -> AsyncIterator[int]:
-        async with self._changed:
-            await self._changed.wait_for(lambda: not self._exclusive)
-            self._exclusive = True
-            try:
-                await self._changed.wait_for(lambda: self.in_flight == 0)
-            except BaseException:  # cancelled while waiting: the gate opens again for the others
-                self._exclusive = False
-                self._changed.notify_all()
-                raise
-            leased = self._lease(prefer)
-        try:
-            yield leased
-        finally:
-            await self._release(leased)
-            async with self._changed:
-                self._exclusive = False
-                self._changed.notify_all()
-
-    async def set_limit(self, limit: int, slots: int | None = None) -> None:
-        """A new in-flight limit, and (after a back-off) the slots the server now has: ids at or above it are
-        not handed out again (those in flight finish on their attempt)."""
-        async with self._changed:
-            if slots is not None:
-                held = set(range(self.slots)) - self._free
-                self.slots = max(slots, 1)
-                self._free = set(range(self.slots)) - held
-            self.limit = max(1, min(limit, self.slots))
-            self._changed.notify_all()
 
 
 class EndpointOut(Exception):
@@ -109,9 +32,7 @@ class Endpoint:
         self.recorder = recorder
         self.pooled = pooled
         self.max_wait_s = max_wait_s
-        self.in_flight_cap = supervisor.layout.slots
-        """Lowered (never raised) after an out-of-memory, so no later phase undoes the halving."""
-        self.gate = Gate(self.in_flight_cap, supervisor.layout.slots)
+        self.capacity = Capacity(supervisor.layout.slots)
         self.generation = 0
         self.ready = asyncio.Event()
         self.ready.set()
@@ -149,9 +70,8 @@ class Endpoint:
         return self.supervisor.layout.slots
 
     async def set_in_flight(self, wanted: int) -> int:
-        limit = max(1, min(wanted, self.in_flight_cap, self.slots))
-        await self.gate.set_limit(limit, self.slots)
-        return limit
+        """`wanted` in flight, within the capacity's cap and the slots the server has now."""
+        return await self.capacity.want(wanted, self.slots)
 
     def hold(self, generation_seen: int) -> None:
         """An attempt of this generation met a server that may be down: send nothing more until its recovery has
@@ -192,9 +112,10 @@ class Endpoint:
                 del self._recoveries[old]
             self.generation += 1
             if recovery.out_of_memory:
-                self.in_flight_cap = max(1, min(self.in_flight_cap, self.gate.limit) // 2)
-            await self.set_in_flight(self.gate.limit)
-            self._note_recovery(recovery, memory_last_sampled_bytes=last_sampled, in_flight_limit=self.gate.limit)
+                await self.capacity.lower_cap(self.capacity.limit // 2, self.slots)
+            await self.set_in_flight(self.capacity.limit)
+            self._note_recovery(recovery, memory_last_sampled_bytes=last_sampled,
+                                in_flight_limit=self.capacity.limit)  # fmt: skip
             self.ready.set()
             return recovery
 
@@ -210,7 +131,7 @@ class Endpoint:
         """One tiny chat request of our own: does the server serve others? (Whose fault a failure was.) It takes a
         place at the gate like any request, so it never runs beside a suspect's solo turn."""
         try:
-            async with self.gate.slot():  # a place, not a slot id: the server may have come back with fewer
+            async with self.capacity.slot():  # a place, not a slot id: the server may have come back with fewer
                 await self.backend.chat(dict(defaults.PROBE_BODY))
         except KvbatchError as exc:
             self.last_probe_error = exc
@@ -290,7 +211,7 @@ class Endpoint:
                 if self._on_probe_served is not None:
                     self._on_probe_served(self.label)
                 break
-        await self.set_in_flight(self.gate.limit)  # the layout as it came back: only its slot ids are leased
+        await self.set_in_flight(self.capacity.limit)  # the layout as it came back: only its slot ids are leased
         self.recorder.stats.endpoint(self.label).out_s += time.monotonic() - self._out_since
         self.recorder.event("endpoint_back", endpoint=self.label, out_s=round(time.monotonic() - self._out_since, 1))
         self.out = False

@@ -139,11 +139,10 @@ class Executor:
         return self.stats.finished - mark_count, time.perf_counter() - mark_time
 
     async def _on_memory_high(self, endpoint: Endpoint, used_bytes: int) -> None:
-        if endpoint.gate.limit > 1:
-            endpoint.in_flight_cap = endpoint.gate.limit - 1
-            await endpoint.set_in_flight(endpoint.in_flight_cap)
+        if endpoint.capacity.limit > 1:
+            await endpoint.capacity.lower_cap(endpoint.capacity.limit - 1, endpoint.slots)
         self.recorder.event("memory_high", endpoint=endpoint.label, used_bytes=used_bytes,
-                            action=f"in-flight limit now {endpoint.gate.limit}")  # fmt: skip
+                            action=f"in-flight limit now {endpoint.capacity.limit}")  # fmt: skip
 
     async def _re_estimate(self, progress: Progress) -> None:
         """After the first minutes, re-make the time estimate from the run's own rate (the ETA the progress shows)."""

@@ -115,7 +115,7 @@ class Sender:
             alone = policy.is_suspect(request.custom_id)
             result: ChatResult | None = None
             error: KvbatchError | None = None
-            async with endpoint.gate.exclusive(slot) if alone else endpoint.gate.slot(slot) as leased:
+            async with endpoint.capacity.exclusive(slot) if alone else endpoint.capacity.slot(slot) as leased:
                 if not endpoint.accepts(generation):
                     continue  # the server is held, recovered or taken out since this request waited for the gate
                 sent_mark = policy.success_mark(endpoint.label)
@@ -156,7 +156,7 @@ class Sender:
                 continue
             assert error is not None
             alone_at_the_tail = isinstance(error, (ServerFaultError, RequestTimeoutError)) and (
-                endpoint.gate.in_flight == 0 and not self.others_waiting()
+                endpoint.capacity.in_flight == 0 and not self.others_waiting()
                 and policy.success_mark(endpoint.label) == sent_mark
             )  # fmt: skip
             answered = alone_at_the_tail and await endpoint.probe_chat()

@@ -125,6 +125,25 @@ def test_what_serving_adds_is_priced_from_the_probes_log_by_hand():
     )
 
 
+def test_json_answers_price_the_grammar_on_the_host_once_per_server_and_a_little_per_slot():
+    """A batch asking for JSON answers: the 270M's vocabulary of 262,144 x 680 B = 170 MiB once per server (what
+    bench/json_soak.py measured above the free-text plan: 163 MiB at 1 slot, 167 at 4), plus 2 MiB a slot; on a GPU
+    the grammar is host memory, outside the card's budget."""
+    from dataclasses import replace
+
+    from kvbatch.batch.plan.memory import ServingMemory
+    from kvbatch.serve.log import parse_server_log
+
+    text = ServingMemory.from_probe_log(parse_server_log(PROBE_LOG), probe_context=1024, on_gpu=False)
+    json_answers = replace(text, json_answers=True)
+    for slots in (1, 4, 16):
+        added = json_answers.bytes_for(slots, 3584) - text.bytes_for(slots, 3584)
+        assert added == pytest.approx(262144 * 680 + slots * 2 * MIB), slots
+    gpu = ServingMemory.from_probe_log(parse_server_log(PROBE_LOG.replace("CPU compute", "CUDA0 compute")),
+                                       probe_context=1024, on_gpu=True)  # fmt: skip
+    assert replace(gpu, json_answers=True).bytes_for(4, 3584) == gpu.bytes_for(4, 3584)
+
+
 def test_a_request_that_cannot_fit_is_named():
     with pytest.raises(PlanError, match="the largest request, 'c-7', needs about 200000 tokens"):
         make_plan(sizes(longest_request_tokens=200_000), card_16gib())

@@ -31,6 +31,12 @@ SERVING_ALLOWANCE_PER_SLOT_BYTES = 2 * 2**20
 """What a serving llama-server holds per slot beyond what `ServingMemory` prices (the HTTP threads' allocator
 arenas, per-slot state): measured at 0.6-1.6 MiB per slot on the 270M at 1, 4 and 8 slots (tools/plan_bound.py; one
 run at 4 slots peaked 2.4 MiB above a 1 MiB allowance)."""
+JSON_ANSWER_BYTES_PER_VOCAB_TOKEN = 680
+JSON_ANSWER_BYTES_PER_SLOT = 2 * 2**20
+"""What llama-server holds more once it serves answers constrained by a JSON schema (its grammar sampler walks the
+whole vocabulary for each token, and the allocator keeps the high-water mark): measured by bench/json_soak.py on
+the 270M (vocabulary 262,144), 163 MiB above the free-text plan at 1 slot and 167 MiB at 4, reached with the first
+answers and flat after: about 680 bytes per vocabulary entry once per server, and a little per slot."""
 CTX_CHECKPOINTS = 3
 """Context checkpoints per slot (llama-server's default is 32). On a sliding-window model each is a copy of the
 slot's window cache, made at the start of the user message (the one a shared prefix is restored from) and twice

@@ -167,6 +167,7 @@ def save_index(report: InputReport, index_path: Path) -> None:
         "user_chars": report.user_chars.tolist(),
         "max_tokens": report.max_tokens.tolist(),
         "longest_request": list(report.longest_request),
+        "json_answers": report.json_answers,
     }
     write_durably(index_path, json.dumps(data, ensure_ascii=False))
 
@@ -189,6 +190,7 @@ def load_index(index_path: Path, input_path: Path) -> InputReport | None:
             user_chars=array("i", data["user_chars"]),
             max_tokens=array("i", data["max_tokens"]),
             longest_request=tuple(data["longest_request"]),
+            json_answers=data["json_answers"],
             file_state=(data["signature"]["size"], data["signature"]["mtime_ns"]),
         )
     except (OSError, ValueError, KeyError, TypeError):

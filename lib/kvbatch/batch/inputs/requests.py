@@ -79,6 +79,8 @@ class InputReport:
     user_chars: array = field(default_factory=lambda: array("i"))
     max_tokens: array = field(default_factory=lambda: array("i"))
     longest_request: tuple[str, int] = ("", 0)
+    json_answers: int = 0
+    """Requests whose `response_format` asks for JSON: the server builds a grammar for each, which the plan prices."""
     file_state: tuple[int, int] | None = None
     """(size, mtime_ns) of the input when it was validated: requests are read back by offset, so it must not change."""
 
@@ -98,6 +100,8 @@ class InputReport:
         self.max_tokens.append(int(body.get("max_completion_tokens") or body.get("max_tokens") or 0))
         if user_chars > self.longest_request[1]:
             self.longest_request = (custom_id, user_chars)
+        if (body.get("response_format") or {}).get("type") in ("json_schema", "json_object"):
+            self.json_answers += 1
         self.request_count += 1
 
     def system_prompt_hash(self) -> str:

@@ -27,6 +27,8 @@ class SizeProfile:
     longest_request_tokens: int
     chars_per_token: float
     token_source: str
+    json_answers: int = 0
+    """Requests asking for a JSON answer (a grammar per request on llama-server, priced by the plan)."""
 
     @property
     def request_tokens_p99(self) -> int:
@@ -68,4 +70,5 @@ def size_profile(
         + int(max_tokens.max()),
         chars_per_token=chars_per_token,
         token_source=token_source,
+        json_answers=report.json_answers,
     )

@@ -57,8 +57,9 @@ class ServingMemory:
     - `SERVING_ALLOWANCE_PER_SLOT_BYTES` (defaults) for what is left: the allocator's arenas of the HTTP threads
       and per-slot state, measured at 0.6-1.6 MiB per slot.
 
-    Not priced yet: answers constrained by a JSON schema (the server's grammar sampler). The same sample asking for
-    a schema peaked at 713 MiB against 546 planned, and kept growing through the run.
+    - answers constrained by a JSON schema (when the batch asks for them): the grammar sampler's state, reached with
+      the first answers and flat after (bench/json_soak.py: 163 MiB above the free-text plan at 1 slot, 167 at 4),
+      priced per vocabulary entry once per server and a little per slot (`grammar_bytes`).
     """
 
     probe_compute_bytes: float
@@ -71,6 +72,8 @@ class ServingMemory:
     """The base was read where an allocation counts at once (a GPU): the probe's compute buffer is in it."""
     host_in_budget: bool = True
     """The budget is the host's memory (a CPU server): logits, samplers and the allowance count."""
+    json_answers: bool = False
+    """The batch asks for JSON answers: the server's grammar sampler state is priced (`grammar_bytes`)."""
 
     MASK_BYTES_PER_CELL = 2
     LOGIT_BYTES = 4
@@ -93,11 +96,19 @@ class ServingMemory:
         """Each slot's sampler and allowance, on the host."""
         return self.vocab_size * self.SAMPLER_BYTES_PER_TOKEN + defaults.SERVING_ALLOWANCE_PER_SLOT_BYTES
 
+    def grammar_bytes(self, slots: int) -> float:
+        """What answers constrained by a JSON schema add on the host (defaults.JSON_ANSWER_*), 0 for free text."""
+        if not self.json_answers:
+            return 0.0
+        per_server = self.vocab_size * defaults.JSON_ANSWER_BYTES_PER_VOCAB_TOKEN
+        return per_server + slots * defaults.JSON_ANSWER_BYTES_PER_SLOT
+
     def bytes_for(self, slots: int, stream_cells: int) -> float:
         host = 0.0
         if self.host_in_budget:
             extra_slots = max(slots - self.probe_slots, 0)
             host = extra_slots * self.vocab_size * self.LOGIT_BYTES + slots * self.per_slot_bytes()
+            host += self.grammar_bytes(slots)
         return self.compute_bytes(stream_cells) + host
 
 

@@ -107,8 +107,9 @@ async def embedded_plan(settings: BatchSettings, sizes: SizeProfile, spec: Endpo
     path = settings.measurement_path or find_measurement("embedded", model_path.name, types)
     measurement, shown, reason = _load_measurement(path)
     budget = embedded_budget(settings, spec.gpu, on_gpu=on_gpu, share=share)
+    serving = replace(base.serving, json_answers=sizes.json_answers > 0) if base else None
     options = {"checkpoints_in_budget": not on_gpu, "ctx_checkpoints": settings.server.ctx_checkpoints or 0,
-               "serving": base.serving if base else None}  # fmt: skip
+               "serving": serving}  # fmt: skip
     if measurement is not None:
         memory = MemoryModel.from_measurement(arch, measurement, types, **options)
     else:

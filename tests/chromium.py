@@ -16,6 +16,10 @@ import aiohttp
 from batch_helpers import WAIT_CEILING_S
 
 
+class ProtocolError(Exception):
+    """Chromium answered a DevTools call with an error (during a navigation the page's context may be gone)."""
+
+
 def chromium_binary() -> str | None:
     return shutil.which("chromium") or shutil.which("chromium-browser") or shutil.which("google-chrome")
 
@@ -66,7 +70,8 @@ class Browser:
         while True:
             message = json.loads((await self._socket.receive()).data)
             if message.get("id") == call_id:
-                assert "error" not in message, message
+                if "error" in message:
+                    raise ProtocolError(str(message["error"]))
                 return message["result"]
 
     async def evaluate(self, expression: str):
@@ -80,7 +85,10 @@ class Browser:
         deadline = time.monotonic() + WAIT_CEILING_S
         while time.monotonic() < deadline:
             await asyncio.sleep(0.1)
-            state = await self.evaluate("(window.__old ? 'old' : document.readyState) + ' ' + location.pathname")
+            try:
+                state = await self.evaluate("(window.__old ? 'old' : document.readyState) + ' ' + location.pathname")
+            except ProtocolError:  # asked while the page was being replaced: ask again
+                continue
             if state and state.startswith("complete "):
                 return state.split(" ", 1)[1]
         raise AssertionError("the page never finished loading")

@@ -11,11 +11,13 @@ QUIET = ("--no-report", "--no-progress")
 
 
 def test_the_embedded_server_past_its_bound_is_drained_and_restarted_once_with_nothing_lost_or_charged(tmp_path):
-    """A bound every serving server passes (1 MiB): once each slot has served, the server is drained and restarted;
-    after the restart its memory never falls below the bound, so it is not restarted again. Every request is
-    answered once, none failed or retried, and the event gives the memory before and after."""
-    batch = small_batch(tmp_path / "in.jsonl", 16)
-    result = kvbatch("run", str(batch), "--concurrency", "2", "--restart-above", "1MiB", *QUIET, cwd=tmp_path)
+    """A bound every serving server passes (1 MiB), on one slot, memory sampled every 0.05 s (each answer of 32
+    tokens takes longer, on any machine): once the slot has served, the server is drained and restarted; after the
+    restart its memory never falls below the bound, so it is not restarted again. Every request is answered once,
+    none failed or retried, and the event gives the memory before and after."""
+    batch = small_batch(tmp_path / "in.jsonl", 24, max_tokens=32)
+    result = kvbatch("run", str(batch), "--parallel", "1", "--concurrency", "1", "--memory-sample-s", "0.05",
+                     "--restart-above", "1MiB", *QUIET, cwd=tmp_path)  # fmt: skip
     assert result.returncode == 0, result.stdout + result.stderr
     run = tmp_path / "data" / "runs" / "in"
     ids = [r["custom_id"] for r in result_lines(run, "results.jsonl")]

@@ -88,9 +88,17 @@ async def login_form(request: web.Request) -> web.Response:
     return web.Response(text=login_page(), content_type="text/html")
 
 
+def _same_origin(request: web.Request) -> None:
+    """A form posted from another site (its Origin names it) is refused: no other page logs a person in or out."""
+    origin = request.headers.get("Origin")
+    if origin and origin != f"{request.scheme}://{request.host}":
+        raise ApiError(403, "This form must be sent from this service's own page.", code="cross_origin")
+
+
 async def login(request: web.Request) -> web.Response:
     """The key from the form: right, and the browser gets the session cookie (HttpOnly: no script reads it;
     SameSite=Lax: another site's form cannot send it) and goes to the page; wrong, and the form again."""
+    _same_origin(request)
     key = request.app[_KEY]
     given = str((await request.post()).get("key", ""))
     if not key:
@@ -104,6 +112,7 @@ async def login(request: web.Request) -> web.Response:
 
 
 async def logout(request: web.Request) -> web.Response:
+    _same_origin(request)
     response = web.HTTPSeeOther("/login")
     response.del_cookie(SESSION_COOKIE, path="/")
     raise response
@@ -265,7 +274,11 @@ async def cancel_batch(request: web.Request) -> web.Response:
         batch.status, batch.cancelling_at = "cancelling", now
     webhooks = worker.webhooks
     deliveries = webhooks.deliveries_for(batch) if webhooks is not None else []
-    await asyncio.to_thread(functools.partial(_store(request).save_batch, batch, deliveries=deliveries))
+    saved = await asyncio.to_thread(functools.partial(_store(request).save_batch, batch, deliveries=deliveries,
+                                                      refuse_from=(*ENDED_STATES, "finalizing")))  # fmt: skip
+    if not saved:  # it reached its end (or finalizing) since it was read
+        now_stored = await _batch_or_404(request)
+        raise ApiError(409, f"Cannot cancel a batch with status '{now_stored.status}'.", code="batch_not_cancellable")
     worker.cancel(batch.id)
     if deliveries and webhooks is not None:
         webhooks.wake()
@@ -275,8 +288,10 @@ async def cancel_batch(request: web.Request) -> web.Response:
 async def index(request: web.Request) -> web.Response:
     page, _ = await asyncio.to_thread(_store(request).batches, limit=100)
     deliveries = await asyncio.to_thread(_store(request).deliveries, defaults.API_PAGE_DELIVERIES)
+    counts = await asyncio.to_thread(_store(request).delivery_counts)
     keyed = bool(request.app[_KEY])
-    return web.Response(text=status_page(page, deliveries=deliveries, keyed=keyed), content_type="text/html")
+    return web.Response(text=status_page(page, deliveries=deliveries, delivery_counts=counts, keyed=keyed),
+                        content_type="text/html")  # fmt: skip
 
 
 async def report(request: web.Request) -> web.StreamResponse:

@@ -3,7 +3,6 @@ its error body. Field names follow OpenAI's; kvbatch adds only `metadata`-free e
 
 from __future__ import annotations
 
-from collections.abc import Iterable
 from typing import Any, Literal
 
 from pydantic import BaseModel, Field
@@ -99,10 +98,3 @@ class WebhookDelivery(BaseModel):
     last_error: str | None = None
     ended_at: float | None = None
 
-
-def outbox_counts(deliveries: Iterable[WebhookDelivery]) -> dict[str, int]:
-    """How many deliveries are pending, delivered and given up."""
-    counts = dict.fromkeys(("pending", "delivered", "given_up"), 0)
-    for delivery in deliveries:
-        counts[delivery.state] += 1
-    return counts

@@ -8,7 +8,7 @@ import html
 import itertools
 
 from kvbatch import defaults
-from kvbatch.api.models import BatchObject, WebhookDelivery, outbox_counts
+from kvbatch.api.models import BatchObject, WebhookDelivery
 from kvbatch.units import format_bytes
 
 _STYLE = """
@@ -100,11 +100,10 @@ def _row(batch: BatchObject) -> str:
     )
 
 
-def _outbox(deliveries: list[WebhookDelivery]) -> str:
+def _outbox(deliveries: list[WebhookDelivery], counts: dict[str, int]) -> str:
     """The webhook outbox: counts, and each event not (yet) delivered with its receiver, attempts and last error."""
     if not deliveries:
         return ""
-    counts = outbox_counts(deliveries)
     rows = "".join(
         f'<tr data-delivery="{html.escape(d.event_id)}"><td>{html.escape(d.event_type)}</td>'
         f"<td>{html.escape(d.batch_id)}</td><td>{html.escape(d.url)}</td><td class=\"{d.state}\">"
@@ -114,10 +113,11 @@ def _outbox(deliveries: list[WebhookDelivery]) -> str:
     table = ("<table><thead><tr><th>event</th><th>batch</th><th>receiver</th><th>state</th><th>attempts</th>"
              f"<th>last error</th></tr></thead><tbody>{rows}</tbody></table>") if rows else ""  # fmt: skip
     summary = ", ".join(f"{n} {state.replace('_', ' ')}" for state, n in counts.items())
-    return f'<h2>Webhooks</h2><p id="outbox">{summary} (the newest {len(deliveries)} events)</p>{table}'
+    return f'<h2>Webhooks</h2><p id="outbox">{summary}</p>{table}'
 
 
-def status_page(batches: list[BatchObject], *, deliveries: list[WebhookDelivery] = (), keyed: bool = False) -> str:
+def status_page(batches: list[BatchObject], *, deliveries: list[WebhookDelivery] = (),
+                delivery_counts: dict[str, int] | None = None, keyed: bool = False) -> str:  # fmt: skip
     """`keyed`: the service asks for a key, so the page offers to log out."""
     rows = "".join(_row(b) for b in batches) or '<tr><td colspan="10">No batches yet.</td></tr>'
     return (
@@ -128,7 +128,8 @@ def status_page(batches: list[BatchObject], *, deliveries: list[WebhookDelivery]
         + "<p>OpenAI Batch API at <code>/v1</code>; one batch runs at a time, the others wait "
         "in order. This page reloads itself.</p><table><thead><tr><th>batch</th><th>state</th><th>progress</th>"
         "<th>throughput</th><th>ETA</th><th>prefix cache</th><th>memory</th><th>errors</th><th>files</th>"
-        f"<th></th></tr></thead><tbody>{rows}</tbody></table>{_outbox(list(deliveries))}</body></html>"
+        f"<th></th></tr></thead><tbody>{rows}</tbody></table>"
+        f"{_outbox(list(deliveries), delivery_counts or {})}</body></html>"
     )
 
 

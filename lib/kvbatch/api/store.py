@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import cast
 
 from kvbatch import defaults
-from kvbatch.api.models import BatchObject, FileObject, RequestCounts, WebhookDelivery
+from kvbatch.api.models import ENDED_STATES, BatchObject, FileObject, RequestCounts, WebhookDelivery
 from kvbatch.batch.records import ErrorLine, MetricLine
 from kvbatch.errors import UserInputError
 
@@ -84,10 +84,11 @@ class Store:
             self._db.execute("BEGIN IMMEDIATE")
             try:
                 yield self._db
+                self._db.execute("COMMIT")
             except BaseException:
-                self._db.execute("ROLLBACK")
+                if self._db.in_transaction:
+                    self._db.execute("ROLLBACK")
                 raise
-            self._db.execute("COMMIT")
 
     def _next_seq(self, table: str) -> int:
         row = self._db.execute(f"SELECT COALESCE(MAX(seq), 0) + 1 FROM {table}").fetchone()  # noqa: S608 (a name)
@@ -142,23 +143,27 @@ class Store:
             self._db.execute("INSERT INTO batches VALUES (?, ?, ?)",
                              (batch.id, self._next_seq("batches"), batch.model_dump_json()))  # fmt: skip
 
-    def save_batch(self, batch: BatchObject, *, keep_cancel: bool = False,
-                   deliveries: Iterable[WebhookDelivery] = ()) -> None:  # fmt: skip
-        """Write the record, and the webhook events this state causes, in one transaction; with `keep_cancel`, a
-        `cancelling` already stored (the API's, written meanwhile) is kept over a live state in `batch`."""
+    def save_batch(self, batch: BatchObject, *, keep_cancel: bool = False, deliveries: Iterable[WebhookDelivery] = (),
+                   refuse_from: tuple[str, ...] = ENDED_STATES) -> bool:  # fmt: skip
+        """Write the record, and the webhook events this state causes, in one transaction. Nothing is written over a
+        stored state in `refuse_from` (an ended batch stays ended; a cancel does not land on a finalizing one):
+        returns False then, with `batch` left as it was. With `keep_cancel`, a `cancelling` already stored (the
+        API's, written meanwhile) is kept over a live state in `batch`."""
         with self._transaction() as db:
-            if keep_cancel and batch.status in ("validating", "in_progress"):
-                row = db.execute("SELECT body FROM batches WHERE id = ?", (batch.id,)).fetchone()
-                stored = BatchObject.model_validate_json(row[0]) if row else None
-                if stored is not None and stored.status in ("cancelling", "cancelled"):
-                    batch.status, batch.cancelling_at = stored.status, stored.cancelling_at
-                    batch.cancelled_at = stored.cancelled_at
+            row = db.execute("SELECT body FROM batches WHERE id = ?", (batch.id,)).fetchone()
+            stored = BatchObject.model_validate_json(row[0]) if row else None
+            if stored is not None and stored.status in refuse_from:
+                return False
+            if keep_cancel and stored is not None and batch.status in ("validating", "in_progress") and (
+                    stored.status == "cancelling"):  # fmt: skip
+                batch.status, batch.cancelling_at = stored.status, stored.cancelling_at
             db.execute("UPDATE batches SET body = ? WHERE id = ?", (batch.model_dump_json(), batch.id))
             for delivery in deliveries:
                 db.execute("INSERT OR IGNORE INTO outbox (event_id, event_type, batch_id, url, body, created_at, "
                            "state, attempts, next_at) VALUES (?, ?, ?, ?, ?, ?, 'pending', 0, ?)",
                            (delivery.event_id, delivery.event_type, delivery.batch_id, delivery.url, delivery.body,
                             delivery.created_at, delivery.next_at))  # fmt: skip
+            return True
 
     def batch(self, batch_id: str) -> BatchObject | None:
         with self._lock:
@@ -215,9 +220,14 @@ class Store:
         return row[0]
 
     def deliveries(self, limit: int = 100) -> list[WebhookDelivery]:
-        """The newest deliveries, for the status page."""
+        """The newest deliveries not yet delivered, then the newest delivered, at most `limit` (the status page)."""
         with self._lock:
             return _newest_deliveries(self._db, limit)
+
+    def delivery_counts(self) -> dict[str, int]:
+        """How many deliveries are pending, delivered, given up: over the whole outbox."""
+        with self._lock:
+            return _delivery_counts(self._db)
 
     def record_attempt(self, delivery: WebhookDelivery) -> None:
         """An attempt's outcome: its state, count, next time and last error (the delivery as the courier left it)."""
@@ -231,25 +241,32 @@ def _delivery(row: tuple) -> WebhookDelivery:
     return WebhookDelivery(**dict(zip((c.strip() for c in _OUTBOX_COLUMNS.split(",")), row, strict=True)))
 
 
-def read_outbox(root: Path, limit: int = 100) -> list[WebhookDelivery]:
-    """The newest deliveries of a store, read-only and without its lock (a running `kvbatch api` holds that), for
-    `kvbatch webhooks`."""
+def read_outbox(root: Path, limit: int = 100) -> tuple[dict[str, int], list[WebhookDelivery]]:
+    """A store's outbox counts and newest deliveries (the undelivered first), read-only and without the store's lock
+    (a running `kvbatch api` holds that), for `kvbatch webhooks`."""
     path = Path(root) / "kvbatch.db"
     if not path.exists():
         raise UserInputError(f"{root}: no kvbatch api store here (no kvbatch.db); give the folder passed as --data")
     db = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
     try:
-        return _newest_deliveries(db, limit)
-    except sqlite3.OperationalError:  # a store from before the outbox
-        return []
+        if not db.execute("SELECT 1 FROM sqlite_master WHERE name = 'outbox'").fetchone():
+            return _delivery_counts(None), []  # a store from before the outbox
+        return _delivery_counts(db), _newest_deliveries(db, limit)
     finally:
         db.close()
 
 
 def _newest_deliveries(db: sqlite3.Connection, limit: int) -> list[WebhookDelivery]:
-    rows = db.execute(f"SELECT {_OUTBOX_COLUMNS} FROM outbox ORDER BY seq DESC LIMIT ?",
+    rows = db.execute(f"SELECT {_OUTBOX_COLUMNS} FROM outbox ORDER BY state = 'delivered', seq DESC LIMIT ?",
                       (limit,)).fetchall()  # fmt: skip  # noqa: S608 (constant)
     return [_delivery(row) for row in rows]
+
+
+def _delivery_counts(db: sqlite3.Connection | None) -> dict[str, int]:
+    counts = dict.fromkeys(("pending", "delivered", "given_up"), 0)
+    for state, count in db.execute("SELECT state, COUNT(*) FROM outbox GROUP BY state").fetchall() if db else ():
+        counts[state] = count
+    return counts
 
 
 

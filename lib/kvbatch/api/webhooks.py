@@ -24,7 +24,7 @@ import aiohttp
 
 from kvbatch import defaults
 from kvbatch.api.models import BatchObject, WebhookDelivery
-from kvbatch.api.store import Store, new_id
+from kvbatch.api.store import Store
 
 log = logging.getLogger("kvbatch.api")
 EVENT_TYPES = {"completed": "batch.completed", "failed": "batch.failed", "cancelled": "batch.cancelled",
@@ -44,8 +44,12 @@ def sign(secret: str, message_id: str, timestamp: int, body: bytes) -> str:
 
 
 def event_for(batch: BatchObject) -> dict:
-    return {"id": new_id("evt"), "object": "event", "created_at": int(time.time()),
-            "type": EVENT_TYPES[batch.status], "data": {"id": batch.id}}  # fmt: skip
+    """The event for the end a batch reached. Its id is derived from the batch and the end, so the same end reached
+    twice (a race of a cancel with the worker) is one event: the outbox keeps one row per id and receiver."""
+    kind = EVENT_TYPES[batch.status]
+    event_id = "evt_" + hashlib.sha256(f"{batch.id}:{kind}".encode()).hexdigest()[:24]
+    return {"id": event_id, "object": "event", "created_at": int(time.time()), "type": kind,
+            "data": {"id": batch.id}}  # fmt: skip
 
 
 class Webhooks:
@@ -100,14 +104,20 @@ class Webhooks:
         timeout = aiohttp.ClientTimeout(total=defaults.WEBHOOK_TIMEOUT_S)
         while True:
             self._wake.clear()
-            due = await asyncio.to_thread(self.store.due_deliveries, time.time())
-            if due:
-                async with aiohttp.ClientSession(timeout=timeout) as session:
-                    attempted = await asyncio.gather(*(self._attempt(session, d) for d in due))
-                for delivery in attempted:
-                    await asyncio.to_thread(self.store.record_attempt, delivery)
-                continue
-            next_at = await asyncio.to_thread(self.store.next_delivery_at)
+            try:
+                due = await asyncio.to_thread(self.store.due_deliveries, time.time())
+                if due:
+                    async with aiohttp.ClientSession(timeout=timeout) as session:
+                        attempted = await asyncio.gather(*(self._attempt(session, d) for d in due))
+                    for delivery in attempted:
+                        await asyncio.to_thread(self.store.record_attempt, delivery)
+                    continue
+                next_at = await asyncio.to_thread(self.store.next_delivery_at)
+            except asyncio.CancelledError:
+                raise
+            except Exception:  # noqa: BLE001 (the store busy or failing: the events stay pending; look again soon)
+                log.exception("webhook outbox: will look again in %.0f s", self.first_delay_s)
+                next_at = time.time() + self.first_delay_s
             wait = None if next_at is None else max(next_at - time.time(), 0.0)
             with contextlib.suppress(asyncio.TimeoutError):
                 await asyncio.wait_for(self._wake.wait(), wait)

@@ -19,7 +19,7 @@ from dataclasses import replace
 from pathlib import Path
 
 from kvbatch import defaults
-from kvbatch.api.models import BatchErrorData, BatchErrors, BatchObject
+from kvbatch.api.models import ENDED_STATES, BatchErrorData, BatchErrors, BatchObject
 from kvbatch.api.store import RunProgress, Store, new_id
 from kvbatch.api.webhooks import Webhooks
 from kvbatch.batch.inputs.openai_batch import save_index
@@ -62,9 +62,13 @@ class BatchWorker:
         """Save, keeping a cancel that arrived meanwhile (the API writes `cancelling` on its own record); the webhook
         events an end causes are saved with it, in the same transaction, then sent."""
         deliveries = self.webhooks.deliveries_for(batch) if self.webhooks is not None else []
-        await asyncio.to_thread(functools.partial(self.store.save_batch, batch, keep_cancel=True,
-                                                  deliveries=deliveries))  # fmt: skip
-        if deliveries and self.webhooks is not None:
+        saved = await asyncio.to_thread(functools.partial(self.store.save_batch, batch, keep_cancel=True,
+                                                          deliveries=deliveries))  # fmt: skip
+        if not saved:  # it ended meanwhile (cancelled while it waited): go on from what is stored
+            stored = await asyncio.to_thread(self.store.batch, batch.id)
+            for name in BatchObject.model_fields if stored is not None else ():
+                setattr(batch, name, getattr(stored, name))
+        elif deliveries and self.webhooks is not None:
             self.webhooks.wake()
 
     async def forever(self) -> None:
@@ -93,9 +97,9 @@ class BatchWorker:
         """Carry one batch from where its record says it is to an end (or to a stop that a later pass resumes)."""
         if batch.status == "validating":
             batch = await self._validate(batch)
-            if batch.status == "failed":
-                await self._ended(batch)
-                return
+        if batch.status in ENDED_STATES:  # its input refused (the event went with it), or cancelled while it waited
+            self._cancelled.discard(batch.id)
+            return
         if batch.status == "cancelling" or batch.id in self._cancelled:
             await self._finish(batch, cancelled=True)
             return
@@ -222,7 +226,8 @@ class BatchWorker:
         await self._save(batch)
         await self._collect(batch)
         if self.report and folder.is_run() and folder.summary.exists():
-            batch.x_kvbatch["report"] = await asyncio.to_thread(self._render, folder)
+            async with self._rendering:  # not beside a "report so far" of the same run
+                batch.x_kvbatch["report"] = await asyncio.to_thread(self._render, folder)
         if cancelled:
             batch.status, batch.cancelled_at = "cancelled", int(time.time())
         else:

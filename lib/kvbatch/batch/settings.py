@@ -54,6 +54,7 @@ class BatchSettings:
     retry_failed: bool = False
     progress: bool = True
     memory_threshold_bytes: int | None = None
+    memory_sample_s: float = defaults.MEMORY_SAMPLE_S
     restart_above_bytes: int | None = None
     """Drain and restart our own server past this memory (default: the plan's peak and its allowance)."""
     allow_cpu_spill: bool = False

@@ -8,7 +8,6 @@ import time
 from pathlib import Path
 
 from kvbatch.aio import run_sync
-from kvbatch.api.models import outbox_counts
 from kvbatch.api.service import api_key_from, serve
 from kvbatch.api.store import read_outbox
 from kvbatch.cli.settings import settings_from_args
@@ -31,9 +30,8 @@ def cmd_api(args: argparse.Namespace) -> int:
 
 def cmd_webhooks(args: argparse.Namespace) -> int:
     """The webhook outbox of a store (also while its `kvbatch api` runs): counts, then the newest deliveries."""
-    deliveries = read_outbox(Path(args.data), limit=args.limit)
-    counts = outbox_counts(deliveries)
-    print(f"webhooks in {args.data} (newest {len(deliveries)}): " + ", ".join(f"{n} {s}" for s, n in counts.items()))
+    counts, deliveries = read_outbox(Path(args.data), limit=args.limit)
+    print(f"webhooks in {args.data}: " + ", ".join(f"{n} {s}" for s, n in counts.items()))
     for d in deliveries:
         when = "" if d.state != "pending" else f", next in {max(d.next_at - time.time(), 0):.0f} s"
         error = f" ({d.last_error})" if d.last_error and d.state != "delivered" else ""

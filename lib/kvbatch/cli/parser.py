@@ -202,6 +202,8 @@ def add_batch_flags(parser: argparse.ArgumentParser, *, with_input: bool = True)
     parser.add_argument("--memory-threshold", default=None,
                         help="server memory above which the run reacts (ends conversation chunks early, lowers the "
                              "in-flight count), e.g. 6GiB; default: 95 %% of --memory-budget if given")  # fmt: skip
+    parser.add_argument("--memory-sample-s", type=float, default=defaults.MEMORY_SAMPLE_S,
+                        help="how often the server's memory is sampled (memory.csv, the reactions above)")  # fmt: skip
     parser.add_argument("--restart-above", default=None,
                         help="drain and restart the embedded server when its memory passes this, e.g. 900MiB (its "
                              "requests in flight finish first; nothing is lost or charged); default: the plan's peak "

@@ -85,6 +85,7 @@ def settings_from_args(args: argparse.Namespace) -> BatchSettings:
         retry_failed=getattr(args, "retry_failed", False),
         progress=not args.no_progress,
         memory_threshold_bytes=threshold,
+        memory_sample_s=args.memory_sample_s,
         restart_above_bytes=parse_bytes(args.restart_above, what="--restart-above") if args.restart_above else None,
         allow_cpu_spill=args.allow_cpu_spill,
     )

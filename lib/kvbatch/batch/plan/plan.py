@@ -154,9 +154,8 @@ class Plan:
                 if memory.checkpoint_bytes
                 else ""
             )
-            serving = f" + serving {format_bytes(memory.serving_bytes)}" if memory.serving_bytes else ""
-            if serving and self.sizes.json_answers:
-                serving += " (with the grammar of the JSON answers)"
+            grammar = " (with the grammar of the JSON answers)" if self.sizes.json_answers else ""
+            serving = f" + serving {format_bytes(memory.serving_bytes)}{grammar}" if memory.serving_bytes else ""
             lines.append(
                 f"  memory: base {format_bytes(memory.base_bytes)} + KV cache {format_bytes(memory.kv_cache_bytes)} "
                 f"(global {format_bytes(memory.global_bytes)}, sliding window {format_bytes(memory.sliding_bytes)})"

@@ -195,7 +195,7 @@ def _restart_bounds(settings: BatchSettings, prepared: Prepared, supervisors: li
     embedded = iter([p.plan for p in prepared.plans if p.spec.kind == "embedded"])
     bounds: list[int | None] = []
     for supervisor in supervisors:
-        plan = next(embedded) if isinstance(supervisor, EmbeddedSupervisor) else None
+        plan = next(embedded, None) if isinstance(supervisor, EmbeddedSupervisor) else None
         if plan is None or (plan.memory is None and not settings.restart_above_bytes):
             bounds.append(None)
         else:
@@ -283,6 +283,7 @@ async def _execute(settings: BatchSettings, report: InputReport, requests_fn, pr
         max_wait_s=settings.max_wait_s,
         memory_threshold_bytes=settings.memory_threshold_bytes,
         restart_bounds=_restart_bounds(settings, prepared, supervisors),
+        memory_interval_s=settings.memory_sample_s,
         progress=settings.progress,
         estimated_seconds=plan.estimated_seconds,
     )

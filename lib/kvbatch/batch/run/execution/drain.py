@@ -67,13 +67,14 @@ class Drainer:
             cause = KvbatchError(f"memory {used_bytes / 2**20:.0f} MiB passed the plan's bound "
                                  f"{self.bound_bytes / 2**20:.0f} MiB")  # fmt: skip
             try:
-                recovery = await endpoint.supervisor.restart(cause)
+                recovery = await endpoint.restart_for_memory(cause)
             except KvbatchError as exc:  # it did not come back: the endpoint's own recovery takes over
                 self.recorder.event("drain_restart_failed", endpoint=label, error=str(exc)[:300])
                 endpoint.trip(exc, endpoint.generation)
                 return
+            if recovery is None:  # the endpoint was taken out meanwhile: its re-admission restarts it
+                return
             after = await endpoint.monitor.sample() if endpoint.monitor is not None else None
-        await endpoint.set_in_flight(endpoint.capacity.limit)  # the layout it came back with
         endpoint.warm_slots = 0
         self.restarts += 1
         self.served_at_restart = self._served()

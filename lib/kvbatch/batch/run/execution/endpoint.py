@@ -119,6 +119,18 @@ class Endpoint:
             self.ready.set()
             return recovery
 
+    async def restart_for_memory(self, cause: KvbatchError) -> Recovery | None:
+        """Restart our own server, drained (nothing in flight: the caller holds the capacity exclusively), as one
+        recovery: under the recovery lock, a new generation, the layout it comes back with applied before anything is
+        sent again. None when the endpoint is out (its own recovery is under way: nothing to add)."""
+        async with self._lock:
+            if self.out:
+                return None
+            self.generation += 1
+            recovery = await self.supervisor.restart(cause)
+            await self.set_in_flight(self.capacity.limit)
+            return recovery
+
     async def _recover_once(self, cause: KvbatchError):
         if not self.pooled or self.supervisor.restarts_itself:
             return await self.supervisor.recover(cause)

@@ -53,10 +53,11 @@ def soak(batch: Path, work: Path, count: int) -> dict:
     folder = RunFolder(work / "data" / "runs" / name)
     planned = read_plan(folder.plan)["memory"]["total_bytes"]
     samples = [s for s in map(MemorySample.parse, folder.memory.read_text().splitlines()) if s is not None]
-    done_times = sorted(m["t_done_unix_s"] for m in records.metrics(folder.metrics))
+    answered = sorted(records.metrics(folder.metrics), key=lambda m: m["t_done_unix_s"])
+    done_times = [m["t_done_unix_s"] for m in answered]
     slots_seen: set = set()
     warm_t = done_times[-1]
-    for metric in sorted(records.metrics(folder.metrics), key=lambda m: m["t_done_unix_s"]):
+    for metric in answered:
         slots_seen.add(metric["slot"])
         if len(slots_seen) >= count:
             warm_t = metric["t_done_unix_s"]

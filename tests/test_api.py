@@ -65,8 +65,8 @@ class QuickServer(OpenAIDouble):
         self.asked += 1
         if "DENY" in body["messages"][-1]["content"]:  # a key this server refuses, for this request alone
             return web.json_response({"error": {"message": "invalid api key", "type": "auth"}}, status=401)
-        if "REJECT" in body["messages"][-1]["content"]:  # a request this server refuses for itself
-            return web.json_response({"error": {"message": "REJECTED: this request names no candidate",
+        if "REJECT" in body["messages"][-1]["content"]:  # refused for itself, in llama-server's error shape
+            return web.json_response({"error": {"code": 400, "message": "REJECTED: this request names no candidate",
                                                 "type": "invalid_request_error"}}, status=400)  # fmt: skip
         if self.delay_s:
             await asyncio.sleep(self.delay_s)

@@ -38,8 +38,9 @@ CREATE TABLE IF NOT EXISTS outbox (
 );
 CREATE INDEX IF NOT EXISTS outbox_due ON outbox (state, next_at);
 """
-_OUTBOX_COLUMNS = ("seq, event_id, event_type, batch_id, url, body, created_at, state, attempts, next_at, last_error, "
-                   "ended_at")  # fmt: skip
+_OUTBOX_FIELDS = ("seq", "event_id", "event_type", "batch_id", "url", "body", "created_at", "state", "attempts",
+                  "next_at", "last_error", "ended_at")  # fmt: skip
+_OUTBOX_COLUMNS = ", ".join(_OUTBOX_FIELDS)
 
 LIVE_STATES = ("validating", "in_progress", "finalizing", "cancelling")
 """States a restart picks up again: the batch's run folder says what was done."""
@@ -238,7 +239,7 @@ class Store:
 
 
 def _delivery(row: tuple) -> WebhookDelivery:
-    return WebhookDelivery(**dict(zip((c.strip() for c in _OUTBOX_COLUMNS.split(",")), row, strict=True)))
+    return WebhookDelivery(**dict(zip(_OUTBOX_FIELDS, row, strict=True)))
 
 
 def read_outbox(root: Path, limit: int = 100) -> tuple[dict[str, int], list[WebhookDelivery]]:

@@ -18,6 +18,7 @@ from typing import Any
 from pydantic import BaseModel
 
 from kvbatch import jsoncodec
+from kvbatch.batch import records
 from kvbatch.batch.records import ErrorLine, ResultLine, custom_ids, error_line, result_line
 from kvbatch.batch.runfolder import RunFolder, write_durably
 from kvbatch.errors import UserInputError
@@ -117,9 +118,10 @@ class Journal:
         """What a run folder already holds, read once, while holding its lock and before anything is planned: its
         fingerprint checked (a different run is refused), a torn last line cut, and the ids done and failed.
         `open(..., state=...)` then starts from it without reading the files again."""
-        if folder.run_file.exists():
+        repaired = 0
+        if folder.run_file.exists():  # a run of ours: its files are ours to repair (others' are refused in `open`)
             cls._check(folder, fingerprint)
-        repaired = sum(_repair_torn_tail(path) for path in (folder.results, folder.errors))
+            repaired = sum(_repair_torn_tail(path) for path in (folder.results, folder.errors))
         failed = custom_ids(folder.errors)
         return JournalState(custom_ids(folder.results) | failed, failed, repaired)
 
@@ -150,19 +152,17 @@ class Journal:
         folder = folder if isinstance(folder, RunFolder) else RunFolder(Path(folder))
         folder.path.mkdir(parents=True, exist_ok=True)
         journal = cls(folder)
-        if folder.run_file.exists():
-            if state is None:
-                cls._check(folder, fingerprint)
-            journal.resumed = True
-        elif folder.has_output():
+        if not folder.run_file.exists() and folder.has_output():
             raise UserInputError(
                 f"{folder.path} has results but no {folder.run_file.name}, so nothing says which run they belong "
                 "to; move them away or use another --run name"
             )
+        state = state or cls.state(folder, fingerprint)  # a run resumed: its fingerprint checked there
+        if folder.run_file.exists():
+            journal.resumed = True
         else:
             record = RunRecord(created_unix_s=time.time(), fingerprint=fingerprint, input=source)
             write_durably(folder.run_file, record.model_dump_json(indent=2))
-        state = state or cls.state(folder, fingerprint)
         journal.done, journal.failed, journal.repaired_bytes = state.done, state.failed, state.repaired_bytes
         return journal
 
@@ -172,12 +172,9 @@ class Journal:
         if not self.failed:
             return 0
         self.close()
-        lines = self.errors_path.read_text("utf-8", "surrogatepass").splitlines(keepends=True)
         with open(self.folder.errors_history, "a", encoding="utf-8", errors="surrogatepass") as history:
-            for line in lines:
-                record = json.loads(line)
-                record["retried_unix_s"] = time.time()
-                history.write(json.dumps(record, ensure_ascii=False) + "\n")
+            for record in records.errors(self.errors_path):
+                history.write(json.dumps({**record, "retried_unix_s": time.time()}, ensure_ascii=False) + "\n")
             history.flush()
             os.fsync(history.fileno())
         write_durably(self.errors_path, "")

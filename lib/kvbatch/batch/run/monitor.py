@@ -38,8 +38,6 @@ class MemoryMonitor:
         *,
         label: str = "server",
         interval_s: float = defaults.MEMORY_SAMPLE_S,
-        threshold_bytes: int | None = None,
-        on_high: Callable[[int], Awaitable[None]] | None = None,
     ) -> None:
         self.supervisor = supervisor
         self.csv_path = csv_path
@@ -49,8 +47,7 @@ class MemoryMonitor:
         self.last_bytes: int | None = None
         """The latest sample: after a crash, the memory the server held just before it died (to the interval)."""
         self.lines: list[MemoryLine] = []
-        if threshold_bytes and on_high:
-            self.lines.append(MemoryLine(threshold_bytes, on_high))
+        """The levels it reacts to (`add_line`): the budget's threshold, the drain-and-restart bound."""
         self.probe_name: str | None = None
         self._probe: MemoryProbe | None = None
         self._probe_pid: int | None = None

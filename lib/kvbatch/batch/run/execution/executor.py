@@ -8,6 +8,7 @@ in flight; one recovery at a time per endpoint pauses its workers, then the fail
 from __future__ import annotations
 
 import asyncio
+import functools
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -203,15 +204,14 @@ class Executor:
         background = [asyncio.create_task(self._re_estimate(progress))]
         drainers: list[Drainer] = []
         for index, endpoint in enumerate(self.endpoints):
-            endpoint.monitor = MemoryMonitor(
-                endpoint.supervisor, self.folder.memory, label=endpoint.label,
-                interval_s=self.options.memory_interval_s, threshold_bytes=self.options.memory_threshold_bytes,
-                on_high=lambda used, e=endpoint: self._on_memory_high(e, used),
-            )  # fmt: skip
+            endpoint.monitor = MemoryMonitor(endpoint.supervisor, self.folder.memory, label=endpoint.label,
+                                             interval_s=self.options.memory_interval_s)  # fmt: skip
+            lower = functools.partial(self._on_memory_high, endpoint)
+            if self.options.memory_threshold_bytes:
+                endpoint.monitor.add_line(MemoryLine(self.options.memory_threshold_bytes, lower))
             bound = self.options.restart_bounds[index] if index < len(self.options.restart_bounds) else None
             if bound and endpoint.supervisor.restarts_itself:
-                drainer = Drainer(endpoint, recorder, bound,
-                                  lower=lambda used, e=endpoint: self._on_memory_high(e, used))  # fmt: skip
+                drainer = Drainer(endpoint, recorder, bound, lower=lower)
                 drainers.append(drainer)
                 endpoint.monitor.add_line(MemoryLine(bound, drainer.react))
             background.append(asyncio.create_task(endpoint.monitor.run()))

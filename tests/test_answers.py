@@ -155,6 +155,11 @@ def test_a_table_input_with_a_schema_is_answered_by_the_real_server_and_exports_
     assert set(frame.decision) <= {"advance", "hold"} and frame.score.between(0, 5).all()
     assert frame.remote.isin([True, False]).all()
     assert list(frame.set_index("custom_id").loc[["a-1", "c-3"], "name"]) == ["Ada", "Cy"]  # the input's columns
+    table_at_end = run / "answers.csv"  # the run ends with its table and each field's counts, as the report charts
+    assert f"answers: 3 rows in {table_at_end.relative_to(tmp_path)}" in result.stdout
+    decisions = frame.decision.value_counts().sort_index()
+    assert "  decision: " + ", ".join(f"{v} {n}" for v, n in decisions.items()) in result.stdout.splitlines()
+    assert pd.read_csv(table_at_end).custom_id.tolist() == frame.custom_id.tolist()
     for fmt in ("csv", "parquet"):
         out = tmp_path / f"answers.{fmt}"
         exported = kvbatch("export", str(run), "--out", str(out), cwd=tmp_path)

@@ -228,10 +228,10 @@ def test_a_load_stopped_by_its_ceiling_before_the_slots_filled_does_not_pass(emb
 
 
 def test_the_plans_memory_bounds_the_peak_of_a_sustained_load_at_the_plan(tmp_path):
-    """The shipped sample planned for 2 slots and run at that plan on the real server until every slot served its
-    context twice over: the peak stays under the plan's memory. Without what serving adds (its compute buffer,
-    logits, samplers) the same plan fell short of the peak (545 MiB against 504 planned at 4 slots), and a load
-    whose peak passes the plan fails."""
+    """The shipped sample (a JSON decision with a schema) planned for 2 slots and run at that plan on the real
+    server until every slot served its context twice over: the peak stays under the plan's memory, the grammar
+    sampler's included. Without what serving adds (its compute buffer, logits, samplers, the grammar) the same plan
+    fell short of the peak (713 MiB against 546 planned at 4 slots), and a load whose peak passes the plan fails."""
     from dataclasses import replace
 
     from kvbatch import defaults
@@ -245,6 +245,7 @@ def test_the_plans_memory_bounds_the_peak_of_a_sustained_load_at_the_plan(tmp_pa
     prepared = plan_only(settings, say=lambda *_: None)
     plan, memory = prepared.plan, prepared.plan.memory
     assert memory is not None and memory.serving_bytes > 20 * 2**20
+    assert plan.sizes.json_answers == 16 and memory.serving_bytes > 170 * 2**20  # the grammar's price is in
     _, requests_fn = load_input(settings)
     bodies = [request.body for request in itertools.islice(requests_fn(frozenset()), 8)]
     config = replace(prepared.plans[0].config, context_tokens=plan.layout.total_context_tokens,

@@ -8,6 +8,7 @@ run it belongs to.
       errors-history.jsonl earlier errors of requests sent again with --retry-failed
       plan.json           the plan (batch/plan/plan.py's typed model)
       summary.json        the run's summary (typed model, written at the end of each invocation)
+      answers.csv         the answers as one table, a row per custom_id (`kvbatch run` writes it at each end)
       metrics.jsonl       one line per finished request: latency, tokens, cache hits, endpoint
       events.jsonl        recoveries, back-offs, concurrency trials, memory reactions
       memory.csv          the server's memory over time
@@ -36,6 +37,7 @@ ERRORS_FILE = "errors.jsonl"
 ERRORS_HISTORY_FILE = "errors-history.jsonl"
 PLAN_FILE = "plan.json"
 SUMMARY_FILE = "summary.json"
+ANSWERS_TABLE = "answers.csv"
 METRICS_FILE = "metrics.jsonl"
 EVENTS_FILE = "events.jsonl"
 MEMORY_FILE = "memory.csv"
@@ -90,6 +92,10 @@ class RunFolder:
     @property
     def summary(self) -> Path:
         return self.path / SUMMARY_FILE
+
+    @property
+    def answers_table(self) -> Path:
+        return self.path / ANSWERS_TABLE
 
     @property
     def metrics(self) -> Path:

@@ -14,7 +14,7 @@ from kvbatch.batch.runfolder import RunFolder
 from kvbatch.cli.settings import settings_from_args
 from kvbatch.errors import EXIT_DONE, EXIT_INTERRUPTED, EXIT_SOME_FAILED, KvbatchError, UserInputError, exit_code
 from kvbatch.report.render import newest_run, render_run_report
-from kvbatch.report.results import EXPORT_FORMATS, export_results
+from kvbatch.report.results import EXPORT_FORMATS, answer_overview, export_results, load_results, write_table
 from kvbatch.serve.backends import public_url
 
 
@@ -24,18 +24,37 @@ def cmd_run(args: argparse.Namespace) -> int:
         outcome = run_batch(settings)
     except KeyboardInterrupt:  # summary.json is written for what was done; the report too
         print("stopped (Ctrl-C). Every finished request is saved; run the same command to resume.", file=sys.stderr)
-        if settings.folder.summary.exists() and not args.no_report:
-            _report(settings.folder.path)
+        if settings.folder.summary.exists():
+            _answers(settings.folder)
+            if not args.no_report:
+                _report(settings.folder.path)
         return EXIT_INTERRUPTED
     print(outcome.message)
     if outcome.plan is None and outcome.summary is None:
         return EXIT_DONE
+    _answers(outcome.folder)
     if not args.no_report:
         _report(outcome.folder.path)
     if outcome.stopped is not None:
         print(f"kvbatch run: stopped: {outcome.stopped}", file=sys.stderr)
         return exit_code(outcome.stopped)
     return EXIT_SOME_FAILED if outcome.summary and outcome.summary.failed_total else EXIT_DONE
+
+
+def _answers(folder: RunFolder) -> None:
+    """A run ends with its answers as one table in its folder (every invocation writes it again, so it holds the
+    whole run) and, for JSON answers, each field's counts: what the report charts, on the terminal."""
+    try:
+        frame = load_results(folder.path)
+        if frame.empty:
+            return
+        rows = write_table(frame, folder.answers_table, "csv")
+    except (KvbatchError, OSError) as exc:  # the results stand; the table can be made again
+        print(f"no answers table ({exc}); make it with `kvbatch export {folder.path} --out answers.csv`")
+        return
+    print(f"answers: {rows} rows in {folder.answers_table} (`kvbatch export` writes Parquet or JSON lines)")
+    for line in answer_overview(frame):
+        print(f"  {line}")
 
 
 def _report(run_dir: Path) -> None:

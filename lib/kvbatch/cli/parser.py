@@ -60,8 +60,12 @@ def build_parser() -> argparse.ArgumentParser:
     sample.add_argument("--out", default=str(defaults.SAMPLE_INPUT))
     sample.add_argument("--max-tokens", type=int, default=300)
     sample.add_argument("--seed", type=int, default=1)
-    sample.add_argument("--json", action="store_true",
-                        help="each request asks for a JSON decision with a schema (response_format)")
+    answers = sample.add_mutually_exclusive_group()
+    answers.add_argument("--json", dest="json", action="store_true", default=True,
+                         help="each request asks for a JSON decision with a schema (response_format; the default, "
+                              "as the shipped sample)")
+    answers.add_argument("--text", dest="json", action="store_false",
+                         help="each request asks for a free-text screening (no response_format)")
     sample.set_defaults(handler="batch:cmd_sample")
 
     measure = commands.add_parser("measure", help="run the measurement notebooks headless; reports in reports/")

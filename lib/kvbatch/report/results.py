@@ -133,9 +133,19 @@ def answer_distributions(frame: pd.DataFrame, *, most_values: int = 12) -> dict[
 EXPORT_FORMATS = ("csv", "parquet", "jsonl")
 
 
+def answer_overview(frame: pd.DataFrame) -> list[str]:
+    """The report's answer charts as lines for a terminal: `decision: advance 9, hold 7`."""
+    return [f"{field}: " + ", ".join(f"{value} {count}" for value, count in counts.items())
+            for field, counts in answer_distributions(frame).items()]  # fmt: skip
+
+
 def export_results(run_dir: Path | str, out: Path, fmt: str) -> int:
     """Write `load_results` as CSV, Parquet (pyarrow) or JSON lines; returns the rows written."""
-    frame = load_results(run_dir)
+    return write_table(load_results(run_dir), out, fmt)
+
+
+def write_table(frame: pd.DataFrame, out: Path, fmt: str) -> int:
+    """Write a `load_results` frame as CSV, Parquet (pyarrow) or JSON lines; returns the rows written."""
     out.parent.mkdir(parents=True, exist_ok=True)
     if fmt == "csv":
         frame.to_csv(out, index=False)

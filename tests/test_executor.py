@@ -227,7 +227,7 @@ def test_after_an_out_of_memory_back_off_only_the_remaining_slot_ids_are_leased(
 
     asyncio.run(go())
     journal.close()
-    assert layout.slots == 2
+    assert supervisor.layout.slots == 2 and layout.slots == 4  # replaced, not changed in place
     assert sorted(r["custom_id"] for r in result_lines(folder.path)) == sorted(input_ids(batch))
     recovery = next(e for e in result_lines(folder.path, "events.jsonl") if e["event"] == "recovery")
     assert recovery["out_of_memory"] and "kill count rose from 0 to 1" in recovery["oom_evidence"]

@@ -240,7 +240,7 @@ def test_a_kernel_oom_kill_restarts_the_server_smaller(tmp_path):
     recovery = asyncio.run(go())
     assert recovery.out_of_memory and recovery.action == "restarted with 1 slot(s) x 1024 tokens"
     assert "out-of-memory kill count rose from 0 to 1" in recovery.oom_evidence
-    assert layout.slots == 1
+    assert supervisor.layout.slots == 1 and recovery.layout == supervisor.layout  # the new layout, returned
 
 
 def test_an_out_of_memory_halving_is_not_undone_by_a_later_phase(tmp_path):
@@ -515,7 +515,7 @@ def test_a_real_kernel_oom_kill_in_the_servers_own_cgroup_is_named_and_the_serve
     assert "the server's own cgroup counted 1 out-of-memory kill(s)" in recovery.oom_evidence, recovery
     assert recovery.server_exit == "was killed by SIGKILL (killed)"
     assert recovery.server_peak_bytes and recovery.server_peak_bytes > 100 * 2**20  # the weights, at least
-    assert layout.slots == 1 and not path.exists()  # the group goes with its server
+    assert supervisor.layout.slots == 1 and not path.exists()  # the group goes with its server
 
 
 def test_a_wedged_embedded_server_is_restarted_when_its_breaker_trips(tmp_path):

@@ -281,3 +281,29 @@ def test_ollamas_slots_and_cache_type_are_the_servers_not_kvbatchs_environment(t
     assert plan["parallel_slots"] == 2 and plan["kv_cache_type"].startswith("f16"), plan
     assert "2 slot(s) inferred" in plan["limits_source"] and "cache f16 inferred" in plan["limits_source"], plan
     assert loads[:2] == [2048, 8192], loads  # the two sizes compared, then the planned context
+
+
+def test_an_out_of_memory_through_ollama_returns_a_halved_num_ctx_that_the_next_request_carries(ollama):
+    """Ollama's runner ran out of memory: the supervisor returns a new layout with half the per-slot context (in its
+    recovery, the event), the backend sends it as the next request's num_ctx, and the plan's layout is as planned."""
+    from kvbatch.errors import OutOfMemoryError
+    from kvbatch.serve.layout import SlotLayout
+    from kvbatch.serve.supervisor import OllamaSupervisor
+
+    planned = SlotLayout(1, 8192)
+    backend = get_backend("ollama", ollama.url, model=MODEL, layout=planned)
+    supervisor = OllamaSupervisor(backend, planned, min_slot_context=2048)
+
+    async def go():
+        recovery = await supervisor.recover(OutOfMemoryError("model requires more system memory"))
+        assert supervisor.layout == recovery.layout
+        await backend.chat({"messages": [{"role": "user", "content": "Say hi."}], "max_tokens": 2})
+        again = await supervisor.recover(OutOfMemoryError("model requires more system memory"))
+        await supervisor.close()
+        return recovery, again
+
+    recovery, again = asyncio.run(go())
+    assert recovery.out_of_memory and recovery.action == "num_ctx lowered to 4096"
+    assert recovery.layout == SlotLayout(1, 4096) and planned == SlotLayout(1, 8192)
+    assert ollama.emulator.received[-1]["options"]["num_ctx"] == 4096
+    assert again.layout == supervisor.layout == SlotLayout(1, 2048)  # never below what the requests need

@@ -1,7 +1,8 @@
 """Keeps a server usable for the executor: waits for health with capped back-off, restarts the embedded one
 (smaller when memory was the cause), checks that an external server gives the context the plan needs, and says
-what it did so the run report can show it. Each supervisor owns its server's `SlotLayout`; a back-off changes
-that one object, which the plan, the executor and the backend all read."""
+what it did so the run report can show it. Each supervisor holds the `SlotLayout` its server runs with now: a
+back-off replaces it (never changes it in place: the plan keeps the one it planned) and returns the new one in its
+`Recovery`, the event the endpoint applies to its capacity and the report shows."""
 
 from __future__ import annotations
 
@@ -41,6 +42,8 @@ class Recovery:
     """How the server's process ended ("killed by SIGKILL"), when it had."""
     server_peak_bytes: int | None = None
     """The most memory the server held before it died, from its own cgroup (where it has one)."""
+    layout: SlotLayout | None = None
+    """The layout the server came back with, when the recovery changed it (fewer slots, a smaller context)."""
 
 
 def backoff_delays(start_s: float = defaults.BACKOFF_START_S, cap_s: float = defaults.BACKOFF_CAP_S):
@@ -102,6 +105,15 @@ class Supervisor(abc.ABC):
     async def close(self) -> None:
         await self.backend.aclose()
 
+    def _run_with(self, layout: SlotLayout) -> SlotLayout:
+        """Replace the layout this server runs with (a new value: whoever kept the old one keeps what it was)."""
+        self.layout = layout
+        return layout
+
+    def _changed_since(self, before: SlotLayout) -> SlotLayout | None:
+        """The layout now, when it is not `before` (for a `Recovery`: a new layout is the event)."""
+        return self.layout if self.layout != before else None
+
 
 class EmbeddedSupervisor(Supervisor):
     """Owns an embedded llama-server. On out-of-memory it halves the slots, then the per-slot context, never
@@ -158,8 +170,7 @@ class EmbeddedSupervisor(Supervisor):
     def _shrink(self) -> str:
         layout = self.layout
         if layout.slots > 1:
-            layout.slots //= 2
-            return f"restarted with {layout.describe()}"
+            return f"restarted with {self._run_with(layout.with_slots(layout.slots // 2)).describe()}"
         smaller = halved_context(layout, self.min_slot_context)
         if smaller >= layout.slot_context_tokens:
             raise OutOfMemoryError(
@@ -167,8 +178,7 @@ class EmbeddedSupervisor(Supervisor):
                 f"largest request needs {self.min_slot_context}; free memory, raise the memory cap, or use a "
                 "quantized KV cache (--kv-type q8_0)"
             )
-        layout.slot_context_tokens = smaller
-        return f"restarted with {layout.describe()}"
+        return f"restarted with {self._run_with(layout.with_slot_context(smaller)).describe()}"
 
     def _start_blocking(self) -> list[Recovery]:
         backoffs: list[Recovery] = []
@@ -182,7 +192,8 @@ class EmbeddedSupervisor(Supervisor):
                 if not exc.out_of_memory:
                     raise
                 action = self._shrink()
-                backoffs.append(Recovery(str(exc.failure_line), action, time.perf_counter() - started, True))
+                backoffs.append(Recovery(str(exc.failure_line), action, time.perf_counter() - started, True,
+                                         layout=self.layout))  # fmt: skip
                 continue
             self.backend.retarget(self.server.url)
             return backoffs
@@ -198,6 +209,7 @@ class EmbeddedSupervisor(Supervisor):
 
     async def recover(self, cause: KvbatchError) -> Recovery:
         started = time.perf_counter()
+        before = self.layout
         if self.server and self.server.is_running() and await self.backend.health():
             return Recovery(str(cause)[:300], "server healthy; retried", time.perf_counter() - started, False, False)
         if self.server:
@@ -217,7 +229,8 @@ class EmbeddedSupervisor(Supervisor):
         if backoffs:
             action = backoffs[-1].action
         return Recovery(str(cause)[:300], action, time.perf_counter() - started, out_of_memory,
-                        oom_evidence=evidence, server_exit=server_exit, server_peak_bytes=peak)  # fmt: skip
+                        oom_evidence=evidence, server_exit=server_exit, server_peak_bytes=peak,
+                        layout=self._changed_since(before))  # fmt: skip
 
     async def restart(self, cause: KvbatchError) -> Recovery:
         started = time.perf_counter()
@@ -225,7 +238,8 @@ class EmbeddedSupervisor(Supervisor):
             await asyncio.to_thread(self.server.stop)
         backoffs = await self.start()
         action = backoffs[-1].action if backoffs else "restarted the embedded server (it failed every request)"
-        return Recovery(str(cause)[:300], action, time.perf_counter() - started, bool(backoffs), found_down=False)
+        return Recovery(str(cause)[:300], action, time.perf_counter() - started, bool(backoffs), found_down=False,
+                        layout=backoffs[-1].layout if backoffs else None)  # fmt: skip
 
     async def close(self) -> None:
         await super().close()
@@ -293,9 +307,15 @@ class OllamaSupervisor(ExternalSupervisor):
         allow_cpu_spill: bool = False,
     ) -> None:
         super().__init__(backend, layout, max_wait_s=max_wait_s)
+        self._run_with(layout)
         self.min_slot_context = min_slot_context
         self.gpu_budget = gpu_budget
         self.allow_cpu_spill = allow_cpu_spill
+
+    def _run_with(self, layout: SlotLayout) -> SlotLayout:
+        """The backend sends the per-slot context as every request's `num_ctx`: it gets the new layout too."""
+        self.backend.layout = layout  # type: ignore[attr-defined]
+        return super()._run_with(layout)
 
     def memory_probe(self) -> MemoryProbe | None:
         return OllamaPsProbe(self.backend, field="size_vram" if self.gpu_budget else "size")  # type: ignore[arg-type]
@@ -330,5 +350,5 @@ class OllamaSupervisor(ExternalSupervisor):
             # the runner down is found by the executor's suspect runs and fails alone.
             return Recovery(str(cause)[:300], f"num_ctx kept at {layout.slot_context_tokens}, the least the "
                             "requests need", waited, True, was_down)  # fmt: skip
-        layout.slot_context_tokens = smaller
-        return Recovery(str(cause)[:300], f"num_ctx lowered to {smaller}", waited, True, was_down)
+        return Recovery(str(cause)[:300], f"num_ctx lowered to {smaller}", waited, True, was_down,
+                        layout=self._run_with(layout.with_slot_context(smaller)))  # fmt: skip

@@ -171,7 +171,7 @@ class RaySupervisor(Supervisor):
                 "slot_context_tokens": self.layout.slot_context_tokens}  # fmt: skip
 
     async def _refresh(self) -> None:
-        self.layout.slots, self.layout.slot_context_tokens = await call_actor(self.actor.ready)
+        self._run_with(SlotLayout(*await call_actor(self.actor.ready)))
 
     async def start(self) -> list[Recovery]:
         await self._refresh()
@@ -180,11 +180,13 @@ class RaySupervisor(Supervisor):
 
     async def recover(self, cause: KvbatchError) -> Recovery:
         started = time.perf_counter()
+        before = self.layout
         try:
             action, oom, slots, context, found_down = await call_actor(self.actor.recover, str(cause)[:300],
                                                                        isinstance(cause, OutOfMemoryError))  # fmt: skip
-            self.layout.slots, self.layout.slot_context_tokens = slots, context
-            return Recovery(str(cause)[:300], f"actor: {action}", time.perf_counter() - started, oom, found_down)
+            self._run_with(SlotLayout(slots, context))
+            return Recovery(str(cause)[:300], f"actor: {action}", time.perf_counter() - started, oom, found_down,
+                            layout=self._changed_since(before))  # fmt: skip
         except ActorGoneError:
             pass  # the actor itself died: Ray restarts it, and its __init__ starts a new server
         for delay in backoff_delays(1.0):
@@ -195,13 +197,16 @@ class RaySupervisor(Supervisor):
                 break
             except ActorGoneError:
                 await asyncio.sleep(delay)
-        return Recovery(str(cause)[:300], "Ray restarted the actor", time.perf_counter() - started, False)
+        return Recovery(str(cause)[:300], "Ray restarted the actor", time.perf_counter() - started, False,
+                        layout=self._changed_since(before))  # fmt: skip
 
     async def restart(self, cause: KvbatchError) -> Recovery:
         started = time.perf_counter()
         action, slots, context = await call_actor(self.actor.restart, str(cause)[:300])
-        self.layout.slots, self.layout.slot_context_tokens = slots, context
-        return Recovery(str(cause)[:300], f"actor: {action}", time.perf_counter() - started, False, False)
+        before = self.layout
+        self._run_with(SlotLayout(slots, context))
+        return Recovery(str(cause)[:300], f"actor: {action}", time.perf_counter() - started, False, False,
+                        layout=self._changed_since(before))  # fmt: skip
 
     async def close(self) -> None:
         with contextlib.suppress(Exception):  # an actor already gone has nothing to clean: Ray's kill ends it

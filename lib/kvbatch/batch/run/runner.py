@@ -361,7 +361,9 @@ def _summary(report: InputReport, prepared: Prepared, stats: RunStats, executor:
         memory_probe=next((m.probe_name for m in monitors if m.probe_name), None),
         mode=plan.mode,
         parallel_slots=sum(e.slots for e in executor.endpoints),
-        slot_context_tokens=plan.layout.slot_context_tokens,
+        slot_context_tokens=min((e.supervisor.layout.slot_context_tokens for e in executor.endpoints
+                                 if e.supervisor.layout.slot_context_tokens),
+                                default=plan.layout.slot_context_tokens),  # as they run now, after any back-off
     )
 
 

@@ -172,7 +172,8 @@ class OllamaBackend(HttpBackend):
     ) -> None:
         super().__init__(base_url, model, options=options)
         self.layout = layout
-        """The planned slots and context: every request sends its current `slot_context_tokens` as `num_ctx`."""
+        """The layout Ollama is asked to run: every request sends its `slot_context_tokens` as `num_ctx` (the
+        supervisor gives it a new one after a back-off)."""
         self.keep_alive = keep_alive
         self._version: tuple[int, ...] | None = None
         self._version_read = False

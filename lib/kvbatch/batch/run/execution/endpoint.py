@@ -188,10 +188,12 @@ class Endpoint:
             self._note_recovery(recovery)
 
     def _note_recovery(self, recovery: Recovery, **details) -> None:
-        """Count it, and log it with the layout the server came back with."""
+        """Count it, and log it with the layout the server came back with (the recovery's new one, or as it was)."""
         self.recorder.stats.endpoint(self.label).recoveries += 1
-        self.recorder.event("recovery", endpoint=self.label, **asdict(recovery), **details, slots=self.slots,
-                            slot_context=self.supervisor.layout.slot_context_tokens)  # fmt: skip
+        layout = recovery.layout or self.supervisor.layout
+        found = {key: value for key, value in asdict(recovery).items() if key != "layout"}
+        self.recorder.event("recovery", endpoint=self.label, **found, **details, slots=layout.slots,
+                            slot_context=layout.slot_context_tokens)  # fmt: skip
 
     async def _probe_until_back(self, restart_for: KvbatchError | None = None) -> None:
         if restart_for is not None:

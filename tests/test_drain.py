@@ -31,3 +31,16 @@ def test_the_embedded_server_past_its_bound_is_drained_and_restarted_once_with_n
     summary = json.loads((run / "summary.json").read_text())
     assert summary["retries"] == 0 and summary["failed_total"] == 0, summary
     assert not [e for e in events if e["event"] in ("recovery", "endpoint_out", "memory_over_plan")], events
+
+
+def test_the_drain_bound_is_the_plans_peak_and_its_allowance_never_above_the_budget():
+    """Past the budget the kernel's out-of-memory killer (or the card) may end the server before a drain: the bound
+    the run drains at stays under it whenever the plan does."""
+    from kvbatch.batch.run.execution.drain import restart_bound
+
+    mib = 2**20
+    assert restart_bound(550 * mib) == 614 * mib  # at least 64 MiB above a small plan
+    assert restart_bound(2000 * mib) == 2200 * mib  # 10 % above a large one
+    assert restart_bound(550 * mib, budget_bytes=580 * mib) == 580 * mib  # a tight budget: drained at the budget
+    assert restart_bound(550 * mib, budget_bytes=23 * 1024 * mib) == 614 * mib
+    assert restart_bound(600 * mib, budget_bytes=580 * mib) == 664 * mib  # a plan over its budget: the plan's bound

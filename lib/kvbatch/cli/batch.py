@@ -7,9 +7,11 @@ import json
 import sys
 from pathlib import Path
 
+from kvbatch import defaults
 from kvbatch.batch.inputs.sample import write_sample
 from kvbatch.batch.plan.plan_record import plan_document
 from kvbatch.batch.run.runner import plan_only, run_batch
+from kvbatch.batch.run.summary import Summary
 from kvbatch.batch.runfolder import RunFolder
 from kvbatch.cli.settings import settings_from_args
 from kvbatch.errors import EXIT_DONE, EXIT_INTERRUPTED, EXIT_SOME_FAILED, KvbatchError, UserInputError, exit_code
@@ -43,14 +45,21 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 def _answers(folder: RunFolder) -> None:
     """A run ends with its answers as one table in its folder (every invocation writes it again, so it holds the
-    whole run) and, for JSON answers, each field's counts: what the report charts, on the terminal."""
+    whole run) and, for JSON answers, each field's counts: what the report charts, on the terminal. A run too large
+    to hold in this process is told the export line instead."""
+    summary = Summary.read(folder.summary)
+    rows = summary.completed_total + summary.failed_total if summary else 0
+    export = f"kvbatch export {folder.path} --out answers.parquet"
+    if rows > defaults.ANSWERS_TABLE_AT_END_MAX_ROWS:
+        print(f"answers: {rows} rows: `{export}` writes them as one table; the report charts each JSON field")
+        return
     try:
         frame = load_results(folder.path)
         if frame.empty:
             return
         rows = write_table(frame, folder.answers_table, "csv")
-    except (KvbatchError, OSError) as exc:  # the results stand; the table can be made again
-        print(f"no answers table ({exc}); make it with `kvbatch export {folder.path} --out answers.csv`")
+    except (KvbatchError, OSError, ValueError) as exc:  # the results stand (an answer pandas cannot hold, a disk)
+        print(f"no answers table ({type(exc).__name__}: {exc}); make one with `{export}`")
         return
     print(f"answers: {rows} rows in {folder.answers_table} (`kvbatch export` writes Parquet or JSON lines)")
     for line in answer_overview(frame):

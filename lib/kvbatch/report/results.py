@@ -145,14 +145,17 @@ def export_results(run_dir: Path | str, out: Path, fmt: str) -> int:
 
 
 def write_table(frame: pd.DataFrame, out: Path, fmt: str) -> int:
-    """Write a `load_results` frame as CSV, Parquet (pyarrow) or JSON lines; returns the rows written."""
+    """Write a `load_results` frame as CSV, Parquet (pyarrow) or JSON lines, whole or not at all (a file beside it,
+    then renamed: an interrupted write leaves the last table); returns the rows written."""
     out.parent.mkdir(parents=True, exist_ok=True)
+    partial = out.with_name(f".{out.name}.partial")
     if fmt == "csv":
-        frame.to_csv(out, index=False)
+        frame.to_csv(partial, index=False)
     elif fmt == "parquet":
-        frame.to_parquet(out, index=False, engine="pyarrow")
+        frame.to_parquet(partial, index=False, engine="pyarrow")
     else:
-        frame.to_json(out, orient="records", lines=True, force_ascii=False)
+        frame.to_json(partial, orient="records", lines=True, force_ascii=False)
+    partial.replace(out)
     return len(frame)
 
 

@@ -11,7 +11,7 @@ import asyncio
 import random
 import secrets
 import time
-from dataclasses import dataclass, replace
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 from kvbatch import defaults
@@ -44,6 +44,13 @@ class Recovery:
     """The most memory the server held before it died, from its own cgroup (where it has one)."""
     layout: SlotLayout | None = None
     """The layout the server came back with, when the recovery changed it (fewer slots, a smaller context)."""
+
+    def event_fields(self) -> dict[str, object]:
+        """Its fields for events.jsonl, a new layout as `slots` and `slot_context`."""
+        fields = {key: value for key, value in asdict(self).items() if key != "layout"}
+        if self.layout is not None:
+            fields.update(slots=self.layout.slots, slot_context=self.layout.slot_context_tokens)
+        return fields
 
 
 def backoff_delays(start_s: float = defaults.BACKOFF_START_S, cap_s: float = defaults.BACKOFF_CAP_S):

@@ -2,8 +2,8 @@
 base and slope, the architecture's whole cache), the budget, and the real token sizes of the prompts.
 
 The plan is a pure function of its inputs, so it is re-made whenever the prompts or the limits change, and it is
-printed (and written as plan.json) before any request. The plan's `SlotLayout` is the one copy of the slots and
-per-slot context for the whole run: recovery shrinks that object, and everyone reads it.
+printed (and written as plan.json) before any request. The plan's `SlotLayout` is what it planned, a value: the
+servers' supervisors hold the layouts they run with (a back-off replaces theirs), and the run reads those.
 """
 
 from __future__ import annotations
@@ -87,9 +87,12 @@ class Plan:
 
     @property
     def chunk_size(self) -> int:
-        """Requests per conversation (conversation mode), from the layout's current per-slot context: a back-off
-        that shrinks the context shortens the chunks too."""
-        return conversation_chunk(self.sizes, self.layout.slot_context_tokens) if self.mode == "conversation" else 1
+        """Requests per conversation (conversation mode) at the planned per-slot context."""
+        return self.chunk_size_at(self.layout.slot_context_tokens)
+
+    def chunk_size_at(self, slot_context_tokens: int) -> int:
+        """Requests per conversation at a per-slot context: a back-off that shrinks the context shortens chunks."""
+        return conversation_chunk(self.sizes, slot_context_tokens) if self.mode == "conversation" else 1
 
     @property
     def prompt_tokens_saved_share(self) -> float:

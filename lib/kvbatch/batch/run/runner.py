@@ -31,6 +31,7 @@ from kvbatch.batch.runfolder import RunFolder, RunLock, write_json
 from kvbatch.batch.settings import BatchSettings
 from kvbatch.errors import KvbatchError, UserInputError
 from kvbatch.serve.backends import backend_class, public_url
+from kvbatch.serve.layout import SlotLayout
 from kvbatch.serve.supervisor import EmbeddedSupervisor, ExternalSupervisor, OllamaSupervisor, Supervisor
 
 
@@ -199,7 +200,8 @@ def _restart_bounds(settings: BatchSettings, prepared: Prepared, supervisors: li
         if plan is None or (plan.memory is None and not settings.restart_above_bytes):
             bounds.append(None)
         else:
-            bounds.append(settings.restart_above_bytes or restart_bound(int(plan.memory.counted_bytes)))
+            budget = plan.budget.bytes if plan.budget else None
+            bounds.append(settings.restart_above_bytes or restart_bound(int(plan.memory.counted_bytes), budget))
     return bounds
 
 
@@ -260,8 +262,8 @@ async def run_batch_async(settings: BatchSettings, *, say=print) -> RunOutcome:
 
 def _write_plan(folder: RunFolder, prepared: Prepared, supervisors: list[Supervisor],
                 planned: list[PlanRecord] | None = None) -> list[PlanRecord]:  # fmt: skip
-    """plan.json: what was planned (`planned`, when given: the records made before the servers started, whose
-    layout a start-up back-off may since have changed) and, under `server`, each server's settings as they are."""
+    """plan.json: what was planned (`planned`, when given: the records made before the servers started) and, under
+    `server`, each server's settings as they are (a start-up back-off's smaller layout shows there)."""
     records = planned or [endpoint.plan.record() for endpoint in prepared.plans]
     for record, supervisor in zip(records, supervisors, strict=False):
         record.server = supervisor.flags()
@@ -277,7 +279,7 @@ async def _execute(settings: BatchSettings, report: InputReport, requests_fn, pr
     options = RunOptions(
         mode=settings.mode,
         concurrency=settings.concurrency,
-        chunk_size=lambda: plan.chunk_size,  # read live: a back-off that shrinks the context shortens chunks
+        chunk_size=lambda: plan.chunk_size_at(_running_slot_context(supervisors, plan.layout)),  # read live
         max_attempts=settings.max_attempts,
         answer_attempts=settings.answer_attempts,
         max_wait_s=settings.max_wait_s,
@@ -295,7 +297,7 @@ async def _execute(settings: BatchSettings, report: InputReport, requests_fn, pr
     try:
         for supervisor in supervisors:
             for backoff in await supervisor.start():
-                settings.folder.append_event("start_backoff", endpoint=supervisor.label, **backoff.__dict__)
+                settings.folder.append_event("start_backoff", endpoint=supervisor.label, **backoff.event_fields())
         _write_plan(settings.folder, prepared, supervisors, planned)  # the servers as started (a Ray actor's own plan)
         await executor.run(requests_fn(journal.done))  # the journal's own set: no 20 MB copy
     except KvbatchError as exc:  # stopped: what was done is summarized below all the same
@@ -361,10 +363,15 @@ def _summary(report: InputReport, prepared: Prepared, stats: RunStats, executor:
         memory_probe=next((m.probe_name for m in monitors if m.probe_name), None),
         mode=plan.mode,
         parallel_slots=sum(e.slots for e in executor.endpoints),
-        slot_context_tokens=min((e.supervisor.layout.slot_context_tokens for e in executor.endpoints
-                                 if e.supervisor.layout.slot_context_tokens),
-                                default=plan.layout.slot_context_tokens),  # as they run now, after any back-off
+        slot_context_tokens=_running_slot_context([e.supervisor for e in executor.endpoints], plan.layout),
     )
+
+
+def _running_slot_context(supervisors: list[Supervisor], planned: SlotLayout) -> int:
+    """The per-slot context the servers run with now (after any back-off: each supervisor holds its own layout),
+    the smallest of them; the plan's before any server has said."""
+    return min((s.layout.slot_context_tokens for s in supervisors if s.layout.slot_context_tokens),
+               default=planned.slot_context_tokens)  # fmt: skip
 
 
 def run_batch(settings: BatchSettings, *, say=print) -> RunOutcome:

@@ -15,9 +15,12 @@ from kvbatch.batch.run.execution.recorder import Recorder
 from kvbatch.errors import KvbatchError
 
 
-def restart_bound(planned_bytes: int) -> int:
-    """The memory past which our own server is drained and restarted: the plan's peak and its allowance."""
-    return planned_bytes + max(int(planned_bytes * defaults.RESTART_ABOVE_PLAN), defaults.RESTART_ABOVE_PLAN_MIN_BYTES)
+def restart_bound(planned_bytes: int, budget_bytes: int | None = None) -> int:
+    """The memory past which our own server is drained and restarted: the plan's peak and its allowance, never above
+    the budget (the memory the server may use) when the plan is under it: past the budget the kernel's out-of-memory
+    killer, or the card, may end the server before any drain."""
+    bound = planned_bytes + max(int(planned_bytes * defaults.RESTART_ABOVE_PLAN), defaults.RESTART_ABOVE_PLAN_MIN_BYTES)
+    return min(bound, budget_bytes) if budget_bytes and budget_bytes > planned_bytes else bound
 
 
 class Drainer:

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import asyncio
 import time
-from dataclasses import asdict
 
 from kvbatch import defaults
 from kvbatch.batch.run.execution.capacity import Capacity
@@ -190,10 +189,9 @@ class Endpoint:
     def _note_recovery(self, recovery: Recovery, **details) -> None:
         """Count it, and log it with the layout the server came back with (the recovery's new one, or as it was)."""
         self.recorder.stats.endpoint(self.label).recoveries += 1
-        layout = recovery.layout or self.supervisor.layout
-        found = {key: value for key, value in asdict(recovery).items() if key != "layout"}
-        self.recorder.event("recovery", endpoint=self.label, **found, **details, slots=layout.slots,
-                            slot_context=layout.slot_context_tokens)  # fmt: skip
+        layout = self.supervisor.layout  # the recovery's new one, or as it was
+        self.recorder.event("recovery", endpoint=self.label, **{**recovery.event_fields(), **details,
+                            "slots": layout.slots, "slot_context": layout.slot_context_tokens})  # fmt: skip
 
     async def _probe_until_back(self, restart_for: KvbatchError | None = None) -> None:
         if restart_for is not None:

@@ -66,7 +66,11 @@ def soak(batch: Path, work: Path, count: int) -> dict:
     drift = drift_over_second_half([(s.t_unix_s, s.used_bytes) for s in samples]) or 0.0
     peak = max(s.used_bytes for s in samples)
     warm = after[0].used_bytes if after else peak
+    sample_times = [s.t_unix_s for s in samples]
+    by_tenth = [samples[max(bisect.bisect_right(sample_times, done_times[max(len(done_times) * k // 10 - 1, 0)]) - 1,
+                            0)].used_bytes for k in range(1, 11)]  # fmt: skip
     return {"count": count, "requests": len(done_times), "planned": planned, "peak": peak, "warm": warm,
+            "by_tenth": by_tenth,
             "end": samples[-1].used_bytes, "warm_done": bisect.bisect_right(done_times, warm_t),
             "per_slot_above_plan": (warm - planned) / count, "drift": drift, "allowed": allowed_drift(peak),
             "seconds": done_times[-1] - done_times[0]}  # fmt: skip
@@ -94,6 +98,9 @@ def main() -> None:
               f"{r['peak'] / r['planned']:.3f} | {r['warm'] / MIB:.1f} MiB ({r['warm_done']}) | "
               f"{r['end'] / MIB:.1f} MiB | {r['per_slot_above_plan'] / MIB:+.2f} MiB | "
               f"{r['drift'] / MIB:+.1f} MiB ({r['allowed'] / MIB:.0f}) | {r['seconds']:.0f} s |")  # fmt: skip
+    print("\nmemory when each tenth of the requests was done (MiB, the sample at that moment):")
+    for r in rows:
+        print(f"{r['count']} in flight: " + " ".join(f"{b / MIB:.0f}" for b in r["by_tenth"]))
 
 
 if __name__ == "__main__":

@@ -40,6 +40,12 @@ class SizeProfile:
             + self.max_tokens_p99
         )
 
+    def conversation_turns(self, slot_context: int) -> int:
+        """How many requests one conversation holds after the system prompt, at the p99 turn size."""
+        per_message = defaults.CHAT_TEMPLATE_TOKENS_PER_MESSAGE
+        turn = per_message * 2 + self.user_tokens_p99 + self.max_tokens_p99
+        return max(1, int((slot_context - self.system_prompt_tokens - per_message) // turn))
+
 
 def size_profile(
     report: InputReport,

@@ -92,7 +92,7 @@ class Plan:
 
     def chunk_size_at(self, slot_context_tokens: int) -> int:
         """Requests per conversation at a per-slot context: a back-off that shrinks the context shortens chunks."""
-        return conversation_chunk(self.sizes, slot_context_tokens) if self.mode == "conversation" else 1
+        return self.sizes.conversation_turns(slot_context_tokens) if self.mode == "conversation" else 1
 
     @property
     def prompt_tokens_saved_share(self) -> float:
@@ -324,7 +324,7 @@ def make_plan(
             notes.append("a q8_0 KV cache (OLLAMA_KV_CACHE_TYPE=q8_0, with flash attention) would halve the cache")
 
     layout = SlotLayout(slots, slot_context)
-    chunk_size = conversation_chunk(sizes, slot_context) if mode == "conversation" else 1
+    chunk_size = sizes.conversation_turns(slot_context) if mode == "conversation" else 1
     evaluated, without_cache = _prompt_tokens(sizes, mode, slots, chunk_size)
     estimate, basis = _estimate(sizes, inputs, mode, slots)
     if inputs.budget and inputs.measured_budget:
@@ -354,13 +354,6 @@ def make_plan(
 def least_slot_context(sizes: SizeProfile, slot_context: int) -> int:
     """The smallest per-slot context an out-of-memory back-off may shrink to: what the largest request needs."""
     return min(align_context(sizes.longest_request_tokens * defaults.CONTEXT_HEADROOM), slot_context)
-
-
-def conversation_chunk(sizes: SizeProfile, slot_context: int) -> int:
-    """How many requests one conversation holds after the system prompt, at the p99 turn size."""
-    per_message = defaults.CHAT_TEMPLATE_TOKENS_PER_MESSAGE
-    turn = per_message * 2 + sizes.user_tokens_p99 + sizes.max_tokens_p99
-    return max(1, int((slot_context - sizes.system_prompt_tokens - per_message) // turn))
 
 
 def _no_fit(sizes: SizeProfile, inputs: PlanInputs, slot_context: int, types: KvCacheTypes, slots: int) -> str:

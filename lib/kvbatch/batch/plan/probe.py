@@ -62,7 +62,8 @@ async def sizes_from_embedded(
             if not base:
                 return calibration, None
             reading = await asyncio.to_thread(_read_base, server)  # before the timed request touches any buffer
-            try:
+            try:  # the first request pages the weights in (a fresh clone's model file is not in the page cache yet)
+                await backend.speeds(defaults.PROBE_SPEED_PROMPT_TOKENS, 1)
                 prompt_speed, answer_speed = await backend.speeds(defaults.PROBE_SPEED_PROMPT_TOKENS,
                                                                   defaults.PROBE_SPEED_ANSWER_TOKENS)  # fmt: skip
             except KvbatchError:  # no speeds: the plan says so, and the run estimates from its own rate

@@ -67,8 +67,13 @@ def soak(batch: Path, work: Path, count: int) -> dict:
     peak = max(s.used_bytes for s in samples)
     warm = after[0].used_bytes if after else peak
     sample_times = [s.t_unix_s for s in samples]
-    by_tenth = [samples[max(bisect.bisect_right(sample_times, done_times[max(len(done_times) * k // 10 - 1, 0)]) - 1,
-                            0)].used_bytes for k in range(1, 11)]  # fmt: skip
+
+    def memory_when_done(tenths: int) -> int:
+        """The last sample taken by the time `tenths` tenths of the requests had been answered."""
+        t_done = done_times[max(len(done_times) * tenths // 10 - 1, 0)]
+        return samples[max(bisect.bisect_right(sample_times, t_done) - 1, 0)].used_bytes
+
+    by_tenth = [memory_when_done(k) for k in range(1, 11)]
     return {"count": count, "requests": len(done_times), "planned": planned, "peak": peak, "warm": warm,
             "by_tenth": by_tenth,
             "end": samples[-1].used_bytes, "warm_done": bisect.bisect_right(done_times, warm_t),

@@ -98,12 +98,12 @@ ANSWER_ATTEMPTS = 4
 """Answers asked for per request whose `response_format` asks for JSON, until one keeps to it (`--answer-attempts`):
 at a 20 % invalid rate, 0.2^4 = 0.16 % fail for good. Its own budget: an invalid answer is not a crash."""
 ANSWER_RETRY_TEMPERATURE = 0.7
+"""The temperature an invalid answer is asked again at when its request had none: greedy decoding gives the same
+answer whatever the seed."""
 ANSWERS_TABLE_AT_END_MAX_ROWS = 20_000
 """`kvbatch run` writes the answers' table (and their counts) itself at its end up to this many rows: pandas holds
 about 3.2 KiB a row (548 MiB for 170,000), which would pass the executor's own memory bound (bench/stress.py:
 < 200 MB); a larger run is told the `kvbatch export` line (a process of its own), and its report charts them."""
-"""The temperature an invalid answer is asked again at when its request had none: greedy decoding gives the same
-answer whatever the seed."""
 MAX_SERVER_FAULTS = 4
 """Server faults (5xx, a timeout, a dropped connection while the server stays up) one request may meet while the
 server answers others before it fails for good: a random 1 % of dropped connections hits one request four times in

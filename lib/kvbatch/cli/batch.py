@@ -48,10 +48,10 @@ def _answers(folder: RunFolder) -> None:
     whole run) and, for JSON answers, each field's counts: what the report charts, on the terminal. A run too large
     to hold in this process is told the export line instead."""
     summary = Summary.read(folder.summary)
-    rows = summary.completed_total + summary.failed_total if summary else 0
+    finished = summary.completed_total + summary.failed_total if summary else 0
     export = f"kvbatch export {folder.path} --out answers.parquet"
-    if rows > defaults.ANSWERS_TABLE_AT_END_MAX_ROWS:
-        print(f"answers: {rows} rows: `{export}` writes them as one table; the report charts each JSON field")
+    if finished > defaults.ANSWERS_TABLE_AT_END_MAX_ROWS:
+        print(f"answers: {finished} rows: `{export}` writes them as one table; the report charts each JSON field")
         return
     try:
         frame = load_results(folder.path)

@@ -45,12 +45,12 @@ class Recovery:
     layout: SlotLayout | None = None
     """The layout the server came back with, when the recovery changed it (fewer slots, a smaller context)."""
 
-    def event_fields(self) -> dict[str, object]:
-        """Its fields for events.jsonl, a new layout as `slots` and `slot_context`."""
+    def event_fields(self, running: SlotLayout) -> dict[str, object]:
+        """Its fields for events.jsonl, with the layout the server came back with as `slots` and `slot_context`: its
+        own new one, or `running` (what the server runs with) when it changed none."""
+        layout = self.layout or running
         fields = {key: value for key, value in asdict(self).items() if key != "layout"}
-        if self.layout is not None:
-            fields.update(slots=self.layout.slots, slot_context=self.layout.slot_context_tokens)
-        return fields
+        return {**fields, "slots": layout.slots, "slot_context": layout.slot_context_tokens}
 
 
 def backoff_delays(start_s: float = defaults.BACKOFF_START_S, cap_s: float = defaults.BACKOFF_CAP_S):

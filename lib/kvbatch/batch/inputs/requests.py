@@ -15,7 +15,7 @@ from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any
 
-from kvbatch.batch.inputs.answers import response_format_problem
+from kvbatch.batch.inputs.answers import requested_schema, response_format_problem
 from kvbatch.errors import UserInputError
 from kvbatch.messages import message_text
 
@@ -100,8 +100,7 @@ class InputReport:
         self.max_tokens.append(int(body.get("max_completion_tokens") or body.get("max_tokens") or 0))
         if user_chars > self.longest_request[1]:
             self.longest_request = (custom_id, user_chars)
-        if (body.get("response_format") or {}).get("type") in ("json_schema", "json_object"):
-            self.json_answers += 1
+        self.json_answers += requested_schema(body)[0]
         self.request_count += 1
 
     def system_prompt_hash(self) -> str:

@@ -297,7 +297,8 @@ async def _execute(settings: BatchSettings, report: InputReport, requests_fn, pr
     try:
         for supervisor in supervisors:
             for backoff in await supervisor.start():
-                settings.folder.append_event("start_backoff", endpoint=supervisor.label, **backoff.event_fields())
+                settings.folder.append_event("start_backoff", endpoint=supervisor.label,
+                                             **backoff.event_fields(supervisor.layout))  # fmt: skip
         _write_plan(settings.folder, prepared, supervisors, planned)  # the servers as started (a Ray actor's own plan)
         await executor.run(requests_fn(journal.done))  # the journal's own set: no 20 MB copy
     except KvbatchError as exc:  # stopped: what was done is summarized below all the same

@@ -189,9 +189,8 @@ class Endpoint:
     def _note_recovery(self, recovery: Recovery, **details) -> None:
         """Count it, and log it with the layout the server came back with (the recovery's new one, or as it was)."""
         self.recorder.stats.endpoint(self.label).recoveries += 1
-        layout = self.supervisor.layout  # the recovery's new one, or as it was
-        self.recorder.event("recovery", endpoint=self.label, **{**recovery.event_fields(), **details,
-                            "slots": layout.slots, "slot_context": layout.slot_context_tokens})  # fmt: skip
+        self.recorder.event("recovery", endpoint=self.label,
+                            **{**recovery.event_fields(self.supervisor.layout), **details})  # fmt: skip
 
     async def _probe_until_back(self, restart_for: KvbatchError | None = None) -> None:
         if restart_for is not None:
